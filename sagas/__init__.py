@@ -1,0 +1,1 @@
+"""sagas: a saga orchestration engine."""

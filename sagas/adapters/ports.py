@@ -1,0 +1,204 @@
+"""The two seams of the engine: the broker and the store.
+
+Each is a small Protocol. `sagas.adapters.open_broker(url)` and `sagas.adapters.open_store(url)` pick the
+implementation from a URL. Contract suites in `tests/contract/` run every implementation through the same tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from sagas.definitions.model import SagaDefinition
+from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, TimerSpec
+
+# ---- broker -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerMessage:
+    """A message as it travels: raw bytes, so that malformed input survives long enough to be dead-lettered."""
+
+    topic: str
+    value: bytes
+    key: str | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("utf-8", errors="replace")
+        return None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A consumed message and the broker's opaque token needed to acknowledge it."""
+
+    message: BrokerMessage
+    token: Any = None
+
+
+class Consumer(Protocol):
+    """Reads the topics it subscribed to, as one member of a consumer group (at-least-once)."""
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Up to `max_messages` deliveries; waits at most `timeout` seconds when none is ready."""
+        ...
+
+    async def commit(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge deliveries: they will not be delivered again to this group."""
+        ...
+
+    async def close(self) -> None:
+        """Leave the group; fetched but uncommitted deliveries go to the next consumer of the group."""
+        ...
+
+
+class Broker(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, messages: Sequence[BrokerMessage]) -> None:
+        """Publish in order; returns once the broker has durably accepted every message."""
+        ...
+
+    async def subscribe(self, topics: Sequence[str], group: str) -> Consumer: ...
+
+
+# ---- store --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    id: str
+    saga_id: str
+    message: BrokerMessage
+    created_at: float
+
+
+@dataclass(frozen=True)
+class InboxRecord:
+    message_id: str
+    saga_id: str | None
+    outcome: Literal["applied", "ignored", "rejected"]
+    at: float
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    saga_id: str
+    entry: HistoryEntry
+    seq: int = 0  # assigned by the store, increasing per saga
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: str
+    reason: str
+    message: BrokerMessage
+    at: float
+    saga_id: str | None = None
+    replayed_at: float | None = None
+
+
+@dataclass
+class UnitOfWork:
+    """Everything one transaction writes. The store applies all of it or none of it."""
+
+    inserts: list[SagaInstance] = field(default_factory=list)
+    """New instances; stored with version 1."""
+    updates: list[SagaInstance] = field(default_factory=list)
+    """Changed instances carrying the version they were read at; stored with version + 1."""
+    history: list[HistoryRecord] = field(default_factory=list)
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    inbox: list[InboxRecord] = field(default_factory=list)
+    timers: list[TimerSpec] = field(default_factory=list)
+    cancel_timers: list[str] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
+    """Outbox ids published since the last commit, marked sent in this transaction."""
+
+    def __bool__(self) -> bool:
+        return any(
+            (self.inserts, self.updates, self.history, self.outbox, self.inbox, self.timers,
+             self.cancel_timers, self.dead_letters, self.sent)
+        )
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    inbox: int
+    outbox: int
+    history: int
+    instances: int
+
+
+class Store(Protocol):
+    async def initialize(self) -> None:
+        """Bring the schema to the latest migration (alembic)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def commit(self, work: UnitOfWork) -> None:
+        """Write `work` in one transaction. Raises ConcurrencyConflict (and writes nothing) when an update's
+        version is not the stored one, or an insert's id or (definition, idempotency key) already exists."""
+        ...
+
+    async def load(self, saga_ids: Sequence[str]) -> dict[str, SagaInstance]: ...
+
+    async def find_by_key(self, definition: str, idempotency_key: str) -> SagaInstance | None: ...
+
+    async def seen(self, message_ids: Sequence[str]) -> set[str]:
+        """Which of these message ids are already in the inbox."""
+        ...
+
+    async def pending_outbox(self, limit: int, created_before: float | None = None) -> list[OutboxMessage]:
+        """Unsent outbox rows, oldest first. On PostgreSQL rows are claimed with FOR UPDATE SKIP LOCKED
+        for a short lease so that several engines do not publish the same rows at once."""
+        ...
+
+    async def mark_sent(self, ids: Sequence[str], at: float) -> None: ...
+
+    async def due_timers(self, now: float, limit: int) -> list[TimerSpec]:
+        """Timers due at `now`, earliest first (claimed for a short lease on PostgreSQL)."""
+        ...
+
+    async def timers_of(self, saga_id: str) -> list[TimerSpec]: ...
+
+    async def save_definition(self, definition: SagaDefinition) -> None:
+        """Store a definition version. Same name+version with another digest raises DefinitionConflict."""
+        ...
+
+    async def load_definition(self, name: str, version: int | None = None) -> SagaDefinition:
+        """A stored definition; the highest version when `version` is None. UnknownDefinition if absent."""
+        ...
+
+    async def list_instances(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        definition: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[SagaInstance]:
+        """Newest first."""
+        ...
+
+    async def count_by_status(self) -> dict[SagaStatus, int]: ...
+
+    async def history(self, saga_id: str) -> list[HistoryRecord]: ...
+
+    async def dead_letters(self, *, limit: int = 100, include_replayed: bool = False) -> list[DeadLetter]: ...
+
+    async def dead_letter(self, dead_letter_id: str) -> DeadLetter: ...
+
+    async def mark_replayed(self, dead_letter_id: str, at: float) -> None: ...
+
+    async def purge(self, older_than: float) -> RetentionResult:
+        """Delete inbox ids, sent outbox rows, and the history and snapshot of sagas that finished before
+        `older_than`. Running and parked sagas are never touched."""
+        ...

@@ -1,0 +1,195 @@
+"""The neutral, frozen model of a saga definition.
+
+YAML files and the Python DSL both produce a `SagaDefinition`; nothing downstream knows which form was used.
+Field-level checks live here (types, ranges, unknown keys); checks that need the whole definition
+(names, ordering of kinds, references between steps) live in `sagas.definitions.checks`.
+
+Durations are seconds (float). The readers accept `"250ms"`, `"30s"`, `"5m"`, `"1h"` as well as numbers.
+
+Payload mappings are JSON-like dicts whose leaves say where a value comes from:
+- a string is a JMESPath expression over the context ``{input, steps: {<step>: <reply data>}, saga: {id, name,
+  version}}``;
+- ``{"literal": X}`` is the literal X (any JSON value);
+- numbers, booleans and null are literals;
+- any other dict is a nested mapping, lists map element-wise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+TYPE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> Any:
+    """Turn "250ms" / "30s" / "5m" / "1h" / 12 into seconds; leave anything else for pydantic to reject."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError(f"{value!r} is not a duration (use a number of seconds or e.g. '250ms', '30s', '5m', '1h')")
+        return float(match.group(1)) * _UNIT[match.group(2)]
+    return value
+
+
+Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, le=31 * 24 * 3600)]
+Backoff = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, le=24 * 3600)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)]
+MessageType = Annotated[str, Field(pattern=TYPE_PATTERN, max_length=200)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False, populate_by_name=True)
+
+
+class StepKind(StrEnum):
+    """How a step takes part in compensation."""
+
+    COMPENSATABLE = "compensatable"
+    """Has a compensation; undone if a later step fails."""
+    PIVOT = "pivot"
+    """The point of no return: once it succeeds the saga only goes forward."""
+    RETRIABLE = "retriable"
+    """After the pivot: retried until it succeeds, never compensated."""
+
+
+class RetryPolicy(_Frozen):
+    """When and how often a command is sent again after a timeout or a retryable failure."""
+
+    max_attempts: StrictInt = Field(3, ge=1, le=1000)
+    initial_backoff: Backoff = 1.0
+    multiplier: float = Field(2.0, ge=1.0, le=100.0)
+    max_backoff: Backoff = 60.0
+    jitter: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of the backoff added or removed at random.")
+
+    @model_validator(mode="after")
+    def _max_not_below_initial(self) -> RetryPolicy:
+        if self.max_backoff < self.initial_backoff:
+            raise ValueError("max_backoff must be at least initial_backoff")
+        return self
+
+    def backoff(self, attempt: int, unit_random: float) -> float:
+        """Delay before attempt `attempt + 1`, given a number in [0, 1) to place the jitter."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(0, attempt - 1))
+        return max(0.0, base * (1.0 + self.jitter * (2.0 * unit_random - 1.0)))
+
+
+class CompensationDefinition(_Frozen):
+    """The command that undoes a step."""
+
+    command: MessageType
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepDefinition(_Frozen):
+    """One local transaction in a participant service."""
+
+    name: Name
+    participant: Name
+    command: MessageType
+    topic: MessageType | None = Field(None, description="Command topic; defaults to '<participant>.commands'.")
+    payload: dict[str, Any] = Field(default_factory=dict)
+    success: tuple[MessageType, ...] = Field(
+        default=(), description="Reply types that mean success; default '<command>.succeeded'."
+    )
+    failure: tuple[MessageType, ...] = Field(
+        default=(), description="Reply types that mean business failure; default '<command>.failed'."
+    )
+    compensation: CompensationDefinition | None = None
+    timeout: Seconds = 30.0
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    kind: StepKind = StepKind.COMPENSATABLE
+
+    @property
+    def command_topic(self) -> str:
+        return self.topic or f"{self.participant}.commands"
+
+    @property
+    def success_types(self) -> tuple[str, ...]:
+        return self.success or (f"{self.command}.succeeded",)
+
+    @property
+    def failure_types(self) -> tuple[str, ...]:
+        return self.failure or (f"{self.command}.failed",)
+
+    @property
+    def compensation_success_types(self) -> tuple[str, ...]:
+        return (f"{self.compensation.command}.succeeded",) if self.compensation else ()
+
+
+class ParallelGroup(_Frozen):
+    """Steps sent together; the group succeeds when all succeed."""
+
+    name: Name
+    parallel: tuple[StepDefinition, ...] = Field(min_length=2)
+
+
+def _step_or_group(value: Any) -> str:
+    if isinstance(value, dict):
+        return "group" if "parallel" in value else "step"
+    return "group" if isinstance(value, ParallelGroup) else "step"
+
+
+StageDefinition = Annotated[
+    Annotated[StepDefinition, Tag("step")] | Annotated[ParallelGroup, Tag("group")],
+    Discriminator(_step_or_group),
+]
+
+
+class SagaDefinition(_Frozen):
+    """A saga: ordered steps, each with the compensation that undoes it."""
+
+    name: Name
+    version: StrictInt = Field(ge=1)
+    description: str = ""
+    input_schema: dict[str, Any] | None = Field(None, description="JSON Schema the saga's input must satisfy.")
+    steps: tuple[StageDefinition, ...] = Field(min_length=1)
+    deadline: Seconds | None = Field(None, description="Whole-saga timeout; before the pivot it aborts the saga.")
+    compensation_retry: RetryPolicy = Field(
+        default_factory=lambda: RetryPolicy(max_attempts=5, initial_backoff=1.0, max_backoff=60.0)
+    )
+    on_compensation_exhausted: Literal["park"] = Field(
+        "park", description="What happens when a compensation keeps failing: the saga is parked for an operator."
+    )
+
+    @property
+    def stages(self) -> tuple[tuple[StepDefinition, ...], ...]:
+        """The steps in execution order; a parallel group is one stage of several steps."""
+        return tuple(s.parallel if isinstance(s, ParallelGroup) else (s,) for s in self.steps)
+
+    def iter_steps(self) -> Iterator[StepDefinition]:
+        for stage in self.stages:
+            yield from stage
+
+    def step(self, name: str) -> StepDefinition:
+        for step in self.iter_steps():
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    def stage_of(self, name: str) -> int:
+        for index, stage in enumerate(self.stages):
+            if any(step.name == name for step in stage):
+                return index
+        raise KeyError(name)
+
+    @property
+    def digest(self) -> str:
+        """A stable content digest: same content, same digest, whichever form it came from."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def identity(self) -> str:
+        return f"{self.name}@v{self.version}#{self.digest}"

@@ -1,0 +1,193 @@
+"""The wire format: CloudEvents 1.0 in Kafka binary mode (attributes as `ce_*` headers, JSON data as the value).
+
+`docs/protocol.md` documents it for participants written in other languages. Parsing never raises anything but
+`MalformedMessage`, whose text becomes the dead-letter reason.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sagas.adapters.ports import BrokerMessage
+from sagas.engine.state import MessageKind, Outcome, OutgoingCommand, ReplyReceived
+
+SPEC_VERSION = "1.0"
+SCHEMA_VERSION = "1"
+SOURCE = "sagas-engine"
+MAX_MESSAGE_BYTES = 1_000_000
+CONTENT_TYPE = "application/json"
+
+
+class MalformedMessage(ValueError):
+    """A message that does not follow the protocol; the text says why."""
+
+
+@dataclass(frozen=True)
+class CommandMessage:
+    """A command or compensation as a participant sees it."""
+
+    id: str
+    saga_id: str
+    saga_name: str
+    step: str
+    kind: MessageKind
+    attempt: int
+    type: str
+    data: dict[str, Any]
+    reply_topic: str
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across attempts: a retried command must not apply its effect again."""
+        return f"{self.saga_id}/{self.step}/{self.kind}"
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _headers(attrs: dict[str, str]) -> tuple[tuple[str, bytes], ...]:
+    return tuple((f"ce_{k}", v.encode()) for k, v in attrs.items()) + (("content-type", CONTENT_TYPE.encode()),)
+
+
+def _body(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+
+
+def encode_command(command: OutgoingCommand, *, reply_topic: str, at: float) -> BrokerMessage:
+    attrs = {
+        "specversion": SPEC_VERSION,
+        "id": command.id,
+        "source": SOURCE,
+        "type": command.type,
+        "subject": command.saga_id,
+        "time": _iso(at),
+        "saganame": command.saga_name,
+        "sagastep": command.step,
+        "sagaattempt": str(command.attempt),
+        "sagakind": str(command.kind),
+        "sagareplyto": reply_topic,
+        "sagaschema": SCHEMA_VERSION,
+    }
+    return BrokerMessage(topic=command.topic, key=command.saga_id, headers=_headers(attrs), value=_body(command.payload))
+
+
+def encode_reply(
+    command: CommandMessage,
+    *,
+    outcome: Outcome,
+    type: str,
+    data: dict[str, Any],
+    source: str,
+    at: float,
+    reason: str | None = None,
+) -> BrokerMessage:
+    attrs = {
+        "specversion": SPEC_VERSION,
+        "id": f"{command.id}/reply",
+        "source": source,
+        "type": type,
+        "subject": command.saga_id,
+        "time": _iso(at),
+        "sagastep": command.step,
+        "sagaattempt": str(command.attempt),
+        "sagakind": str(MessageKind.REPLY),
+        "sagacausation": command.id,
+        "sagaoutcome": str(outcome),
+        "sagaschema": SCHEMA_VERSION,
+    }
+    if reason:
+        attrs["sagareason"] = reason[:500]
+    return BrokerMessage(topic=command.reply_topic, key=command.saga_id, headers=_headers(attrs), value=_body(data))
+
+
+def _attrs(message: BrokerMessage, required: tuple[str, ...]) -> dict[str, str]:
+    if len(message.value) > MAX_MESSAGE_BYTES:
+        raise MalformedMessage(f"message of {len(message.value)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    attrs = {k[3:]: v.decode("utf-8", errors="replace") for k, v in message.headers if k.startswith("ce_")}
+    missing = [name for name in required if not attrs.get(name)]
+    if missing:
+        raise MalformedMessage(f"missing attribute(s): {', '.join('ce_' + m for m in missing)}")
+    if attrs["specversion"] != SPEC_VERSION:
+        raise MalformedMessage(f"unsupported ce_specversion {attrs['specversion']!r}")
+    schema = attrs.get("sagaschema", SCHEMA_VERSION)
+    if schema != SCHEMA_VERSION:
+        raise MalformedMessage(f"unsupported ce_sagaschema {schema!r}")
+    return attrs
+
+
+def _data(message: BrokerMessage) -> dict[str, Any]:
+    try:
+        data = json.loads(message.value) if message.value else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedMessage(f"value is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedMessage(f"value must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _attempt(attrs: dict[str, str]) -> int:
+    try:
+        attempt = int(attrs["sagaattempt"])
+    except ValueError:
+        raise MalformedMessage(f"ce_sagaattempt {attrs['sagaattempt']!r} is not an integer") from None
+    if attempt < 1:
+        raise MalformedMessage(f"ce_sagaattempt must be at least 1, got {attempt}")
+    return attempt
+
+
+def decode_reply(message: BrokerMessage) -> ReplyReceived:
+    """A reply from a participant, or MalformedMessage saying what is wrong with it."""
+    attrs = _attrs(
+        message, ("specversion", "id", "type", "subject", "sagastep", "sagaattempt", "sagakind", "sagacausation",
+                  "sagaoutcome"),
+    )
+    if attrs["sagakind"] != MessageKind.REPLY:
+        raise MalformedMessage(f"ce_sagakind is {attrs['sagakind']!r}, expected 'reply'")
+    try:
+        outcome = Outcome(attrs["sagaoutcome"])
+    except ValueError:
+        raise MalformedMessage(f"ce_sagaoutcome {attrs['sagaoutcome']!r} is not one of success, failure, retry") from None
+    causation = attrs["sagacausation"]
+    parts = causation.rsplit("/", 3)
+    if len(parts) != 4 or parts[0] != attrs["subject"] or parts[2] not in (MessageKind.COMMAND, MessageKind.COMPENSATION):
+        raise MalformedMessage(f"ce_sagacausation {causation!r} is not the id of a command of saga {attrs['subject']!r}")
+    return ReplyReceived(
+        message_id=attrs["id"],
+        causation_id=causation,
+        step=attrs["sagastep"],
+        attempt=_attempt(attrs),
+        kind=MessageKind(parts[2]),  # type: ignore[arg-type]
+        outcome=outcome,
+        type=attrs["type"],
+        data=_data(message),
+        reason=attrs.get("sagareason"),
+    )
+
+
+def reply_saga_id(message: BrokerMessage) -> str | None:
+    """The saga a message claims to belong to, for dead-letter records; None when it does not say."""
+    return message.header("ce_subject") or message.key
+
+
+def decode_command(message: BrokerMessage) -> CommandMessage:
+    """A command or compensation, as a participant receives it."""
+    attrs = _attrs(
+        message, ("specversion", "id", "type", "subject", "sagastep", "sagaattempt", "sagakind", "sagareplyto"),
+    )
+    if attrs["sagakind"] not in (MessageKind.COMMAND, MessageKind.COMPENSATION):
+        raise MalformedMessage(f"ce_sagakind is {attrs['sagakind']!r}, expected 'command' or 'compensation'")
+    return CommandMessage(
+        id=attrs["id"],
+        saga_id=attrs["subject"],
+        saga_name=attrs.get("saganame", ""),
+        step=attrs["sagastep"],
+        kind=MessageKind(attrs["sagakind"]),
+        attempt=_attempt(attrs),
+        type=attrs["type"],
+        data=_data(message),
+        reply_topic=attrs["sagareplyto"],
+    )
