@@ -1,0 +1,34 @@
+"""Shared fixtures.
+
+Tests that need PostgreSQL or Apache Kafka are marked `postgres` / `kafka` and read the servers' URLs from
+SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL (set by `scripts/services.sh env`). When a URL is missing the test is
+skipped on a developer's machine, but under CI=true it FAILS: CI must never pass without the real services.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def service_url(variable: str) -> str:
+    url = os.environ.get(variable)
+    if not url:
+        message = f"{variable} is not set: run `eval \"$(scripts/services.sh env)\"` after `scripts/services.sh start`"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    return service_url("SAGAS_TEST_PG_URL")
+
+
+@pytest.fixture(scope="session")
+def kafka_url() -> str:
+    return service_url("SAGAS_TEST_KAFKA_URL")
