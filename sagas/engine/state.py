@@ -76,7 +76,9 @@ class StepState(_Value):
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
     compensation_attempt: int = 0
-    attempt_offset: int = Field(0, description="Attempts made before the last operator retry; not counted by the policy.")
+    attempt_offset: int = Field(
+        0, description="Attempts made before the last operator retry; not counted by the policy."
+    )
     compensation_attempt_offset: int = 0
     output: dict[str, Any] | None = None
     started_at: float | None = None

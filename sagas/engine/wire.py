@@ -50,7 +50,7 @@ def _iso(at: float) -> str:
 
 
 def _headers(attrs: dict[str, str]) -> tuple[tuple[str, bytes], ...]:
-    return tuple((f"ce_{k}", v.encode()) for k, v in attrs.items()) + (("content-type", CONTENT_TYPE.encode()),)
+    return (*((f"ce_{k}", v.encode()) for k, v in attrs.items()), ("content-type", CONTENT_TYPE.encode()))
 
 
 def _body(data: dict[str, Any]) -> bytes:
@@ -72,7 +72,9 @@ def encode_command(command: OutgoingCommand, *, reply_topic: str, at: float) -> 
         "sagareplyto": reply_topic,
         "sagaschema": SCHEMA_VERSION,
     }
-    return BrokerMessage(topic=command.topic, key=command.saga_id, headers=_headers(attrs), value=_body(command.payload))
+    return BrokerMessage(
+        topic=command.topic, key=command.saga_id, headers=_headers(attrs), value=_body(command.payload)
+    )
 
 
 def encode_reply(
@@ -150,17 +152,22 @@ def decode_reply(message: BrokerMessage) -> ReplyReceived:
     try:
         outcome = Outcome(attrs["sagaoutcome"])
     except ValueError:
-        raise MalformedMessage(f"ce_sagaoutcome {attrs['sagaoutcome']!r} is not one of success, failure, retry") from None
+        raise MalformedMessage(
+            f"ce_sagaoutcome {attrs['sagaoutcome']!r} is not one of success, failure, retry"
+        ) from None
     causation = attrs["sagacausation"]
     parts = causation.rsplit("/", 3)
-    if len(parts) != 4 or parts[0] != attrs["subject"] or parts[2] not in (MessageKind.COMMAND, MessageKind.COMPENSATION):
-        raise MalformedMessage(f"ce_sagacausation {causation!r} is not the id of a command of saga {attrs['subject']!r}")
+    kinds = (MessageKind.COMMAND, MessageKind.COMPENSATION)
+    if len(parts) != 4 or parts[0] != attrs["subject"] or parts[2] not in kinds:
+        raise MalformedMessage(
+            f"ce_sagacausation {causation!r} is not the id of a command of saga {attrs['subject']!r}"
+        )
     return ReplyReceived(
         message_id=attrs["id"],
         causation_id=causation,
         step=attrs["sagastep"],
         attempt=_attempt(attrs),
-        kind=MessageKind(parts[2]),  # type: ignore[arg-type]
+        kind=MessageKind(parts[2]),
         outcome=outcome,
         type=attrs["type"],
         data=_data(message),

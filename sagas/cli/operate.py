@@ -1,0 +1,320 @@
+"""Commands that run the engine and inspect or repair sagas: serve, start, list, show, retry, abort, skip, dlq, db."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sagas.adapters import normalize_db_url, open_broker, open_store
+from sagas.adapters.ports import DeadLetter, Store
+from sagas.cli.app import app
+from sagas.engine.admin import SagaAdmin, SagaReport
+from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus
+from sagas.errors import SagaError
+
+T = TypeVar("T")
+out = Console()
+err = Console(stderr=True)
+
+DbOption = Annotated[
+    str,
+    typer.Option("--db", envvar="SAGAS_DB", help="Database URL or SQLite file path.", show_default=True),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+dlq = typer.Typer(help="Dead letters: messages that could not be processed, with the reason.", no_args_is_help=True)
+db = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(dlq, name="dlq")
+app.add_typer(db, name="db")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@asynccontextmanager
+async def _store(db_url: str) -> AsyncIterator[Store]:
+    store = open_store(db_url)
+    try:
+        await store.initialize()
+        yield store
+    finally:
+        await store.close()
+
+
+def _run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    try:
+        return asyncio.run(make())
+    except SagaError as exc:
+        raise fail(str(exc)) from None
+
+
+def _admin_call(db_url: str, call: Callable[[SagaAdmin], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with _store(db_url) as store:
+            return await call(SagaAdmin(store))
+
+    return _run(go)
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return "-"
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _parse_since(value: str | None) -> float | None:
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(s|m|h|d)", value.strip())
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return time.time() - float(match.group(1)) * unit
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise fail(f"--since {value!r}: use a duration like 10m, 2h, 1d or an ISO date-time") from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+# ---- db / serve / start -----------------------------------------------------------------------------
+
+
+@db.command("upgrade")
+def db_upgrade(db_url: DbOption = "sagas.db") -> None:
+    """Create or migrate the schema to the latest version."""
+
+    async def go() -> None:
+        async with _store(db_url):
+            pass
+
+    _run(go)
+    out.print(f"schema up to date: {normalize_db_url(db_url)}")
+
+
+@app.command()
+def serve(
+    definitions: Annotated[list[Path], typer.Option("--definitions", "-d", help="Definition files or folders.")],
+    db_url: DbOption = "sagas.db",
+    broker_url: Annotated[
+        str, typer.Option("--broker", envvar="SAGAS_BROKER", help="memory://, db://, kafka://host:port")
+    ] = "db://",
+    json_logs: Annotated[bool | None, typer.Option("--json-logs/--console-logs")] = None,
+) -> None:
+    """Run the engine until SIGTERM or SIGINT, then shut down gracefully."""
+    from sagas.definitions import discover
+    from sagas.engine.runtime import Engine
+    from sagas.logs import configure_logging
+
+    configure_logging(json=json_logs)
+    try:
+        loaded = discover(definitions)
+    except SagaError as exc:
+        raise fail(str(exc)) from None
+    if not loaded:
+        raise fail("no saga definitions found in " + ", ".join(map(str, definitions)))
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        store = open_store(db_url)
+        broker = open_broker(broker_url, db_url=normalize_db_url(db_url))
+        try:
+            async with Engine(store=store, broker=broker, definitions=loaded):
+                await stop.wait()
+        finally:
+            await store.close()
+
+    _run(go)
+
+
+@app.command()
+def start(
+    name: Annotated[str, typer.Argument(help="Saga definition name.")],
+    input_json: Annotated[str, typer.Option("--input", help="The saga's input as a JSON object.")] = "{}",
+    key: Annotated[str | None, typer.Option("--key", help="Idempotency key: the same key starts one saga.")] = None,
+    db_url: DbOption = "sagas.db",
+    as_json: JsonOption = False,
+) -> None:
+    """Start a saga (the serving engine publishes its first command)."""
+    try:
+        data = json.loads(input_json)
+    except json.JSONDecodeError as exc:
+        raise fail(f"--input is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise fail("--input must be a JSON object")
+    saga_id, created = _admin_call(db_url, lambda admin: admin.start(name, data, key=key))
+    if as_json:
+        out.print_json(data={"id": saga_id, "created": created})
+    else:
+        out.print(f"{'started' if created else 'already started'} {saga_id}")
+
+
+# ---- inspect ----------------------------------------------------------------------------------------
+
+
+def _instance_json(instance: SagaInstance) -> dict[str, Any]:
+    return instance.model_dump(mode="json")
+
+
+@app.command("list")
+def list_sagas(
+    status: Annotated[SagaStatus | None, typer.Option("--status")] = None,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="e.g. 10m, 2h, 1d or an ISO date-time")] = None,
+    limit: Annotated[int, typer.Option("--limit")] = 100,
+    db_url: DbOption = "sagas.db",
+    as_json: JsonOption = False,
+) -> None:
+    """List sagas, newest first."""
+    since_at = _parse_since(since)
+    found = _admin_call(db_url, lambda admin: admin.list(status=status, name=name, since=since_at, limit=limit))
+    if as_json:
+        out.print_json(data=[_instance_json(i) for i in found])
+        return
+    table = Table("id", "saga", "status", "stage", "created", "updated", "failure")
+    for inst in found:
+        table.add_row(inst.id, f"{inst.definition} v{inst.definition_version}", _status(inst.status),
+                      str(inst.stage), _when(inst.created_at), _when(inst.updated_at), inst.failure or "")
+    out.print(table)
+    out.print(f"{len(found)} saga(s)")
+
+
+def _status(status: SagaStatus) -> str:
+    color = {SagaStatus.COMPLETED: "green", SagaStatus.COMPENSATED: "yellow", SagaStatus.FAILED: "red"}.get(status)
+    return f"[{color}]{status}[/{color}]" if color else str(status)
+
+
+@app.command()
+def show(
+    saga_id: Annotated[str, typer.Argument(help="Saga id.")],
+    db_url: DbOption = "sagas.db",
+    as_json: JsonOption = False,
+) -> None:
+    """A saga's status, context, steps, compensation trail, pending timers and full timeline."""
+    report: SagaReport = _admin_call(db_url, lambda admin: admin.show(saga_id))
+    inst = report.instance
+    if as_json:
+        out.print_json(data={
+            "instance": _instance_json(inst),
+            "history": [{"seq": r.seq, **r.entry.model_dump(mode="json")} for r in report.history],
+            "timers": [t.model_dump(mode="json") for t in report.timers],
+        })
+        return
+    out.print(f"[bold]{inst.id}[/bold]  {inst.definition} v{inst.definition_version}  {_status(inst.status)}")
+    if inst.failure:
+        out.print(f"reason: {inst.failure}")
+    out.print(f"input: {json.dumps(inst.input)}")
+    steps = Table("step", "status", "attempts", "compensations", "started", "finished", "output / error")
+    for name, step in inst.steps.items():
+        steps.add_row(name, str(step.status), str(step.attempt), str(step.compensation_attempt),
+                      _when(step.started_at), _when(step.finished_at),
+                      step.error or (json.dumps(step.output) if step.output is not None else ""))
+    out.print(steps)
+    if report.timers:
+        timers = Table("pending timer", "step", "attempt", "due")
+        for timer in report.timers:
+            timers.add_row(str(timer.timer), timer.step or "-", str(timer.attempt), _when(timer.due_at))
+        out.print(timers)
+    timeline = Table("time", "event", "step", "attempt", "detail")
+    for record in report.history:
+        entry = record.entry
+        detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items())
+        timeline.add_row(_when(entry.at), entry.type, entry.step or "", str(entry.attempt or ""), detail)
+    out.print(timeline)
+
+
+# ---- repair -----------------------------------------------------------------------------------------
+
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why: recorded in the saga's history.")]
+OperatorOption = Annotated[str, typer.Option("--operator", envvar="USER", help="Who: recorded in the history.")]
+
+
+def _operate(db_url: str, saga_id: str, command: OperatorCommand, as_json: bool) -> None:
+    inst = _admin_call(db_url, lambda admin: admin.operate(saga_id, command))
+    if as_json:
+        out.print_json(data=_instance_json(inst))
+    else:
+        out.print(f"{command.action}: {inst.id} is now {_status(inst.status)}")
+
+
+@app.command()
+def retry(saga_id: str, reason: ReasonOption = "", operator: OperatorOption = "operator",
+          db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
+    """Resume a parked (failed) saga: send its stuck step or compensation again."""
+    _operate(db_url, saga_id, OperatorCommand(action="retry", reason=reason, operator=operator), as_json)
+
+
+@app.command()
+def abort(saga_id: str, reason: ReasonOption = "", operator: OperatorOption = "operator",
+          db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
+    """Stop a running saga and compensate what it did (not possible after its pivot step)."""
+    _operate(db_url, saga_id, OperatorCommand(action="abort", reason=reason, operator=operator), as_json)
+
+
+@app.command()
+def skip(saga_id: str, step: str, reason: Annotated[str, typer.Option("--reason", help="Required: why.")],
+         operator: OperatorOption = "operator", db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
+    """Mark a stuck step done (or its compensation done) by hand; recorded in the history with the reason."""
+    _operate(db_url, saga_id, OperatorCommand(action="skip", step=step, reason=reason, operator=operator), as_json)
+
+
+# ---- dead letters -----------------------------------------------------------------------------------
+
+
+def _dead_json(dead: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": dead.id, "reason": dead.reason, "saga_id": dead.saga_id, "at": dead.at, "replayed_at": dead.replayed_at,
+        "topic": dead.message.topic, "key": dead.message.key,
+        "headers": {k: v.decode("utf-8", "replace") for k, v in dead.message.headers},
+        "value": dead.message.value.decode("utf-8", "replace"),
+    }
+
+
+@dlq.command("list")
+def dlq_list(all_: Annotated[bool, typer.Option("--all", help="Include replayed ones.")] = False,
+             limit: Annotated[int, typer.Option("--limit")] = 100,
+             db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
+    """Dead letters, newest first."""
+    found = _admin_call(db_url, lambda admin: admin.dead_letters(limit=limit, include_replayed=all_))
+    if as_json:
+        out.print_json(data=[_dead_json(d) for d in found])
+        return
+    table = Table("id", "at", "saga", "topic", "reason", "replayed")
+    for dead in found:
+        table.add_row(dead.id, _when(dead.at), dead.saga_id or "-", dead.message.topic, dead.reason,
+                      _when(dead.replayed_at))
+    out.print(table)
+    out.print(f"{len(found)} dead letter(s)")
+
+
+@dlq.command("show")
+def dlq_show(dead_letter_id: str, db_url: DbOption = "sagas.db") -> None:
+    """One dead letter with its raw message."""
+    dead = _admin_call(db_url, lambda admin: admin.dead_letter(dead_letter_id))
+    out.print_json(data=_dead_json(dead))
+
+
+@dlq.command("replay")
+def dlq_replay(dead_letter_id: str, db_url: DbOption = "sagas.db") -> None:
+    """Process a dead-lettered reply again (after fixing its cause)."""
+    outcome = _admin_call(db_url, lambda admin: admin.replay(dead_letter_id))
+    out.print(f"replayed {dead_letter_id}: {outcome}")
+    if outcome == "rejected":
+        raise typer.Exit(1)
+

@@ -1,0 +1,96 @@
+"""Operations on sagas straight against the database: what the CLI calls, and what a web console would call.
+
+Writes go through the same `Processor` as the engine (one transaction: state, history, outbox, timers), checked by
+the instance version, so they are safe while `sagas serve` runs; the serving engine's outbox relay publishes the
+commands they produce.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sagas.adapters.ports import BrokerMessage, DeadLetter, HistoryRecord, Store
+from sagas.definitions import validate_input
+from sagas.definitions.registry import DefinitionRegistry
+from sagas.engine.processor import Item, ItemResult, OperatorItem, Processor, ReplyItem, StartItem
+from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
+from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus, TimerSpec
+from sagas.errors import UnknownSaga
+
+
+@dataclass(frozen=True)
+class SagaReport:
+    """Everything an operator needs to understand one saga."""
+
+    instance: SagaInstance
+    history: list[HistoryRecord]
+    timers: list[TimerSpec]
+
+
+class SagaAdmin:
+    def __init__(self, store: Store, *, reply_topic: str = DEFAULT_REPLY_TOPIC) -> None:
+        self.store = store
+        self.processor = Processor(store, DefinitionRegistry(), reply_topic=reply_topic)
+
+    async def _one(self, item: Item) -> ItemResult:
+        result = (await self.processor.process([item], time.time())).results[0]
+        if result.error is not None:
+            raise result.error
+        return result
+
+    async def start(self, name: str, input: dict[str, Any], *, key: str | None = None) -> tuple[str, bool]:
+        """Start a saga on the latest stored version of `name`. Returns (saga id, created?)."""
+        definition = await self.store.load_definition(name)
+        validate_input(definition, input)
+        result = await self._one(StartItem(definition, str(uuid.uuid4()), input, key))
+        assert result.instance is not None
+        return result.instance.id, result.outcome == "applied"
+
+    async def get(self, saga_id: str) -> SagaInstance:
+        found = (await self.store.load([saga_id])).get(saga_id)
+        if found is None:
+            raise UnknownSaga(f"no saga with id {saga_id!r}")
+        return found
+
+    async def show(self, saga_id: str) -> SagaReport:
+        instance = await self.get(saga_id)
+        return SagaReport(instance, await self.store.history(saga_id), await self.store.timers_of(saga_id))
+
+    async def list(
+        self, *, status: SagaStatus | None = None, name: str | None = None, since: float | None = None,
+        limit: int = 100,
+    ) -> builtins.list[SagaInstance]:
+        return await self.store.list_instances(status=status, definition=name, since=since, limit=limit)
+
+    async def operate(self, saga_id: str, command: OperatorCommand) -> SagaInstance:
+        await self.get(saga_id)
+        result = await self._one(OperatorItem(saga_id, command))
+        assert result.instance is not None
+        return result.instance
+
+    async def dead_letters(self, *, limit: int = 100, include_replayed: bool = False) -> builtins.list[DeadLetter]:
+        return await self.store.dead_letters(limit=limit, include_replayed=include_replayed)
+
+    async def dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        return await self.store.dead_letter(dead_letter_id)
+
+    async def replay(self, dead_letter_id: str) -> str:
+        """Feed a dead-lettered reply to the engine again (after the cause was fixed). Returns the outcome.
+
+        The message gets a new id (`<id>/replay/<n>`), so the inbox does not mistake it for a duplicate and the
+        history shows it was replayed.
+        """
+        dead = await self.store.dead_letter(dead_letter_id)
+        now = time.time()
+        original = dead.message.header("ce_id") or dead.id
+        new_id = f"{original}/replay/{int(now * 1000)}"
+        headers = tuple((k, new_id.encode()) if k == "ce_id" else (k, v) for k, v in dead.message.headers)
+        message = BrokerMessage(topic=dead.message.topic, value=dead.message.value, key=dead.message.key,
+                                headers=headers)
+        result = (await self.processor.process([ReplyItem(message)], now)).results[0]
+        await self.store.mark_replayed(dead_letter_id, now)
+        return result.outcome

@@ -1,0 +1,339 @@
+"""Apply a batch of events to the store in one transaction: the heart of the imperative shell.
+
+The engine feeds batches from its service loop (group commit: concurrent sagas' events share one commit); the CLI
+feeds batches of one (start, retry, abort, skip) straight to the database. Both go through `Processor.process`, so
+there is one code path that reads instances, calls the pure `decide`, and writes state + history + outbox + inbox +
+timers + dead letters atomically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from sagas.adapters.ports import (
+    BrokerMessage,
+    DeadLetter,
+    Delivery,
+    HistoryRecord,
+    InboxRecord,
+    OutboxMessage,
+    Store,
+    UnitOfWork,
+)
+from sagas.definitions.model import SagaDefinition
+from sagas.definitions.registry import DefinitionRegistry
+from sagas.engine import machine
+from sagas.engine.state import (
+    Decision,
+    HistoryEntry,
+    OperatorCommand,
+    ReplyReceived,
+    SagaInstance,
+    TimerFired,
+    TimerSpec,
+)
+from sagas.engine.wire import MalformedMessage, decode_reply, encode_command, reply_saga_id
+from sagas.errors import ConcurrencyConflict, OperatorError, UnknownDefinition, UnknownSaga
+
+log = structlog.get_logger("sagas.engine")
+
+CONFLICT_RETRIES = 3
+
+
+@dataclass
+class StartItem:
+    definition: SagaDefinition
+    saga_id: str
+    input: dict[str, Any]
+    key: str | None = None
+
+
+@dataclass
+class ReplyItem:
+    message: BrokerMessage
+    delivery: Delivery | None = None
+
+
+@dataclass
+class TimerItem:
+    spec: TimerSpec
+
+
+@dataclass
+class OperatorItem:
+    saga_id: str
+    command: OperatorCommand
+
+
+Item = StartItem | ReplyItem | TimerItem | OperatorItem
+
+
+@dataclass
+class ItemResult:
+    """What happened to one item: the saga it touched (if any), or the error to hand back to the caller."""
+
+    instance: SagaInstance | None = None
+    error: Exception | None = None
+    outcome: str = "applied"
+
+
+@dataclass
+class BatchResult:
+    results: list[ItemResult]
+    published: list[OutboxMessage] = field(default_factory=list)
+    """Outbox rows committed by this batch, to publish now."""
+    settled: list[SagaInstance] = field(default_factory=list)
+
+
+class Processor:
+    """Turns events into one unit of work per batch. Stateless between batches apart from caches."""
+
+    def __init__(self, store: Store, registry: DefinitionRegistry, *, reply_topic: str) -> None:
+        self.store = store
+        self.registry = registry
+        self.reply_topic = reply_topic
+
+    async def definition(self, name: str, version: int) -> SagaDefinition:
+        try:
+            return self.registry.get(name, version)
+        except UnknownDefinition:
+            definition = await self.store.load_definition(name, version)
+            self.registry.register(definition)
+            return definition
+
+    async def process(self, items: Sequence[Item], now: float, sent: Sequence[str] = ()) -> BatchResult:
+        """Apply `items` in one transaction, retrying on optimistic-concurrency conflicts."""
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                return await self._process_once(items, now, sent)
+            except ConcurrencyConflict as conflict:
+                log.warning("batch conflicted; re-reading", saga_ids=list(conflict.saga_ids)[:10], items=len(items))
+                await asyncio.sleep(0)
+        if len(items) == 1:
+            return BatchResult([ItemResult(error=ConcurrencyConflict([_saga_of(items[0]) or "?"]))])
+        # Isolate the item that keeps conflicting: every other item still goes through.
+        results: list[ItemResult] = []
+        published: list[OutboxMessage] = []
+        settled: list[SagaInstance] = []
+        for index, item in enumerate(items):
+            one = await self.process([item], now, sent if index == 0 else ())
+            results.extend(one.results)
+            published.extend(one.published)
+            settled.extend(one.settled)
+        return BatchResult(results, published, settled)
+
+    async def _process_once(self, items: Sequence[Item], now: float, sent: Sequence[str]) -> BatchResult:
+        work = UnitOfWork(sent=list(sent))
+        results = [ItemResult() for _ in items]
+        decoded: dict[int, ReplyReceived] = {}
+        saga_ids: set[str] = set()
+        for index, item in enumerate(items):
+            if isinstance(item, ReplyItem):
+                try:
+                    decoded[index] = decode_reply(item.message)
+                except MalformedMessage as exc:
+                    self._dead_letter(work, item.message, str(exc), now, results[index])
+                    continue
+                saga_ids.add(reply_saga_id(item.message) or "")
+            elif isinstance(item, TimerItem):
+                saga_ids.add(item.spec.saga_id)
+            elif isinstance(item, OperatorItem):
+                saga_ids.add(item.saga_id)
+
+        seen = await self.store.seen([r.message_id for r in decoded.values()]) if decoded else set()
+        instances = await self.store.load(sorted(saga_ids)) if saga_ids else {}
+        read_version = {saga_id: inst.version for saga_id, inst in instances.items()}
+        created: dict[str, SagaInstance] = {}
+        timers: dict[str, TimerSpec] = {}
+        cancelled: set[str] = set()
+        applied_ids: set[str] = set()
+        dirty: set[str] = set()
+
+        for index, item in enumerate(items):
+            result = results[index]
+            if result.outcome == "rejected":
+                continue
+            if isinstance(item, StartItem):
+                decision = await self._start(item, now, created, result)
+                if decision is None:
+                    continue
+                created[decision.instance.id] = decision.instance
+                self._effects(work, decision, timers, cancelled)
+            elif isinstance(item, ReplyItem):
+                reply = decoded[index]
+                saga_id = reply_saga_id(item.message) or ""
+                if reply.message_id in seen or reply.message_id in applied_ids:
+                    result.outcome = "ignored"
+                    self._note(work, instances.get(saga_id), now, "message.duplicate", reply, "already applied")
+                    continue
+                applied_ids.add(reply.message_id)
+                instance = instances.get(saga_id) or created.get(saga_id)
+                if instance is None:
+                    work.inbox.append(InboxRecord(reply.message_id, None, "rejected", now))
+                    self._dead_letter(
+                        work, item.message, f"unknown saga {saga_id!r}", now, result, record_id=reply.message_id
+                    )
+                    continue
+                definition = await self.definition(instance.definition, instance.definition_version)
+                decision = machine.decide(definition, instance, reply, now=now)
+                work.inbox.append(InboxRecord(reply.message_id, saga_id, decision.outcome, now))
+                if decision.outcome == "rejected":
+                    self._dead_letter(work, item.message, decision.reason or "rejected", now, result,
+                                      record_id=reply.message_id, saga_id=saga_id)
+                    self._note(work, instance, now, "message.rejected", reply, decision.reason)
+                    continue
+                if decision.outcome == "ignored":
+                    result.outcome = "ignored"
+                    result.instance = instance
+                    self._note(work, instance, now, "message.ignored", reply, decision.reason)
+                    log.info("reply ignored", saga_id=saga_id, step=reply.step, attempt=reply.attempt,
+                             message_id=reply.message_id, reason=decision.reason)
+                    continue
+                self._apply(work, decision, instances, created, dirty, timers, cancelled, result)
+            elif isinstance(item, TimerItem):
+                spec = item.spec
+                cancelled.add(spec.id)  # a fired timer is consumed whatever the machine decides
+                timers.pop(spec.id, None)
+                instance = instances.get(spec.saga_id) or created.get(spec.saga_id)
+                if instance is None:
+                    result.outcome = "ignored"
+                    continue
+                definition = await self.definition(instance.definition, instance.definition_version)
+                event = TimerFired(timer_id=spec.id, timer=spec.timer, step=spec.step, attempt=spec.attempt)
+                decision = machine.decide(definition, instance, event, now=now)
+                if decision.outcome != "applied":
+                    result.outcome = decision.outcome
+                    continue
+                self._apply(work, decision, instances, created, dirty, timers, cancelled, result)
+            else:
+                instance = instances.get(item.saga_id) or created.get(item.saga_id)
+                if instance is None:
+                    result.error = UnknownSaga(f"no saga with id {item.saga_id!r}")
+                    continue
+                definition = await self.definition(instance.definition, instance.definition_version)
+                decision = machine.decide(definition, instance, item.command, now=now)
+                if decision.outcome != "applied":
+                    result.error = OperatorError(
+                        f"saga {item.saga_id}: cannot {item.command.action}: {decision.reason}"
+                    )
+                    continue
+                self._apply(work, decision, instances, created, dirty, timers, cancelled, result)
+
+        work.inserts = list(created.values())
+        # Each changed saga is written once, with the version it was read at, however many events it took.
+        work.updates = [
+            instances[saga_id].model_copy(update={"version": read_version[saga_id]}) for saga_id in sorted(dirty)
+        ]
+        work.timers = list(timers.values())
+        work.cancel_timers = sorted(cancelled)
+        if work:
+            await self.store.commit(work)
+        settled = [r.instance for r in results if r.instance is not None and r.instance.status.is_settled]
+        return BatchResult(results, work.outbox, settled)
+
+    async def _start(
+        self, item: StartItem, now: float, created: dict[str, SagaInstance], result: ItemResult
+    ) -> Decision | None:
+        if item.key is not None:
+            existing = await self.store.find_by_key(item.definition.name, item.key)
+            if existing is None:
+                existing = next(
+                    (i for i in created.values()
+                     if i.definition == item.definition.name and i.idempotency_key == item.key),
+                    None,
+                )
+            if existing is not None:
+                result.instance = existing
+                result.outcome = "ignored"
+                return None
+        decision = machine.start(item.definition, saga_id=item.saga_id, input=item.input, now=now,
+                                 idempotency_key=item.key)
+        result.instance = decision.instance
+        return decision
+
+    def _apply(
+        self,
+        work: UnitOfWork,
+        decision: Decision,
+        instances: dict[str, SagaInstance],
+        created: dict[str, SagaInstance],
+        dirty: set[str],
+        timers: dict[str, TimerSpec],
+        cancelled: set[str],
+        result: ItemResult,
+    ) -> None:
+        instance = decision.instance
+        if instance.id in created:
+            created[instance.id] = instance
+        else:
+            instances[instance.id] = instance
+            dirty.add(instance.id)
+        result.instance = instance
+        self._effects(work, decision, timers, cancelled)
+
+    def _effects(
+        self, work: UnitOfWork, decision: Decision, timers: dict[str, TimerSpec], cancelled: set[str]
+    ) -> None:
+        saga_id = decision.instance.id
+        now = decision.instance.updated_at
+        for entry in decision.history:
+            work.history.append(HistoryRecord(saga_id, entry))
+        for command in decision.commands:
+            message = encode_command(command, reply_topic=self.reply_topic, at=now)
+            work.outbox.append(OutboxMessage(command.id, saga_id, message, now))
+            log.debug("command", saga_id=saga_id, step=command.step, attempt=command.attempt,
+                      message_id=command.id, kind=str(command.kind))
+        for timer_id in decision.cancel_timers:
+            timers.pop(timer_id, None)
+            cancelled.add(timer_id)
+        for timer in decision.timers:
+            cancelled.discard(timer.id)
+            timers[timer.id] = timer
+
+    def _note(
+        self, work: UnitOfWork, instance: SagaInstance | None, now: float, kind: str, reply: ReplyReceived,
+        reason: str | None,
+    ) -> None:
+        if instance is None:
+            return
+        detail = {"message_id": reply.message_id, "type": reply.type, "reason": reason or ""}
+        work.history.append(
+            HistoryRecord(instance.id, HistoryEntry(at=now, type=kind, step=reply.step, attempt=reply.attempt,
+                                                    detail=detail))
+        )
+
+    def _dead_letter(
+        self,
+        work: UnitOfWork,
+        message: BrokerMessage,
+        reason: str,
+        now: float,
+        result: ItemResult,
+        *,
+        record_id: str | None = None,
+        saga_id: str | None = None,
+    ) -> None:
+        result.outcome = "rejected"
+        dead_id = f"dl/{record_id}" if record_id else f"dl/{uuid.uuid4()}"
+        work.dead_letters.append(
+            DeadLetter(dead_id, reason, message, now, saga_id=saga_id or reply_saga_id(message))
+        )
+        log.warning("dead letter", reason=reason, topic=message.topic, message_id=message.header("ce_id"),
+                    saga_id=saga_id or reply_saga_id(message))
+
+
+def _saga_of(item: Item) -> str | None:
+    if isinstance(item, StartItem):
+        return item.saga_id
+    if isinstance(item, TimerItem):
+        return item.spec.saga_id
+    if isinstance(item, OperatorItem):
+        return item.saga_id
+    return reply_saga_id(item.message)
+

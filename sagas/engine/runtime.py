@@ -1,0 +1,409 @@
+"""The engine service: consumes replies, fires timers, commits decisions in batches, publishes the outbox.
+
+    async with Engine(store=store, broker=broker, definitions=[order_saga]) as engine:
+        saga_id = await engine.start("order", {"order_id": "o-1"}, key="o-1")
+        instance = await engine.wait(saga_id)
+
+Loops (all asyncio tasks of one process):
+- consumer: fetches replies from the broker and queues them;
+- writer: takes whatever is queued (replies, timers, starts, operator commands) and applies it in ONE transaction
+  (group commit); only after the commit are broker deliveries acknowledged and new messages handed to
+- publisher: publishes committed outbox rows in commit order; their ids are marked sent in the next commit;
+- relay: publishes outbox rows that nobody published (a crash between commit and publish, or rows written by the
+  CLI), which is how the engine resumes in-flight sagas after a restart;
+- timers: fires due timers (step timeouts, retry backoff, saga deadlines) as events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol
+
+import structlog
+
+from sagas.adapters.ports import Broker, Consumer, OutboxMessage, Store
+from sagas.definitions import validate_input
+from sagas.definitions.model import SagaDefinition
+from sagas.definitions.registry import DefinitionRegistry
+from sagas.engine.processor import (
+    BatchResult,
+    Item,
+    ItemResult,
+    OperatorItem,
+    Processor,
+    ReplyItem,
+    StartItem,
+    TimerItem,
+)
+from sagas.engine.state import OperatorCommand, SagaInstance
+from sagas.errors import SagaError, StoreError, UnknownSaga
+
+log = structlog.get_logger("sagas.engine")
+
+DEFAULT_REPLY_TOPIC = "sagas.replies"
+DEFAULT_GROUP = "sagas-engine"
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+
+class SystemClock:
+    def now(self) -> float:
+        return time.time()
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    reply_topic: str = DEFAULT_REPLY_TOPIC
+    group: str = DEFAULT_GROUP
+    batch_max: int = 512
+    fetch_max: int = 512
+    relay_interval: float = 1.0
+    relay_grace: float = 2.0
+    """Rows younger than this are left to the fast path (they are being published by the writer)."""
+    timer_interval: float | None = 0.05
+    """None: timers fire only through `fire_due_timers()` (the test harness drives a virtual clock)."""
+    outage_backoff_max: float = 5.0
+    retention: float | None = None
+    """Seconds to keep inbox ids, sent outbox rows and finished sagas' history; None keeps everything."""
+    retention_interval: float = 600.0
+
+
+@dataclass
+class _Pending:
+    item: Item
+    future: asyncio.Future[ItemResult] | None = None
+
+
+class Engine:
+    """Runs sagas. Use as `async with`; `start()`/`stop()` for explicit control."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        broker: Broker,
+        definitions: Sequence[SagaDefinition] = (),
+        settings: EngineSettings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.settings = settings or EngineSettings()
+        self.clock: Clock = clock or SystemClock()
+        self.registry = DefinitionRegistry()
+        for definition in definitions:
+            self.registry.register(definition)
+        self._definitions = list(definitions)
+        self.processor = Processor(store, self.registry, reply_topic=self.settings.reply_topic)
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=20_000)
+        self._publish_queue: asyncio.Queue[list[OutboxMessage]] = asyncio.Queue()
+        self._sent: list[str] = []
+        self._in_flight: set[str] = set()  # outbox ids handed to the publisher, not yet marked sent
+        self._timers_in_flight: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[SagaInstance]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._consumer: Consumer | None = None
+        self._stopping = asyncio.Event()
+        self._busy = 0
+        self.stats = {"batches": 0, "items": 0, "published": 0, "relayed": 0, "timers": 0}
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        await self.store.initialize()
+        for definition in self._definitions:
+            await self.store.save_definition(definition)
+        await self.broker.start()
+        self._consumer = await self.broker.subscribe([self.settings.reply_topic], self.settings.group)
+        self._stopping.clear()
+        self._spawn(self._writer_loop(), "writer")
+        self._spawn(self._publisher_loop(), "publisher")
+        self._spawn(self._consumer_loop(), "consumer")
+        self._spawn(self._relay_loop(), "relay")
+        if self.settings.timer_interval is not None:
+            self._spawn(self._timer_loop(self.settings.timer_interval), "timers")
+        if self.settings.retention is not None:
+            self._spawn(self._retention_loop(self.settings.retention), "retention")
+        log.info("engine started", definitions=[d.identity for d in self._definitions],
+                 reply_topic=self.settings.reply_topic)
+
+    async def stop(self) -> None:
+        """Stop consuming, finish what is queued, publish what is committed, and leave the consumer group."""
+        if not self._tasks:
+            return
+        self._stopping.set()
+        for name in ("consumer", "timers", "relay", "retention"):
+            await self._cancel(name)
+        await self._drain()
+        for name in ("writer", "publisher"):
+            await self._cancel(name)
+        if self._sent:
+            with contextlib.suppress(SagaError):
+                await self.store.mark_sent(self._sent, self.clock.now())
+        if self._consumer is not None:
+            await self._consumer.close()
+        await self.broker.close()
+        self._tasks.clear()
+        log.info("engine stopped", **self.stats)
+
+    # ---- API ----------------------------------------------------------------------------------------
+
+    async def start_saga(
+        self, name: str, input: dict[str, Any], *, key: str | None = None, saga_id: str | None = None
+    ) -> str:
+        """Start a saga on the latest version of `name`; idempotent by `key`. Returns the saga id."""
+        definition = self.registry.get(name)
+        validate_input(definition, input)
+        result = await self._submit(StartItem(definition, saga_id or str(uuid.uuid4()), input, key))
+        assert result.instance is not None
+        return result.instance.id
+
+    async def deploy(self, definition: SagaDefinition) -> None:
+        """Add a definition version; new sagas use the latest version, running ones keep theirs."""
+        await self.store.save_definition(definition)
+        self.registry.register(definition)
+
+    async def operate(self, saga_id: str, command: OperatorCommand) -> SagaInstance:
+        result = await self._submit(OperatorItem(saga_id, command))
+        assert result.instance is not None
+        return result.instance
+
+    async def wait(self, saga_id: str, timeout: float | None = None) -> SagaInstance:
+        """Until the saga is completed, compensated or parked."""
+        future: asyncio.Future[SagaInstance] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(saga_id, []).append(future)
+        current = (await self.store.load([saga_id])).get(saga_id)
+        if current is None:
+            raise UnknownSaga(f"no saga with id {saga_id!r}")
+        if current.status.is_settled:
+            self._waiters[saga_id].remove(future)
+            return current
+        return await asyncio.wait_for(future, timeout)
+
+    async def fire_due_timers(self) -> int:
+        """Queue every timer due now; returns how many were queued."""
+        due = await self.store.due_timers(self.clock.now(), 1000)
+        fresh = [t for t in due if t.id not in self._timers_in_flight]
+        for timer in fresh:
+            self._timers_in_flight.add(timer.id)
+            await self._queue.put(_Pending(TimerItem(timer)))
+        self.stats["timers"] += len(fresh)
+        return len(fresh)
+
+    async def idle(self) -> bool:
+        """True when nothing is queued, being committed or being published."""
+        return self._queue.empty() and self._publish_queue.empty() and self._busy == 0
+
+    # ---- loops --------------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("engine loop crashed", loop=task.get_name(), error=repr(task.exception()))
+
+    async def _cancel(self, name: str) -> None:
+        for task in self._tasks:
+            if task.get_name() == name and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + 10
+        # idle() combines three conditions (queue, publisher, batch in progress); no single event covers them.
+        while not await self.idle() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    async def _submit(self, item: Item) -> ItemResult:
+        future: asyncio.Future[ItemResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(item, future))
+        result = await future
+        if result.error is not None:
+            raise result.error
+        return result
+
+    async def _writer_loop(self) -> None:
+        while True:
+            try:
+                first = await asyncio.wait_for(self._queue.get(), timeout=0.1)
+            except TimeoutError:
+                if self._sent:
+                    await self._with_retry(lambda: self._commit_sent())
+                continue
+            self._busy += 1
+            try:
+                batch = [first]
+                while len(batch) < self.settings.batch_max and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                await self._run_batch(batch)
+            except Exception:
+                # A batch that cannot be committed (a bug, not an outage: outages are retried inside) must not
+                # stop the engine; its unacknowledged replies are delivered again.
+                log.exception("batch failed", items=len(batch))
+            finally:
+                self._busy -= 1
+
+    async def _commit_sent(self) -> None:
+        sent, self._sent = self._sent, []
+        try:
+            await self.store.mark_sent(sent, self.clock.now())
+        except BaseException:
+            self._sent.extend(sent)
+            raise
+        self._in_flight.difference_update(sent)
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        sent, self._sent = self._sent, []
+        items = [p.item for p in batch]
+        try:
+            outcome: BatchResult = await self._with_retry(
+                lambda: self.processor.process(items, self.clock.now(), sent)
+            )
+        except BaseException as exc:
+            self._sent.extend(sent)
+            for pending in batch:
+                if pending.future is not None and not pending.future.done():
+                    pending.future.set_exception(exc if isinstance(exc, Exception) else SagaError(repr(exc)))
+            raise
+        self._in_flight.difference_update(sent)
+        self.stats["batches"] += 1
+        self.stats["items"] += len(batch)
+        for pending, result in zip(batch, outcome.results, strict=True):
+            if isinstance(pending.item, TimerItem):
+                self._timers_in_flight.discard(pending.item.spec.id)
+            if pending.future is not None and not pending.future.done():
+                pending.future.set_result(result)
+        deliveries = [p.item.delivery for p in batch if isinstance(p.item, ReplyItem) and p.item.delivery]
+        if deliveries and self._consumer is not None:
+            await self._consumer.commit(deliveries)
+        if outcome.published:
+            self._in_flight.update(m.id for m in outcome.published)
+            self._publish_queue.put_nowait(outcome.published)
+        for instance in outcome.settled:
+            for waiter in self._waiters.pop(instance.id, []):
+                if not waiter.done():
+                    waiter.set_result(instance)
+
+    async def _with_retry(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Retry store calls through an outage: log it once, back off, and carry on when it is back."""
+        delay = 0.05
+        outage_since: float | None = None
+        while True:
+            try:
+                result = await call()
+            except StoreError as exc:
+                if not exc.retriable:
+                    raise
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log.error("store unavailable; retrying", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.outage_backoff_max)
+                continue
+            if outage_since is not None:
+                log.warning("store available again", outage_seconds=round(time.monotonic() - outage_since, 1))
+            return result
+
+    async def _publisher_loop(self) -> None:
+        while True:
+            messages = await self._publish_queue.get()
+            self._busy += 1
+            try:
+                await self._publish(messages)
+            finally:
+                self._busy -= 1
+
+    async def _publish(self, messages: list[OutboxMessage]) -> None:
+        delay = 0.05
+        outage_since: float | None = None
+        while True:
+            try:
+                await self.broker.publish([m.message for m in messages])
+                break
+            except SagaError as exc:
+                if getattr(exc, "retriable", False) is False:
+                    raise
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    log.error("broker unavailable; retrying publish", error=str(exc), messages=len(messages))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.outage_backoff_max)
+        if outage_since is not None:
+            log.warning("broker available again", outage_seconds=round(time.monotonic() - outage_since, 1))
+        self._sent.extend(m.id for m in messages)
+        self.stats["published"] += len(messages)
+
+    async def _consumer_loop(self) -> None:
+        assert self._consumer is not None
+        delay = 0.05
+        while True:
+            try:
+                deliveries = await self._consumer.fetch(self.settings.fetch_max, timeout=0.5)
+            except SagaError as exc:
+                log.error("broker fetch failed; retrying", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.outage_backoff_max)
+                continue
+            delay = 0.05
+            for delivery in deliveries:
+                await self._queue.put(_Pending(ReplyItem(delivery.message, delivery)))
+
+    async def _relay_loop(self) -> None:
+        while True:
+            try:
+                await self.relay_once()
+            except SagaError as exc:
+                log.error("outbox relay failed; will retry", error=str(exc))
+            await asyncio.sleep(self.settings.relay_interval)
+
+    async def relay_once(self) -> int:
+        """Publish committed outbox rows that the fast path did not (crash, CLI, lost publish)."""
+        pending = await self.store.pending_outbox(1000, created_before=self.clock.now() - self.settings.relay_grace)
+        orphans = [m for m in pending if m.id not in self._in_flight]
+        if orphans:
+            log.info("relaying outbox rows", count=len(orphans))
+            self._in_flight.update(m.id for m in orphans)
+            await self._publish_queue.put(orphans)
+            self.stats["relayed"] += len(orphans)
+        return len(orphans)
+
+    async def _retention_loop(self, retention: float) -> None:
+        while True:
+            try:
+                removed = await self.store.purge(self.clock.now() - retention)
+                if any((removed.inbox, removed.outbox, removed.history, removed.instances)):
+                    log.info("retention clean-up", inbox=removed.inbox, outbox=removed.outbox,
+                             history=removed.history, instances=removed.instances)
+            except SagaError as exc:
+                log.error("retention clean-up failed; will retry", error=str(exc))
+            await asyncio.sleep(self.settings.retention_interval)
+
+    async def _timer_loop(self, interval: float) -> None:
+        while True:
+            try:
+                await self.fire_due_timers()
+            except SagaError as exc:
+                log.error("timer poll failed; will retry", error=str(exc))
+            await asyncio.sleep(interval)

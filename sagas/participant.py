@@ -1,0 +1,272 @@
+"""Helpers for writing participant services: idempotent command handlers and their replies.
+
+    inventory = Participant("inventory")
+
+    @inventory.command("ReserveInventory", business_errors=(OutOfStock,))
+    async def reserve(command: CommandMessage, tx: AsyncConnection) -> dict[str, Any]:
+        await tx.execute(...)            # the effect, in the same transaction as the dedup record
+        return {"reservation_id": ...}
+
+    @inventory.compensation("ReleaseInventory")
+    async def release(command: CommandMessage, tx: AsyncConnection) -> dict[str, Any]: ...
+
+    async with inventory.serve(broker=broker, database_url="sqlite+aiosqlite:///inventory.db"):
+        ...
+
+Guarantees:
+- A command redelivered, or retried by the engine with a new attempt, returns the recorded reply without running
+  the handler again: the dedup record is keyed by (saga, step, kind), not by message id, and is written in the
+  same transaction as the handler's effect.
+- A compensation that arrives before (or instead of) its command leaves a tombstone: the command, if it comes
+  later, is answered with a failure and has no effect.
+- A declared business exception becomes a failure reply (recorded: it is a definite answer); any other exception
+  rolls the effect back and becomes a retryable reply (not recorded, so the retry runs the handler again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from sagas.adapters import normalize_db_url
+from sagas.adapters.ports import Broker, BrokerMessage, Consumer, Delivery
+from sagas.engine.state import MessageKind, Outcome
+from sagas.engine.wire import CommandMessage, MalformedMessage, decode_command, encode_reply
+
+log = structlog.get_logger("sagas.participant")
+
+Handler = Callable[[CommandMessage, AsyncConnection], Awaitable[dict[str, Any] | None]]
+
+_metadata = sa.MetaData()
+dedup_table = sa.Table(
+    "participant_dedup",
+    _metadata,
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("command_id", sa.String(300), nullable=False),
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("data", sa.JSON, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+
+class BusinessFailure(Exception):
+    """Raise from a handler to answer with a business failure: definite, not retried, nothing to undo."""
+
+    def __init__(self, reason: str, data: dict[str, Any] | None = None) -> None:
+        self.reason = reason
+        self.data = data or {}
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class _Registration:
+    handler: Handler
+    kind: MessageKind
+    business_errors: tuple[type[BaseException], ...]
+
+
+@dataclass(frozen=True)
+class _Answer:
+    outcome: Outcome
+    type: str
+    data: dict[str, Any]
+    reason: str | None = None
+
+
+class Participant:
+    """A participant service: command handlers, deduplicated in the participant's own database."""
+
+    def __init__(
+        self, name: str, *, topic: str | None = None, group: str | None = None, metadata: sa.MetaData | None = None
+    ) -> None:
+        """`metadata`: the participant's own tables, created beside the dedup table when the worker starts."""
+        self.name = name
+        self.metadata = metadata
+        self.topic = topic or f"{name}.commands"
+        self.group = group or f"{name}-participant"
+        self._handlers: dict[str, _Registration] = {}
+        self.stats = {"handled": 0, "deduplicated": 0, "failed": 0, "retryable": 0, "malformed": 0}
+
+    def command(
+        self, command_type: str, *, business_errors: Sequence[type[BaseException]] = ()
+    ) -> Callable[[Handler], Handler]:
+        return self._register(command_type, MessageKind.COMMAND, business_errors)
+
+    def compensation(self, command_type: str) -> Callable[[Handler], Handler]:
+        return self._register(command_type, MessageKind.COMPENSATION, ())
+
+    def _register(
+        self, command_type: str, kind: MessageKind, business_errors: Sequence[type[BaseException]]
+    ) -> Callable[[Handler], Handler]:
+        def decorate(handler: Handler) -> Handler:
+            self._handlers[command_type] = _Registration(handler, kind, (BusinessFailure, *business_errors))
+            return handler
+
+        return decorate
+
+    @contextlib.asynccontextmanager
+    async def serve(
+        self, *, broker: Broker, database_url: str = "sqlite+aiosqlite:///:memory:", batch_max: int = 256
+    ) -> AsyncIterator[ParticipantWorker]:
+        worker = ParticipantWorker(self, broker, participant_database(database_url), batch_max=batch_max)
+        await worker.start()
+        try:
+            yield worker
+        finally:
+            await worker.stop()
+
+
+def participant_database(url: str) -> AsyncEngine:
+    """An async engine for a participant's own database. On SQLite: WAL, and BEGIN IMMEDIATE so that several
+    processes sharing the file queue for the write lock instead of deadlocking."""
+    url = normalize_db_url(url)
+    if not url.startswith("sqlite"):
+        return create_async_engine(url)
+    memory = url.endswith(":memory:")
+    engine = create_async_engine(url, poolclass=StaticPool if memory else None, connect_args={"timeout": 30})
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if not memory:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+class ParticipantWorker:
+    """The running loop of one participant: fetch a batch, handle it in one transaction, reply, acknowledge."""
+
+    def __init__(self, participant: Participant, broker: Broker, db: AsyncEngine, *, batch_max: int) -> None:
+        self.participant = participant
+        self.broker = broker
+        self.db = db
+        self.batch_max = batch_max
+        self._consumer: Consumer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        async with self.db.begin() as conn:
+            await conn.run_sync(_metadata.create_all)
+            if self.participant.metadata is not None:
+                await conn.run_sync(self.participant.metadata.create_all)
+        await self.broker.start()
+        self._consumer = await self.broker.subscribe([self.participant.topic], self.participant.group)
+        self._task = asyncio.ensure_future(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.close()
+        await self.db.dispose()
+
+    async def _loop(self) -> None:
+        assert self._consumer is not None
+        while True:
+            deliveries = await self._consumer.fetch(self.batch_max, timeout=0.5)
+            if not deliveries:
+                continue
+            try:
+                replies = await self.handle(deliveries)
+                if replies:
+                    await self.broker.publish(replies)
+                await self._consumer.commit(deliveries)
+            except Exception:
+                # Not acknowledged: the commands come back after a restart and the dedup records keep effects single.
+                log.exception("participant batch failed", participant=self.participant.name)
+                await asyncio.sleep(0.5)
+
+    async def handle(self, deliveries: Sequence[Delivery]) -> list[BrokerMessage]:
+        """Handle a batch in one transaction (a savepoint per command); return the replies to publish."""
+        commands: list[CommandMessage] = []
+        for delivery in deliveries:
+            try:
+                commands.append(decode_command(delivery.message))
+            except MalformedMessage as exc:
+                self.participant.stats["malformed"] += 1
+                log.warning("malformed command dropped", participant=self.participant.name, reason=str(exc))
+        if not commands:
+            return []
+        answers: list[tuple[CommandMessage, _Answer]] = []
+        async with self.db.begin() as tx:
+            keys = {c.idempotency_key for c in commands} | {_compensation_key(c) for c in commands}
+            rows = (await tx.execute(sa.select(dedup_table).where(dedup_table.c.key.in_(keys)))).mappings().all()
+            recorded = {row["key"]: _Answer(Outcome(row["outcome"]), row["type"], row["data"]) for row in rows}
+            for command in commands:
+                answer = recorded.get(command.idempotency_key)
+                if answer is not None:
+                    self.participant.stats["deduplicated"] += 1
+                else:
+                    answer = await self._run(command, tx, recorded)
+                    if answer.outcome != Outcome.RETRY:
+                        recorded[command.idempotency_key] = answer
+                        await tx.execute(
+                            dedup_table.insert().values(
+                                key=command.idempotency_key, command_id=command.id, outcome=str(answer.outcome),
+                                type=answer.type, data=answer.data, at=time.time(),
+                            )
+                        )
+                answers.append((command, answer))
+        now = time.time()
+        return [
+            encode_reply(command, outcome=a.outcome, type=a.type, data=a.data, source=self.participant.name, at=now,
+                         reason=a.reason)
+            for command, a in answers
+        ]
+
+    async def _run(self, command: CommandMessage, tx: AsyncConnection, recorded: dict[str, _Answer]) -> _Answer:
+        registration = self.participant._handlers.get(command.type)
+        if registration is None:
+            self.participant.stats["failed"] += 1
+            return _Answer(Outcome.FAILURE, f"{command.type}.failed", {}, f"no handler for {command.type!r}")
+        if command.kind == MessageKind.COMMAND and _compensation_key(command) in recorded:
+            # The compensation overtook the command: the saga has given up on this step, so it must not take effect.
+            return _Answer(Outcome.FAILURE, f"{command.type}.failed", {}, "already compensated")
+        savepoint = await tx.begin_nested()
+        try:
+            data = await registration.handler(command, tx) or {}
+            json.dumps(data)  # a reply that cannot be sent must roll the effect back, not fail after the commit
+        except registration.business_errors as exc:
+            await savepoint.rollback()
+            self.participant.stats["failed"] += 1
+            reason = exc.reason if isinstance(exc, BusinessFailure) else str(exc)
+            extra = exc.data if isinstance(exc, BusinessFailure) else {}
+            return _Answer(Outcome.FAILURE, f"{command.type}.failed", extra, reason)
+        except Exception as exc:
+            await savepoint.rollback()
+            self.participant.stats["retryable"] += 1
+            log.warning("handler raised; replying retryable", participant=self.participant.name,
+                        saga_id=command.saga_id, step=command.step, attempt=command.attempt,
+                        message_id=command.id, error=repr(exc))
+            return _Answer(Outcome.RETRY, f"{command.type}.retry", {}, repr(exc)[:300])
+        await savepoint.commit()
+        self.participant.stats["handled"] += 1
+        return _Answer(Outcome.SUCCESS, f"{command.type}.succeeded", data)
+
+
+def _compensation_key(command: CommandMessage) -> str:
+    """The dedup key of the compensation of the same step: its presence is the tombstone."""
+    return f"{command.saga_id}/{command.step}/{MessageKind.COMPENSATION}"

@@ -1,0 +1,86 @@
+"""One settings object for the engine service, from environment variables (`SAGAS_*`) and an optional file.
+
+    SAGAS_DB=postgresql+asyncpg://sagas:secret@db:5432/sagas
+    SAGAS_BROKER=kafka://k1:9092,k2:9092
+    SAGAS_KAFKA__SECURITY_PROTOCOL=SASL_SSL        # nested fields use a double underscore
+    SAGAS_KAFKA__SASL_MECHANISM=SCRAM-SHA-512
+
+A file (TOML or YAML, `sagas serve --config sagas.toml`) gives the same fields; environment variables win.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from ruamel.yaml import YAML
+
+from sagas.engine.runtime import DEFAULT_GROUP, DEFAULT_REPLY_TOPIC, EngineSettings
+
+
+class KafkaSettings(BaseModel):
+    """Passed through to aiokafka; see its documentation for each option."""
+
+    partitions: int = Field(4, ge=1, description="Partitions of topics the engine creates.")
+    replication_factor: int = Field(1, ge=1)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    client_id: str = "sagas-engine"
+
+    def client_options(self) -> dict[str, Any]:
+        """The aiokafka keyword arguments these settings stand for."""
+        options: dict[str, Any] = {"security_protocol": self.security_protocol, "client_id": self.client_id}
+        for name in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        if self.ssl_cafile or self.ssl_certfile:
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(
+                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
+            )
+        return options
+
+
+class SagasSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SAGAS_", env_nested_delimiter="__", extra="forbid")
+
+    db: str = Field("sagas.db", description="Database URL, or a SQLite file path.")
+    broker: str = Field("db://", description="memory://, db:// (queue in the database), kafka://host:port,...")
+    reply_topic: str = DEFAULT_REPLY_TOPIC
+    group: str = Field(DEFAULT_GROUP, description="Consumer group of the engine processes.")
+    batch_max: int = Field(512, ge=1, le=10_000)
+    timer_interval: float = Field(0.05, gt=0)
+    relay_interval: float = Field(1.0, gt=0)
+    retention: float | None = Field(
+        7 * 86400.0, description="Seconds to keep inbox ids, sent outbox rows and finished sagas; null keeps all."
+    )
+    retention_interval: float = Field(600.0, gt=0, description="Seconds between retention clean-ups.")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+
+    @classmethod
+    def load(cls, file: Path | None = None, **overrides: Any) -> SagasSettings:
+        """Settings from `file` (TOML/YAML), then the environment, then explicit `overrides` (CLI flags)."""
+        data: dict[str, Any] = {}
+        if file is not None:
+            text = file.read_text()
+            data = tomllib.loads(text) if file.suffix == ".toml" else dict(YAML(typ="safe").load(text) or {})
+        env = cls()  # environment and defaults
+        explicit_env = env.model_dump(exclude_unset=True)
+        merged = {**data, **explicit_env, **{k: v for k, v in overrides.items() if v is not None}}
+        return cls.model_validate(merged)
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(
+            reply_topic=self.reply_topic, group=self.group, batch_max=self.batch_max,
+            timer_interval=self.timer_interval, relay_interval=self.relay_interval,
+            retention=self.retention, retention_interval=self.retention_interval,
+        )

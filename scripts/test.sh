@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: install, lint, type-check, start PostgreSQL and Kafka, run pytest,
+# stop what was started. Extra arguments go to pytest (e.g. scripts/test.sh -k definitions).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+echo "== ruff"; .venv/bin/ruff check .
+echo "== mypy"; .venv/bin/mypy
+echo "== services"
+trap 'scripts/services.sh stop all' EXIT
+scripts/services.sh start all
+eval "$(scripts/services.sh env)"
+echo "== pytest"
+.venv/bin/pytest "$@"

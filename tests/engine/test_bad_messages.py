@@ -1,0 +1,137 @@
+"""Malformed, foreign, stale, late and duplicate replies: each is dead-lettered or ignored with a reason, and the
+engine keeps running sagas."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from sagas.adapters.ports import BrokerMessage
+from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
+from sagas.engine.state import SagaStatus
+from sagas.testing import SagaHarness
+from tests.engine.support import ledger_participant, three_steps
+
+
+def reply(
+    saga_id: str,
+    *,
+    step: str = "ship",
+    attempt: int = 1,
+    kind: str = "command",
+    outcome: str = "success",
+    type: str = "Ship.succeeded",
+    value: bytes = b"{}",
+    message_id: str | None = None,
+    drop: tuple[str, ...] = (),
+    **override: str,
+) -> BrokerMessage:
+    attrs = {
+        "specversion": "1.0",
+        "id": message_id or f"{saga_id}/{step}/{kind}/{attempt}/reply-{uuid.uuid4().hex[:6]}",
+        "source": "test",
+        "type": type,
+        "subject": saga_id,
+        "sagastep": step,
+        "sagaattempt": str(attempt),
+        "sagakind": "reply",
+        "sagacausation": f"{saga_id}/{step}/{kind}/{attempt}",
+        "sagaoutcome": outcome,
+        "sagaschema": "1",
+        **override,
+    }
+    headers = tuple((f"ce_{k}", v.encode()) for k, v in attrs.items() if k not in drop)
+    return BrokerMessage(topic=DEFAULT_REPLY_TOPIC, key=saga_id, headers=headers, value=value)
+
+
+def participants() -> list[Any]:
+    return [ledger_participant("inventory", {"Reserve": None, "UndoReserve": None}),
+            ledger_participant("payment", {"Charge": None, "UndoCharge": None})]
+
+
+CASES: list[tuple[str, Any, str]] = [
+    # (name, message factory taking the stuck saga's id, expected reason fragment)
+    ("bad JSON", lambda s: reply(s, value=b"{not json"), "not JSON"),
+    ("invalid UTF-8", lambda s: reply(s, value=b"\xff\xfe\x00"), "not JSON"),
+    ("JSON array", lambda s: reply(s, value=b"[1, 2]"), "must be a JSON object"),
+    ("no headers at all", lambda s: BrokerMessage(topic=DEFAULT_REPLY_TOPIC, value=b"{}"), "missing attribute"),
+    ("missing id", lambda s: reply(s, drop=("id",)), "ce_id"),
+    ("missing subject", lambda s: reply(s, drop=("subject",)), "ce_subject"),
+    ("missing outcome", lambda s: reply(s, drop=("sagaoutcome",)), "ce_sagaoutcome"),
+    ("old CloudEvents version", lambda s: reply(s, specversion="0.3"), "specversion"),
+    ("future protocol schema", lambda s: reply(s, sagaschema="9"), "sagaschema"),
+    ("attempt not a number", lambda s: reply(s, sagaattempt="two"), "not an integer"),
+    ("attempt zero", lambda s: reply(s, sagaattempt="0"), "at least 1"),
+    ("a command on the reply topic", lambda s: reply(s, sagakind="command"), "expected 'reply'"),
+    ("unknown outcome", lambda s: reply(s, outcome="maybe"), "not one of"),
+    ("causation of another saga", lambda s: reply(s, sagacausation=f"{uuid.uuid4()}/ship/command/1"),
+     "is not the id of a command"),
+    ("unknown saga", lambda s: reply(str(uuid.uuid4())), "unknown saga"),
+    ("unknown step", lambda s: reply(s, step="teleport", type="Teleport.succeeded"), "unknown step"),
+    ("unexpected reply type", lambda s: reply(s, type="Ship.exploded"), "unexpected reply type"),
+    ("huge payload", lambda s: reply(s, value=json.dumps({"blob": "x" * 1_200_000}).encode()), "exceeds"),
+]
+
+IGNORED: list[tuple[str, Any, str]] = [
+    ("stale attempt", lambda s: reply(s, attempt=2), "attempt"),
+    ("late reply for a finished step", lambda s: reply(s, step="reserve", type="Reserve.succeeded"), "reserve"),
+]
+
+
+@pytest.mark.parametrize(("name", "make", "fragment"), CASES, ids=[c[0] for c in CASES])
+async def test_bad_reply_is_dead_lettered_with_its_reason(name: str, make: Any, fragment: str) -> None:
+    """A malformed or foreign reply goes to the dead-letter store with the reason, and changes no saga."""
+    async with SagaHarness([three_steps()], participants()) as h:
+        saga_id = await h.start("order", {"order_id": "o-1", "amount": 5})
+        before = await h.instance(saga_id)
+        with capture_logs() as logs:
+            await h.broker.publish([make(saga_id)])
+            await h.settle()
+        dead = await h.store.dead_letters()
+        assert len(dead) == 1, name
+        assert fragment in dead[0].reason
+        assert any(e["event"] == "dead letter" and fragment in e["reason"] for e in logs)
+        after = await h.instance(saga_id)
+        assert after.steps == before.steps
+        assert after.status == SagaStatus.RUNNING
+
+
+@pytest.mark.parametrize(("name", "make", "fragment"), IGNORED, ids=[c[0] for c in IGNORED])
+async def test_stale_and_late_replies_are_ignored_with_a_reason(name: str, make: Any, fragment: str) -> None:
+    """A reply for an attempt or step the saga is not waiting for is recorded and ignored, never applied."""
+    async with SagaHarness([three_steps()], participants()) as h:
+        saga_id = await h.start("order", {"order_id": "o-1", "amount": 5})
+        before = await h.instance(saga_id)
+        with capture_logs() as logs:
+            await h.broker.publish([make(saga_id)])
+            await h.settle()
+        assert await h.store.dead_letters() == []
+        assert (await h.instance(saga_id)).steps == before.steps
+        ignored = [r.entry for r in await h.history(saga_id) if r.entry.type == "message.ignored"]
+        assert len(ignored) == 1
+        assert fragment in ignored[0].detail["reason"]
+        assert any(e["event"] == "reply ignored" for e in logs)
+
+
+async def test_duplicate_reply_is_applied_once_and_the_engine_keeps_going() -> None:
+    """The same reply delivered three times is applied once; after every kind of bad input, new sagas still run."""
+    async with SagaHarness([three_steps()], participants()) as h:
+        saga_id = await h.start("order", {"order_id": "o-1", "amount": 5})
+        good = reply(saga_id, message_id=f"{saga_id}/ship/command/1/reply")
+        # Bad input first, while the saga still waits for "ship", so every case meets the state it targets.
+        await h.broker.publish([make(saga_id) for _, make, _ in CASES] + [good, good, good])
+        await h.settle()
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.COMPLETED
+        history = await h.history(saga_id)
+        assert [r.entry.type for r in history].count("step.succeeded") == 3
+        assert [r.entry.type for r in history].count("message.duplicate") == 2
+        assert len(await h.store.dead_letters()) == len(CASES)
+
+        await h.add_participant(ledger_participant("shipping", {"Ship": None, "UndoShip": None}))
+        fresh = await h.start("order", {"order_id": "o-2", "amount": 5})
+        assert (await h.instance(fresh)).status == SagaStatus.COMPLETED

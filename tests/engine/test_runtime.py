@@ -1,0 +1,233 @@
+"""The engine end to end on the in-memory broker and store, with real participants and a virtual clock."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from sagas.engine.state import OperatorCommand, SagaStatus, StepStatus
+from sagas.engine.wire import CommandMessage
+from sagas.errors import InvalidInput, OperatorError
+from sagas.testing import SagaHarness
+from tests.engine.support import decline_if, ledger_participant, ledger_rows, three_steps
+
+ORDER = {"order_id": "o-1", "amount": 50}
+
+
+def inventory() -> Any:
+    return ledger_participant("inventory", {"Reserve": None, "UndoReserve": None})
+
+
+def payment(**overrides: Any) -> Any:
+    return ledger_participant("payment", {"Charge": decline_if(lambda d: d["amount"] > 100), "UndoCharge": None,
+                                          **overrides})
+
+
+def shipping(**overrides: Any) -> Any:
+    return ledger_participant("shipping", {"Ship": decline_if(lambda d: d["order"].startswith("x")),
+                                           "UndoShip": None, **overrides})
+
+
+def compensation_order(history: list[Any]) -> list[str]:
+    return [r.entry.step for r in history if r.entry.type == "compensation.sent"]
+
+
+async def test_happy_path_completes_with_each_effect_once() -> None:
+    """A saga whose participants all succeed completes, and each step's effect is applied exactly once."""
+    async with SagaHarness([three_steps()], [inventory(), payment(), shipping()]) as h:
+        ids = [await h.start("order", {"order_id": f"o-{i}", "amount": 10}) for i in range(5)]
+        for saga_id in ids:
+            inst = await h.instance(saga_id)
+            assert inst.status == SagaStatus.COMPLETED
+            assert all(s.status == StepStatus.SUCCEEDED for s in inst.steps.values())
+        for worker in h.workers:
+            rows = await ledger_rows(worker)
+            assert sorted(r[0] for r in rows) == sorted(ids)  # one effect per saga, none twice
+
+
+async def test_business_failure_compensates_completed_steps_in_reverse() -> None:
+    """When the last step is declined, the earlier steps are compensated latest-first and the saga is compensated."""
+    async with SagaHarness([three_steps()], [inventory(), payment(), shipping()]) as h:
+        saga_id = await h.start("order", {"order_id": "x-1", "amount": 10})
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.COMPENSATED
+        assert inst.steps["ship"].status == StepStatus.FAILED
+        assert inst.steps["charge"].status == StepStatus.COMPENSATED
+        assert inst.steps["reserve"].status == StepStatus.COMPENSATED
+        assert compensation_order(await h.history(saga_id)) == ["charge", "reserve"]
+        shipping_rows = await ledger_rows(h.workers[2])
+        assert shipping_rows == []  # the declined step's effect was rolled back with its savepoint
+
+
+async def test_input_schema_is_checked_at_start() -> None:
+    """A saga whose input breaks the definition's input schema is refused before anything is written."""
+    definition = three_steps().model_copy(update={"input_schema": {
+        "type": "object", "required": ["order_id", "amount"],
+        "properties": {"amount": {"type": "number", "minimum": 0}}}})
+    async with SagaHarness([definition], [inventory(), payment(), shipping()]) as h:
+        with pytest.raises(InvalidInput, match="amount"):
+            await h.start("order", {"order_id": "o-1", "amount": -5})
+        assert await h.store.list_instances() == []
+
+
+async def test_start_is_idempotent_by_key() -> None:
+    """Starting twice with the same idempotency key returns the first saga and runs it once."""
+    async with SagaHarness([three_steps()], [inventory(), payment(), shipping()]) as h:
+        first = await h.start("order", ORDER, key="order-o-1")
+        second = await h.start("order", ORDER, key="order-o-1")
+        assert first == second
+        assert len(await h.store.list_instances()) == 1
+        assert len(await ledger_rows(h.workers[0])) == 1
+
+
+async def test_retryable_failures_are_retried_with_backoff_on_virtual_time() -> None:
+    """A participant that fails transiently twice is retried after 1 s and 2 s of backoff, then succeeds."""
+    calls = {"n": 0}
+
+    def flaky(command: CommandMessage) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise RuntimeError("gateway unavailable")
+        return {"tracking": "T-1"}
+
+    async with SagaHarness([three_steps()], [inventory(), payment(), shipping(Ship=flaky)]) as h:
+        saga_id = await h.start("order", ORDER)
+        inst = await h.instance(saga_id)
+        assert inst.steps["ship"].status == StepStatus.BACKOFF
+        assert await h.advance(0.5) == 0  # backoff not over yet
+        assert await h.advance(0.5) == 1  # 1 s: attempt 2, fails again
+        assert (await h.instance(saga_id)).steps["ship"].attempt == 2
+        assert await h.advance(2.0) == 1  # 2 s more: attempt 3 succeeds
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.COMPLETED
+        assert inst.steps["ship"].attempt == 3
+        assert inst.steps["ship"].output == {"tracking": "T-1"}
+        assert len(await ledger_rows(h.workers[2])) == 1  # failed attempts rolled their effect back
+
+
+async def test_timeouts_exhaust_retries_then_unknown_step_is_compensated_and_parks() -> None:
+    """A step nobody answers times out, is retried, then counts as unknown; its compensation, unanswered too,
+    parks the saga; `retry` after the participant is back compensates everything exactly once."""
+    definition = three_steps(timeout=30.0, max_attempts=2, comp_attempts=2)
+    async with SagaHarness([definition], [inventory(), payment()]) as h:
+        saga_id = await h.start("order", ORDER)
+        assert (await h.instance(saga_id)).steps["ship"].status == StepStatus.RUNNING
+        await h.advance(30)  # timeout of attempt 1 → backoff 1 s
+        await h.advance(1)  # attempt 2
+        assert (await h.instance(saga_id)).steps["ship"].attempt == 2
+        await h.advance(30)  # timeout of attempt 2: retries exhausted → unknown → compensate ship first
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.COMPENSATING
+        assert inst.steps["ship"].status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_BACKOFF)
+        for _ in range(4):  # the compensation is not answered either: its retries run out
+            await h.advance(30)
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.FAILED
+        assert inst.failure is not None
+        assert "ship" in inst.failure
+        assert await h.store.timers_of(saga_id) == []
+
+        worker = await h.add_participant(shipping())
+        await h.operate(saga_id, OperatorCommand(action="retry", reason="shipping is back"))
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.COMPENSATED
+        effects = Counter(r[2] for r in await ledger_rows(worker))
+        assert effects == {"command": 1, "compensation": 1}  # redelivered attempts were deduplicated
+        history = await h.history(saga_id)
+        assert compensation_order(history)[-2:] == ["charge", "reserve"]
+        assert any(r.entry.type == "operator.retry" and r.entry.detail.get("reason") == "shipping is back"
+                   for r in history)
+
+
+async def test_deadline_before_the_pivot_aborts_and_compensates() -> None:
+    """When the saga deadline passes while a step is outstanding, the saga compensates what it did."""
+    async with SagaHarness([three_steps(timeout=600, deadline=60)], [inventory(), payment()]) as h:
+        saga_id = await h.start("order", ORDER)
+        await h.advance(59)
+        assert (await h.instance(saga_id)).status == SagaStatus.RUNNING
+        await h.advance(1)
+        assert (await h.instance(saga_id)).status == SagaStatus.COMPENSATING
+        await h.add_participant(shipping())  # it handles Ship, then UndoShip, in order
+        await h.settle()
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.COMPENSATED
+        assert compensation_order(await h.history(saga_id)) == ["ship", "charge", "reserve"]
+
+
+async def test_compensation_that_keeps_failing_parks_then_operator_retry_resumes() -> None:
+    """A compensation failing past its retry policy parks the saga; an operator retry finishes compensating."""
+    broken = {"on": True}
+
+    def undo_charge(command: CommandMessage) -> dict[str, Any]:
+        if broken["on"]:
+            raise RuntimeError("ledger locked")
+        return {"refunded": True}
+
+    async with SagaHarness([three_steps(comp_attempts=3)],
+                           [inventory(), payment(UndoCharge=undo_charge), shipping()]) as h:
+        saga_id = await h.start("order", {"order_id": "x-2", "amount": 10})
+        for delay in (1, 2):
+            await h.advance(delay)
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.FAILED
+        assert inst.steps["charge"].compensation_attempt == 3
+        assert inst.steps["reserve"].status == StepStatus.SUCCEEDED  # not compensated before charge is undone
+        with pytest.raises(OperatorError):
+            await h.operate(saga_id, OperatorCommand(action="abort", reason="too late"))
+        broken["on"] = False
+        await h.operate(saga_id, OperatorCommand(action="retry", reason="ledger unlocked"))
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.COMPENSATED
+        assert compensation_order(await h.history(saga_id))[-1] == "reserve"
+
+
+async def test_operator_abort_compensates_a_running_saga() -> None:
+    """Aborting a running saga compensates its completed steps and the outstanding one."""
+    async with SagaHarness([three_steps()], [inventory(), payment()]) as h:
+        saga_id = await h.start("order", ORDER)
+        await h.operate(saga_id, OperatorCommand(action="abort", reason="customer cancelled", operator="ops"))
+        await h.add_participant(shipping())
+        await h.settle()
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.COMPENSATED
+        entry = next(r.entry for r in await h.history(saga_id) if r.entry.type == "operator.abort")
+        assert entry.detail["reason"] == "customer cancelled"
+        assert entry.detail["operator"] == "ops"
+
+
+async def test_operator_skip_is_recorded_and_moves_the_saga_on() -> None:
+    """Skipping a stuck step marks it skipped, records the reason, and lets the saga complete."""
+    async with SagaHarness([three_steps()], [inventory(), payment()]) as h:
+        saga_id = await h.start("order", ORDER)
+        await h.operate(saga_id, OperatorCommand(action="skip", step="ship", reason="shipped by hand"))
+        inst = await h.instance(saga_id)
+        assert inst.status == SagaStatus.COMPLETED
+        assert inst.steps["ship"].status == StepStatus.SKIPPED
+        entry = next(r.entry for r in await h.history(saga_id) if r.entry.type == "operator.skip")
+        assert entry.step == "ship"
+        assert entry.detail["reason"] == "shipped by hand"
+        with pytest.raises(OperatorError):
+            await h.operate(saga_id, OperatorCommand(action="skip", step="ship", reason="again"))
+
+
+async def test_sagas_in_flight_finish_on_the_version_they_started_with() -> None:
+    """After version 2 is deployed, version-1 sagas already running finish with version 1's steps."""
+    v1 = three_steps(version=1)
+    v2 = v1.model_copy(update={"version": 2, "steps": v1.steps[:2]})  # v2 drops shipping
+    async with SagaHarness([v1], [inventory(), payment()]) as h:
+        old = [await h.start("order", {"order_id": f"o-{i}", "amount": 5}) for i in range(3)]
+        await h.engine.deploy(v2)
+        new = await h.start("order", {"order_id": "o-new", "amount": 5})
+        assert (await h.instance(new)).definition_version == 2
+        assert (await h.instance(new)).status == SagaStatus.COMPLETED  # two steps only
+        for saga_id in old:
+            assert (await h.instance(saga_id)).status == SagaStatus.RUNNING  # still waiting for shipping
+        worker = await h.add_participant(shipping())
+        await h.settle()
+        for saga_id in old:
+            inst = await h.instance(saga_id)
+            assert inst.definition_version == 1
+            assert inst.status == SagaStatus.COMPLETED
+        assert sorted(r[0] for r in await ledger_rows(worker)) == sorted(old)
