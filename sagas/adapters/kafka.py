@@ -1,0 +1,420 @@
+"""Apache Kafka through aiokafka: `KafkaBroker`, and `parse_kafka_url` for ``kafka://`` URLs.
+
+Semantics, as for the other brokers (see `sagas.adapters.memory`): publishing returns once every in-sync
+replica has the messages (``acks="all"``, idempotent producer; the message key is the Kafka key, so one key
+stays in one partition and in order). A consumer is a member of a Kafka consumer group with auto-commit
+off; ``commit`` commits, per partition, the offset after the last of an unbroken run of acknowledged
+deliveries. When the group rebalances, deliveries from revoked partitions are abandoned: committing them
+later is skipped, and the partition's new owner receives them again from the committed offset.
+
+Lost connections are retried with exponential backoff for `retry_for` seconds; then the call raises
+`BrokerError(retriable=True)`. Topics are created on first use with `partitions` partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import (
+    CommitFailedError,
+    ConsumerStoppedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+    for_code,
+)
+from aiokafka.helpers import create_ssl_context
+
+from sagas.adapters.ports import BrokerMessage, Delivery
+from sagas.errors import BrokerError
+
+__all__ = ["KafkaBroker", "KafkaConsumer", "KafkaSettings", "parse_kafka_url"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Options that make the semantics above; a user may not override them through `client_options`.
+_FIXED = {
+    "bootstrap_servers", "loop", "acks", "enable_idempotence", "transactional_id", "key_serializer",
+    "value_serializer", "group_id", "enable_auto_commit", "key_deserializer", "value_deserializer",
+}
+_SSL_FILES = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
+_PARAMS = {cls: set(inspect.signature(cls.__init__).parameters) for cls in
+           (AIOKafkaProducer, AIOKafkaConsumer, AIOKafkaAdminClient)}
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    """What a ``kafka://`` URL says."""
+
+    bootstrap_servers: tuple[str, ...]
+    partitions: int = 3
+    replication_factor: int = 1
+    client_options: dict[str, Any] = field(default_factory=dict)
+
+
+def _option_value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    try:
+        return int(raw)
+    except ValueError:
+        return raw
+
+
+def parse_kafka_url(url: str) -> KafkaSettings:
+    """Read ``kafka://[user:password@]host:port[,host:port...][?partitions=N&replication_factor=N&option=...]``.
+
+    Other query parameters become aiokafka client options (``security_protocol=SASL_SSL``,
+    ``sasl_mechanism=SCRAM-SHA-256``, ``ssl_cafile=/path/ca.pem``...); digits become ints, true/false bools.
+    Credentials in the URL set ``sasl_plain_username``/``password``, with ``sasl_mechanism=PLAIN`` and
+    ``security_protocol=SASL_SSL`` unless the query says otherwise.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "kafka":
+        raise ValueError(f"not a kafka:// URL: {url!r}")
+    netloc = parts.netloc
+    options: dict[str, Any] = {}
+    if "@" in netloc:
+        userinfo, netloc = netloc.rsplit("@", 1)
+        user, _, password = userinfo.partition(":")
+        options.update(sasl_plain_username=unquote(user), sasl_plain_password=unquote(password),
+                       sasl_mechanism="PLAIN", security_protocol="SASL_SSL")
+    servers = tuple(server.strip() for server in netloc.split(",") if server.strip())
+    if not servers:
+        raise ValueError(f"no bootstrap server in {url!r}")
+    for name, raw in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)):
+        options[name] = _option_value(raw)
+    partitions = options.pop("partitions", 3)
+    replication_factor = options.pop("replication_factor", 1)
+    if not isinstance(partitions, int) or not isinstance(replication_factor, int):
+        raise ValueError(f"partitions and replication_factor must be integers in {url!r}")
+    return KafkaSettings(servers, partitions, replication_factor, options)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """True for errors that a later attempt may not meet: lost connections, timeouts, leader elections."""
+    return isinstance(exc, KafkaConnectionError | KafkaTimeoutError | TimeoutError) or bool(
+        getattr(exc, "retriable", False)
+    )
+
+
+class KafkaBroker:
+    """A `Broker` on Apache Kafka.
+
+    Args:
+        bootstrap_servers: ``"host:port"`` or several of them.
+        partitions: Partitions of the topics this broker creates (existing topics keep theirs).
+        replication_factor: Replicas of the topics this broker creates.
+        client_options: Passed to aiokafka's producer, consumer and admin client, each getting the options
+            it accepts: security (``security_protocol``, ``sasl_*``, ``ssl_context`` or ``ssl_cafile``...),
+            timeouts, ``fetch_max_wait_ms`` (default 10; 500, the default, dominates light traffic).
+        retry_for: Seconds to keep retrying a lost connection before raising `BrokerError(retriable=True)`.
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str],
+        *,
+        partitions: int = 3,
+        replication_factor: int = 1,
+        client_options: Mapping[str, Any] | None = None,
+        retry_for: float = 30.0,
+    ) -> None:
+        if partitions < 1 or replication_factor < 1:
+            raise ValueError("partitions and replication_factor must be at least 1")
+        servers = [bootstrap_servers] if isinstance(bootstrap_servers, str) else list(bootstrap_servers)
+        self.bootstrap_servers = ",".join(servers)
+        self.partitions = partitions
+        self.replication_factor = replication_factor
+        self.retry_for = retry_for
+        self._options = self._check_options(dict(client_options or {}))
+        self._producer: Any = None
+        self._admin: Any = None
+        self._known_topics: set[str] = set()
+        self._topic_lock = asyncio.Lock()
+        self._consumers: set[KafkaConsumer] = set()
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> KafkaBroker:
+        """A broker from a ``kafka://`` URL (see `parse_kafka_url`); keyword arguments override the URL."""
+        settings = parse_kafka_url(url)
+        options = {**settings.client_options, **overrides.pop("client_options", {})}
+        kwargs: dict[str, Any] = {
+            "partitions": settings.partitions,
+            "replication_factor": settings.replication_factor,
+            **overrides,
+        }
+        return cls(settings.bootstrap_servers, **kwargs, client_options=options)
+
+    def __repr__(self) -> str:
+        return f"KafkaBroker({self.bootstrap_servers!r})"
+
+    @staticmethod
+    def _check_options(options: dict[str, Any]) -> dict[str, Any]:
+        fixed = _FIXED & options.keys()
+        if fixed:
+            raise ValueError(f"client option(s) {sorted(fixed)} are set by KafkaBroker and cannot be changed")
+        unknown = {name for name in options if not any(name in p for p in _PARAMS.values())} - set(_SSL_FILES)
+        if unknown:
+            raise ValueError(f"unknown aiokafka client option(s): {sorted(unknown)}")
+        files = {name.removeprefix("ssl_"): options.pop(name) for name in _SSL_FILES if name in options}
+        if files and "ssl_context" not in options:
+            options["ssl_context"] = create_ssl_context(**files)
+        return options
+
+    def _options_for(self, cls: type, **defaults: Any) -> dict[str, Any]:
+        accepted = _PARAMS[cls]
+        mine = {name: value for name, value in self._options.items() if name in accepted}
+        return {**defaults, **mine, "bootstrap_servers": self.bootstrap_servers}
+
+    async def start(self) -> None:
+        """Connect the producer and the admin client, retrying while Kafka is unreachable."""
+        if self._producer is not None:
+            return
+        self._admin = await self._started(
+            lambda: AIOKafkaAdminClient(**self._options_for(AIOKafkaAdminClient)), "close"
+        )
+        producer_options = self._options_for(AIOKafkaProducer, linger_ms=0)
+        self._producer = await self._started(
+            lambda: AIOKafkaProducer(**producer_options, acks="all", enable_idempotence=True), "stop"
+        )
+
+    async def _started(self, make: Callable[[], Any], stop: str) -> Any:
+        async def attempt() -> Any:
+            client = make()
+            try:
+                await client.start()
+            except BaseException:
+                await getattr(client, stop)()
+                raise
+            return client
+
+        return await self._retrying("connect", attempt)
+
+    async def close(self) -> None:
+        """Close the consumers (they leave their groups), then flush and close the producer."""
+        for consumer in list(self._consumers):
+            await consumer.close()
+        producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
+        if producer is not None:
+            await producer.stop()
+        if admin is not None:
+            await admin.close()
+
+    async def publish(self, messages: Sequence[BrokerMessage]) -> None:
+        """Send the messages in order and wait until Kafka acknowledged all of them (acks=all).
+
+        After a lost connection the whole call is retried, so some messages may be published twice.
+        """
+        if not messages:
+            return
+        producer = self._producer
+        if producer is None:
+            raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
+        await self.ensure_topics({message.topic for message in messages})
+
+        async def attempt() -> None:
+            sent = []
+            for message in messages:
+                key = message.key.encode() if message.key is not None else None
+                headers = list(message.headers)
+                sent.append(await producer.send(message.topic, message.value, key=key, headers=headers))
+            await asyncio.gather(*sent)
+
+        await self._retrying("publish", attempt)
+
+    async def ensure_topics(self, names: Iterable[str]) -> None:
+        """Create the topics that do not exist yet, with this broker's partitions and replication factor."""
+        missing = set(names) - self._known_topics
+        if not missing:
+            return
+        if self._admin is None:
+            raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
+        async with self._topic_lock:
+            missing -= self._known_topics
+            if missing:
+                await self._retrying("create topics", lambda: self._create_topics(sorted(missing)))
+                self._known_topics |= missing
+
+    async def _create_topics(self, names: list[str]) -> None:
+        topics = [NewTopic(name, self.partitions, self.replication_factor) for name in names]
+        response = await self._admin.create_topics(topics)
+        for name, code, *message in response.topic_errors:
+            error = for_code(code)
+            if code and error is not TopicAlreadyExistsError:
+                raise error(f"cannot create topic {name!r}: {message[0] if message else ''}")
+        # Creation is asynchronous in the cluster: wait until every partition has a leader.
+        deadline = time.monotonic() + 10
+        while True:
+            described = await self._admin.describe_topics(names)
+            ready = all(
+                t["error_code"] == 0 and t["partitions"] and all(p["leader"] >= 0 for p in t["partitions"])
+                for t in described
+            )
+            if ready:
+                return
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"topics {names} have no leader yet")
+            await asyncio.sleep(0.05)
+
+    async def subscribe(self, topics: Sequence[str], group: str) -> KafkaConsumer:
+        """Join consumer group `group` on `topics` (created if missing). A new group starts at the oldest."""
+        if not topics:
+            raise ValueError("subscribe needs at least one topic")
+        await self.ensure_topics(topics)
+        consumer = KafkaConsumer(self, next(self._ids), tuple(dict.fromkeys(topics)), group)
+        options = self._options_for(AIOKafkaConsumer, auto_offset_reset="earliest", fetch_max_wait_ms=10)
+        kafka = await self._started(
+            lambda: _subscribed(
+                AIOKafkaConsumer(**options, group_id=group, enable_auto_commit=False), consumer
+            ),
+            "stop",
+        )
+        consumer._kafka = kafka
+        self._consumers.add(consumer)
+        return consumer
+
+    async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except (KafkaError, TimeoutError) as exc:
+                if not _is_transient(exc):
+                    raise BrokerError(f"{self!r}: {what} failed: {exc!r}", retriable=False) from exc
+                if time.monotonic() + delay > deadline:
+                    raise BrokerError(
+                        f"{self!r}: {what} failed for {self.retry_for:.0f}s: {exc!r}", retriable=True
+                    ) from exc
+                log.warning("%r: %s failed (%r), retrying in %.1fs", self, what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+def _subscribed(kafka: Any, consumer: KafkaConsumer) -> Any:
+    kafka.subscribe(list(consumer.topics), listener=_Listener(consumer))
+    return kafka
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka is untyped
+    def __init__(self, consumer: KafkaConsumer) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._consumer._revoke(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.debug("%r assigned %s", self._consumer, sorted(assigned))
+
+
+@dataclass(frozen=True)
+class _Token:
+    consumer: int
+    partition: TopicPartition
+    offset: int
+    epoch: int
+
+
+class KafkaConsumer:
+    """One member of a Kafka consumer group. Use `KafkaBroker.subscribe` to get one."""
+
+    def __init__(self, broker: KafkaBroker, id: int, topics: tuple[str, ...], group: str) -> None:
+        self._broker = broker
+        self._id = id
+        self.topics = topics
+        self.group = group
+        self._kafka: Any = None
+        self._epoch = 0
+        """Bumped by every revocation: deliveries of an older epoch are abandoned."""
+        self._fetched: dict[TopicPartition, OrderedDict[int, bool]] = {}
+        """Per partition, the offsets fetched in this epoch and not committed, and whether they were acked."""
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"KafkaConsumer(#{self._id}, group={self.group!r}, topics={list(self.topics)!r})"
+
+    def _revoke(self, revoked: set[TopicPartition]) -> None:
+        log.debug("%r revoked %s", self, sorted(revoked))
+        self._epoch += 1
+        self._fetched.clear()  # eager rebalancing revokes all; what is assigned again restarts from commits
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:  # noqa: ASYNC109 - the Consumer protocol
+        """Up to `max_messages` deliveries; waits up to `timeout` seconds for the first one."""
+        if self._closed:
+            raise BrokerError(f"{self!r} is closed", retriable=False)
+        try:
+            timeout_ms = max(int(timeout * 1000), 0)
+            batches = await self._kafka.getmany(timeout_ms=timeout_ms, max_records=max_messages)
+        except ConsumerStoppedError as exc:
+            raise BrokerError(f"{self!r} is closed", retriable=False) from exc
+        except KafkaError as exc:
+            raise BrokerError(f"{self!r}: fetch failed: {exc!r}", retriable=_is_transient(exc)) from exc
+        # No await from here on: a rebalance cannot slip between reading the records and tagging their epoch.
+        deliveries = []
+        for partition, records in batches.items():
+            fetched = self._fetched.setdefault(partition, OrderedDict())
+            for record in records:
+                message = BrokerMessage(
+                    topic=record.topic,
+                    value=record.value if record.value is not None else b"",
+                    key=record.key.decode("utf-8", errors="replace") if record.key is not None else None,
+                    headers=tuple((name, bytes(value)) for name, value in record.headers),
+                )
+                fetched[record.offset] = False
+                deliveries.append(Delivery(message, _Token(self._id, partition, record.offset, self._epoch)))
+        return deliveries
+
+    async def commit(self, deliveries: Sequence[Delivery]) -> None:
+        """Commit deliveries.
+
+        Deliveries of partitions revoked since they were fetched (or of a closed consumer) are skipped: the
+        partition's owner receives them again.
+        """
+        offsets: dict[TopicPartition, int] = {}
+        for delivery in deliveries:
+            token = delivery.token
+            if self._closed or not isinstance(token, _Token) or token.consumer != self._id:
+                continue
+            fetched = self._fetched.get(token.partition)
+            if token.epoch != self._epoch or fetched is None or token.offset not in fetched:
+                continue
+            fetched[token.offset] = True
+            while fetched and fetched[next(iter(fetched))]:
+                offsets[token.partition] = fetched.popitem(last=False)[0] + 1
+        if not offsets:
+            return
+        try:
+            async with asyncio.timeout(self._broker.retry_for):
+                await self._kafka.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.info("%r: commit skipped, the group rebalanced: %s", self, exc)
+        except TimeoutError as exc:
+            message = f"{self!r}: commit failed for {self._broker.retry_for:.0f}s"
+            raise BrokerError(message, retriable=True) from exc
+        except KafkaError as exc:
+            raise BrokerError(f"{self!r}: commit failed: {exc!r}", retriable=_is_transient(exc)) from exc
+
+    async def close(self) -> None:
+        """Leave the group: its partitions, with what was fetched and not committed, go to other members."""
+        if self._closed:
+            return
+        self._closed = True
+        self._broker._consumers.discard(self)
+        self._fetched.clear()
+        await self._kafka.stop()
