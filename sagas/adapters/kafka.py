@@ -354,7 +354,7 @@ class KafkaConsumer:
         self._epoch += 1
         self._fetched.clear()  # eager rebalancing revokes all; what is assigned again restarts from commits
 
-    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:  # noqa: ASYNC109 - the Consumer protocol
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Up to `max_messages` deliveries; waits up to `timeout` seconds for the first one."""
         if self._closed:
             raise BrokerError(f"{self!r} is closed", retriable=False)

@@ -314,7 +314,7 @@ class SqlQueueConsumer:
     def __repr__(self) -> str:
         return f"SqlQueueConsumer({self.holder[:8]}, group={self.group!r}, topics={list(self.topics)!r})"
 
-    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:  # noqa: ASYNC109 - the Consumer protocol
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Up to `max_messages` new deliveries; polls for up to `timeout` seconds for the first one."""
         if self._closed:
             raise BrokerError(f"{self!r} is closed", retriable=False)

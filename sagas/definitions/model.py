@@ -23,7 +23,17 @@ from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictInt, Tag, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictInt,
+    Tag,
+    WithJsonSchema,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 TYPE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
@@ -38,15 +48,48 @@ def parse_duration(value: Any) -> Any:
     if isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
-            raise ValueError(f"{value!r} is not a duration (use a number of seconds or e.g. '250ms', '30s', '5m', '1h')")
+            raise ValueError(
+                f"{value!r} is not a duration (use a number of seconds or e.g. '250ms', '30s', '5m', '1h')"
+            )
         return float(match.group(1)) * _UNIT[match.group(2)]
     return value
 
 
-Seconds = Annotated[float, BeforeValidator(parse_duration), Field(gt=0, le=31 * 24 * 3600)]
-Backoff = Annotated[float, BeforeValidator(parse_duration), Field(ge=0, le=24 * 3600)]
+def _duration_schema(minimum: dict[str, float], maximum: float) -> WithJsonSchema:
+    """Durations are numbers or text like "30s" in YAML; the generated schema must accept both for editors."""
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", **minimum, "maximum": maximum},
+                {"type": "string", "pattern": _DURATION.pattern},
+            ],
+            "description": "Seconds, or a duration such as '250ms', '30s', '5m', '1h'.",
+        }
+    )
+
+
+_MAX_SECONDS = 31 * 24 * 3600
+_MAX_BACKOFF = 24 * 3600
+Seconds = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    Field(gt=0, le=_MAX_SECONDS),
+    _duration_schema({"exclusiveMinimum": 0}, _MAX_SECONDS),
+]
+Backoff = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    Field(ge=0, le=_MAX_BACKOFF),
+    _duration_schema({"minimum": 0}, _MAX_BACKOFF),
+]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)]
 MessageType = Annotated[str, Field(pattern=TYPE_PATTERN, max_length=200)]
+
+
+_PAYLOAD = (
+    "Mapping of the command's payload: a string is a JMESPath expression over {input, steps, saga}; "
+    "{literal: X} is X; numbers, booleans and null are themselves."
+)
 
 
 class _Frozen(BaseModel):
@@ -71,7 +114,9 @@ class RetryPolicy(_Frozen):
     initial_backoff: Backoff = 1.0
     multiplier: float = Field(2.0, ge=1.0, le=100.0)
     max_backoff: Backoff = 60.0
-    jitter: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of the backoff added or removed at random.")
+    jitter: float = Field(
+        0.1, ge=0.0, le=1.0, description="Fraction of the backoff added or removed at random."
+    )
 
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> RetryPolicy:
@@ -88,28 +133,35 @@ class RetryPolicy(_Frozen):
 class CompensationDefinition(_Frozen):
     """The command that undoes a step."""
 
-    command: MessageType
-    payload: dict[str, Any] = Field(default_factory=dict)
+    command: MessageType = Field(description="Command type; its success reply is '<command>.succeeded'.")
+    payload: dict[str, Any] = Field(default_factory=dict, description=_PAYLOAD)
 
 
 class StepDefinition(_Frozen):
     """One local transaction in a participant service."""
 
-    name: Name
-    participant: Name
-    command: MessageType
-    topic: MessageType | None = Field(None, description="Command topic; defaults to '<participant>.commands'.")
-    payload: dict[str, Any] = Field(default_factory=dict)
+    name: Name = Field(description="Unique within the saga; later payloads read its reply as steps.<name>.")
+    participant: Name = Field(description="The service that runs the step.")
+    command: MessageType = Field(description="Command type sent to the participant.")
+    topic: MessageType | None = Field(
+        None, description="Command topic; defaults to '<participant>.commands'."
+    )
+    payload: dict[str, Any] = Field(default_factory=dict, description=_PAYLOAD)
     success: tuple[MessageType, ...] = Field(
         default=(), description="Reply types that mean success; default '<command>.succeeded'."
     )
     failure: tuple[MessageType, ...] = Field(
         default=(), description="Reply types that mean business failure; default '<command>.failed'."
     )
-    compensation: CompensationDefinition | None = None
-    timeout: Seconds = 30.0
+    compensation: CompensationDefinition | None = Field(
+        None, description="Required for compensatable steps; pivot and retriable steps have none."
+    )
+    timeout: Seconds = Field(30.0, description="How long to wait for a reply before retrying.")
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    kind: StepKind = StepKind.COMPENSATABLE
+    kind: StepKind = Field(
+        StepKind.COMPENSATABLE,
+        description="compensatable steps, then at most one pivot, then retriable steps.",
+    )
 
     @property
     def command_topic(self) -> str:
@@ -132,7 +184,7 @@ class ParallelGroup(_Frozen):
     """Steps sent together; the group succeeds when all succeed."""
 
     name: Name
-    parallel: tuple[StepDefinition, ...] = Field(min_length=2)
+    parallel: tuple[StepDefinition, ...] = Field(min_length=2, description="Steps sent together (no pivot).")
 
 
 def _step_or_group(value: Any) -> str:
@@ -151,16 +203,23 @@ class SagaDefinition(_Frozen):
     """A saga: ordered steps, each with the compensation that undoes it."""
 
     name: Name
-    version: StrictInt = Field(ge=1)
+    version: StrictInt = Field(ge=1, description="Integer; changed content needs a new version.")
     description: str = ""
-    input_schema: dict[str, Any] | None = Field(None, description="JSON Schema the saga's input must satisfy.")
-    steps: tuple[StageDefinition, ...] = Field(min_length=1)
-    deadline: Seconds | None = Field(None, description="Whole-saga timeout; before the pivot it aborts the saga.")
+    input_schema: dict[str, Any] | None = Field(
+        None, description="JSON Schema the saga's input must satisfy."
+    )
+    steps: tuple[StageDefinition, ...] = Field(
+        min_length=1, description="In order; an entry with 'parallel' is a group of steps sent together."
+    )
+    deadline: Seconds | None = Field(
+        None, description="Whole-saga timeout; before the pivot it aborts the saga."
+    )
     compensation_retry: RetryPolicy = Field(
         default_factory=lambda: RetryPolicy(max_attempts=5, initial_backoff=1.0, max_backoff=60.0)
     )
     on_compensation_exhausted: Literal["park"] = Field(
-        "park", description="What happens when a compensation keeps failing: the saga is parked for an operator."
+        "park",
+        description="What happens when a compensation keeps failing: the saga is parked for an operator.",
     )
 
     @property
