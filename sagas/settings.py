@@ -35,19 +35,11 @@ class KafkaSettings(BaseModel):
     ssl_keyfile: str | None = None
     client_id: str = "sagas-engine"
 
-    def client_options(self) -> dict[str, Any]:
-        """The aiokafka keyword arguments these settings stand for."""
-        options: dict[str, Any] = {"security_protocol": self.security_protocol, "client_id": self.client_id}
-        for name in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
-            if getattr(self, name) is not None:
-                options[name] = getattr(self, name)
-        if self.ssl_cafile or self.ssl_certfile:
-            from aiokafka.helpers import create_ssl_context
-
-            options["ssl_context"] = create_ssl_context(
-                cafile=self.ssl_cafile, certfile=self.ssl_certfile, keyfile=self.ssl_keyfile
-            )
-        return options
+    def broker_options(self) -> dict[str, Any]:
+        """Keyword arguments for `KafkaBroker` (the SSL files become an ssl_context there)."""
+        client = self.model_dump(exclude={"partitions", "replication_factor"}, exclude_none=True)
+        return {"partitions": self.partitions, "replication_factor": self.replication_factor,
+                "client_options": client}
 
 
 class SagasSettings(BaseSettings):

@@ -108,18 +108,26 @@ def db_upgrade(db_url: DbOption = "sagas.db") -> None:
 @app.command()
 def serve(
     definitions: Annotated[list[Path], typer.Option("--definitions", "-d", help="Definition files or folders.")],
-    db_url: DbOption = "sagas.db",
+    db_url: Annotated[str | None, typer.Option("--db", help="Database URL or SQLite file (env SAGAS_DB).")] = None,
     broker_url: Annotated[
-        str, typer.Option("--broker", envvar="SAGAS_BROKER", help="memory://, db://, kafka://host:port")
-    ] = "db://",
+        str | None, typer.Option("--broker", help="memory://, db://, kafka://host:port (env SAGAS_BROKER)")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Settings file (TOML or YAML).")] = None,
     json_logs: Annotated[bool | None, typer.Option("--json-logs/--console-logs")] = None,
 ) -> None:
     """Run the engine until SIGTERM or SIGINT, then shut down gracefully."""
+    from pydantic import ValidationError
+
     from sagas.definitions import discover
     from sagas.engine.runtime import Engine
     from sagas.logs import configure_logging
+    from sagas.settings import SagasSettings
 
     configure_logging(json=json_logs)
+    try:
+        settings = SagasSettings.load(config, db=db_url, broker=broker_url)
+    except (ValidationError, OSError, ValueError) as exc:
+        raise fail(f"settings: {exc}") from None
     try:
         loaded = discover(definitions)
     except SagaError as exc:
@@ -132,10 +140,11 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        store = open_store(db_url)
-        broker = open_broker(broker_url, db_url=normalize_db_url(db_url))
+        store = open_store(settings.db)
+        options = settings.kafka.broker_options() if settings.broker.startswith("kafka://") else {}
+        broker = open_broker(settings.broker, db_url=normalize_db_url(settings.db), **options)
         try:
-            async with Engine(store=store, broker=broker, definitions=loaded):
+            async with Engine(store=store, broker=broker, definitions=loaded, settings=settings.engine_settings()):
                 await stop.wait()
         finally:
             await store.close()
