@@ -64,9 +64,11 @@ dedup_table = sa.Table(
 class BusinessFailure(Exception):
     """Raise from a handler to answer with a business failure: definite, not retried, nothing to undo."""
 
-    def __init__(self, reason: str, data: dict[str, Any] | None = None) -> None:
+    def __init__(self, reason: str, data: dict[str, Any] | None = None, *, type: str | None = None) -> None:
+        """`type`: the reply type, when the step declares its own failure types (default '<command>.failed')."""
         self.reason = reason
         self.data = data or {}
+        self.type = type
         super().__init__(reason)
 
 
@@ -254,7 +256,8 @@ class ParticipantWorker:
             self.participant.stats["failed"] += 1
             reason = exc.reason if isinstance(exc, BusinessFailure) else str(exc)
             extra = exc.data if isinstance(exc, BusinessFailure) else {}
-            return _Answer(Outcome.FAILURE, f"{command.type}.failed", extra, reason)
+            reply_type = (exc.type if isinstance(exc, BusinessFailure) else None) or f"{command.type}.failed"
+            return _Answer(Outcome.FAILURE, reply_type, extra, reason)
         except Exception as exc:
             await savepoint.rollback()
             self.participant.stats["retryable"] += 1

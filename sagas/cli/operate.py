@@ -196,7 +196,10 @@ def list_sagas(
     if as_json:
         out.print_json(data=[_instance_json(i) for i in found])
         return
-    table = Table("id", "saga", "status", "stage", "created", "updated", "failure")
+    table = Table()
+    table.add_column("id", no_wrap=True, min_width=36)  # ids are copied into `sagas show`: never cut them
+    for header in ("saga", "status", "stage", "created", "updated", "failure"):
+        table.add_column(header)
     for inst in found:
         table.add_row(inst.id, f"{inst.definition} v{inst.definition_version}", _status(inst.status),
                       str(inst.stage), _when(inst.created_at), _when(inst.updated_at), inst.failure or "")
