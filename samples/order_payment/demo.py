@@ -42,9 +42,6 @@ def order(i: int) -> dict[str, object]:
 
 async def run(db: Path, count: int, concurrency: int) -> int:
     console = Console()
-    for path in [db, *db.parent.glob(f"{db.stem}.*.db")]:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
     definition = load_file(HERE / "saga.yaml")
     store = SqlStore(f"sqlite+aiosqlite:///{db}")
     broker = MemoryBroker()
@@ -80,6 +77,13 @@ async def run(db: Path, count: int, concurrency: int) -> int:
     return 0 if sum(counts.values()) == count else 1
 
 
+def remove_previous_run(db: Path) -> None:
+    """Each run starts from empty databases, so its figures describe that run alone."""
+    for path in [db, *db.parent.glob(f"{db.stem}.*.db")]:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--db", type=Path, default=Path("demo.db"))
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     args = parser.parse_args()
     configure_logging(level="WARNING")
+    remove_previous_run(args.db.resolve())
     raise SystemExit(asyncio.run(run(args.db.resolve(), args.sagas, args.concurrency)))
 
 
