@@ -81,8 +81,8 @@ def test_start_is_idempotent_and_repairs_are_recorded(tmp_path: Path) -> None:
     # Register the definition the way `sagas serve` does, without running an engine.
     run(sys.executable, "-c", (
         "import asyncio;from sagas.adapters import open_store;from sagas.definitions import load_file\n"
-        "async def go():\n s=open_store('%s');await s.initialize();await s.save_definition(load_file('%s'));"
-        "await s.close()\nasyncio.run(go())") % (db, SAMPLE))
+        f"async def go():\n s=open_store('{db}');await s.initialize();await s.save_definition(load_file('{SAMPLE}'));"
+        "await s.close()\nasyncio.run(go())"))
     first = as_json(sagas("start", "order_payment", "--input", json.dumps(ORDER), "--key", "k-1",
                           "--db", str(db), "--json"))
     second = as_json(sagas("start", "order_payment", "--input", json.dumps(ORDER), "--key", "k-1",

@@ -40,6 +40,15 @@ def moved(participant: Participant, prefix: str) -> Participant:
     return clone
 
 
+def start_script(kafka_url: str, prefix: str, state: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            ["bash", str(SCRIPT), kafka_url.removeprefix("kafka://"), f"{prefix}.payments.commands",
+             f"{prefix}-payments", str(state)],
+            start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
 def order(total: float) -> dict[str, object]:
     return {"customer_id": "c-1", "items": [{"sku": "apple", "quantity": 1}], "total": total, "currency": "EUR"}
 
@@ -59,12 +68,7 @@ async def test_order_saga_with_a_kcat_payments_participant(kafka_url: str, tmp_p
 
     state = tmp_path / "kcat"
     script_log = tmp_path / "kcat.log"
-    with script_log.open("w") as log:
-        script = subprocess.Popen(
-            ["bash", str(SCRIPT), kafka_url.removeprefix("kafka://"), f"{prefix}.payments.commands",
-             f"{prefix}-payments", str(state)],
-            start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
-        )
+    script = start_script(kafka_url, prefix, state, script_log)
     settings = EngineSettings(reply_topic=f"{prefix}.replies", group=f"{prefix}-engine")
     store = SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'engine.db'}")
     try:
@@ -78,7 +82,8 @@ async def test_order_saga_with_a_kcat_payments_participant(kafka_url: str, tmp_p
                 await stack.enter_async_context(moved(participant, prefix).serve(
                     broker=broker, database_url=f"sqlite+aiosqlite:///{tmp_path / participant.name}.db"))
             totals = [10.0, 20.0, 900.0, 30.0, 950.0]
-            ids = [await engine.start_saga("order_payment", order(t), key=f"{prefix}-{i}") for i, t in enumerate(totals)]
+            ids = [await engine.start_saga("order_payment", order(total), key=f"{prefix}-{i}")
+                   for i, total in enumerate(totals)]
             results = await asyncio.gather(*(engine.wait(saga_id, timeout=90) for saga_id in ids))
     finally:
         os.killpg(script.pid, signal.SIGTERM)
