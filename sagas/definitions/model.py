@@ -114,9 +114,7 @@ class RetryPolicy(_Frozen):
     initial_backoff: Backoff = 1.0
     multiplier: float = Field(2.0, ge=1.0, le=100.0)
     max_backoff: Backoff = 60.0
-    jitter: float = Field(
-        0.1, ge=0.0, le=1.0, description="Fraction of the backoff added or removed at random."
-    )
+    jitter: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of the backoff added or removed at random.")
 
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> RetryPolicy:
@@ -143,9 +141,7 @@ class StepDefinition(_Frozen):
     name: Name = Field(description="Unique within the saga; later payloads read its reply as steps.<name>.")
     participant: Name = Field(description="The service that runs the step.")
     command: MessageType = Field(description="Command type sent to the participant.")
-    topic: MessageType | None = Field(
-        None, description="Command topic; defaults to '<participant>.commands'."
-    )
+    topic: MessageType | None = Field(None, description="Command topic; defaults to '<participant>.commands'.")
     payload: dict[str, Any] = Field(default_factory=dict, description=_PAYLOAD)
     success: tuple[MessageType, ...] = Field(
         default=(), description="Reply types that mean success; default '<command>.succeeded'."
@@ -205,15 +201,11 @@ class SagaDefinition(_Frozen):
     name: Name
     version: StrictInt = Field(ge=1, description="Integer; changed content needs a new version.")
     description: str = ""
-    input_schema: dict[str, Any] | None = Field(
-        None, description="JSON Schema the saga's input must satisfy."
-    )
+    input_schema: dict[str, Any] | None = Field(None, description="JSON Schema the saga's input must satisfy.")
     steps: tuple[StageDefinition, ...] = Field(
         min_length=1, description="In order; an entry with 'parallel' is a group of steps sent together."
     )
-    deadline: Seconds | None = Field(
-        None, description="Whole-saga timeout; before the pivot it aborts the saga."
-    )
+    deadline: Seconds | None = Field(None, description="Whole-saga timeout; before the pivot it aborts the saga.")
     compensation_retry: RetryPolicy = Field(
         default_factory=lambda: RetryPolicy(max_attempts=5, initial_backoff=1.0, max_backoff=60.0)
     )

@@ -1,0 +1,102 @@
+"""`sagas validate`, `sagas schema`, `sagas graph`: the definition commands."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sagas.cli.app import app
+from sagas.definitions import SagaDefinition, to_dot, to_json_schema, to_mermaid
+from sagas.definitions.loader import load_any
+from sagas.errors import DefinitionError, Problem
+
+
+class GraphFormat(StrEnum):
+    MERMAID = "mermaid"
+    DOT = "dot"
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path], typer.Argument(help="YAML definitions (*.yaml, *.yml) or Python DSL modules (*.py).")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document for scripts.")] = False,
+) -> None:
+    """Check definitions; print `OK name vN (digest)` or every problem as `file:line:col: path: message`."""
+    report: list[dict[str, Any]] = []
+    failed = 0
+    for file in files:
+        definitions, problems = _check(file)
+        if problems:
+            failed += 1
+            report.append({"file": str(file), "ok": False, "problems": [_problem_json(p) for p in problems]})
+        else:
+            report.append({"file": str(file), "ok": True, "definitions": [d.identity for d in definitions]})
+        if not as_json:
+            for problem in problems:
+                typer.echo(str(problem))
+            for definition in definitions:
+                typer.echo(f"OK {definition.name} v{definition.version} ({definition.digest})")
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    elif failed:
+        typer.echo(f"{failed} of {len(files)} file(s) have problems", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _check(file: Path) -> tuple[list[SagaDefinition], list[Problem]]:
+    try:
+        definitions = load_any(file)
+    except DefinitionError as exc:
+        return [], list(exc.problems)
+    if not definitions:
+        # A DSL file that defines nothing is almost always a forgotten `.build()` or a wrong path.
+        return [], [Problem("", "no saga definitions found at module level", str(file), 1, 1)]
+    return definitions, []
+
+
+def _problem_json(problem: Problem) -> dict[str, Any]:
+    return {
+        "file": problem.file,
+        "line": problem.line,
+        "column": problem.column,
+        "path": problem.path,
+        "message": problem.message,
+    }
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the YAML definition format."""
+    typer.echo(json.dumps(to_json_schema(), indent=2))
+
+
+@app.command()
+def graph(
+    file: Annotated[Path, typer.Argument(help="A YAML definition or a Python DSL module.")],
+    output_format: Annotated[GraphFormat, typer.Option("--format", "-f", help="Output format.")] = GraphFormat.MERMAID,
+    name: Annotated[str | None, typer.Option(help="Which definition, when the file holds several.")] = None,
+) -> None:
+    """Draw the steps, their compensations, the pivot and parallel groups."""
+    try:
+        definitions = load_any(file)
+    except DefinitionError as exc:
+        for problem in exc.problems:
+            typer.echo(str(problem), err=True)
+        raise typer.Exit(1) from None
+    chosen = _choose(definitions, name, file)
+    typer.echo(to_mermaid(chosen) if output_format is GraphFormat.MERMAID else to_dot(chosen), nl=False)
+
+
+def _choose(definitions: list[SagaDefinition], name: str | None, file: Path) -> SagaDefinition:
+    matching = [d for d in definitions if name is None or d.name == name]
+    if len(matching) == 1:
+        return matching[0]
+    names = ", ".join(d.name for d in definitions) or "none"
+    reason = "holds several definitions; pick one with --name" if matching else f"has no definition {name!r}"
+    typer.echo(f"{file} {reason} (found: {names})", err=True)
+    raise typer.Exit(1)
