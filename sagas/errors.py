@@ -7,6 +7,7 @@ Every exception the library raises on purpose derives from `SagaError`::
     ├── DefinitionConflict (ValueError)     same name + version registered with different content
     ├── UnknownDefinition (LookupError)     no definition with that name (and version)
     ├── UnknownSaga (LookupError)           no saga instance with that id
+    ├── UnknownDeadLetter (LookupError)     no dead letter with that id
     ├── InvalidInput (ValueError)           a saga's input does not match its input schema
     ├── OperatorError (ValueError)          an operator command does not fit the saga's state
     ├── ConcurrencyConflict                 an instance was changed by someone else (stale version)
@@ -60,6 +61,10 @@ class UnknownDefinition(SagaError, LookupError):
 
 class UnknownSaga(SagaError, LookupError):
     """No saga instance has that id."""
+
+
+class UnknownDeadLetter(SagaError, LookupError):
+    """No dead letter has that id."""
 
 
 class InvalidInput(SagaError, ValueError):

@@ -16,6 +16,11 @@ for _module in ("sagas.cli.definitions", "sagas.cli.operate"):
 
 
 def main() -> None:
+    # Library log lines must never mix with what a command prints (`--json` output is parsed by scripts);
+    # `sagas serve` reconfigures logging for the engine.
+    from sagas.logs import configure_logging
+
+    configure_logging(level="WARNING")
     app()
 
 

@@ -47,7 +47,7 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 @asynccontextmanager
 async def _store(db_url: str) -> AsyncIterator[Store]:
-    store = open_store(db_url)
+    store = open_store(db_url)  # `db upgrade` is the explicit form; every command migrates a new database
     try:
         await store.initialize()
         yield store
@@ -97,11 +97,9 @@ def _parse_since(value: str | None) -> float | None:
 def db_upgrade(db_url: DbOption = "sagas.db") -> None:
     """Create or migrate the schema to the latest version."""
 
-    async def go() -> None:
-        async with _store(db_url):
-            pass
+    from sagas.adapters.sql import upgrade
 
-    _run(go)
+    _run(lambda: upgrade(normalize_db_url(db_url)))
     out.print(f"schema up to date: {normalize_db_url(db_url)}")
 
 

@@ -1,0 +1,262 @@
+"""How `SqlStore` reaches its database: one `Runner` per dialect, and the mapping of driver errors.
+
+Every store operation is a plain synchronous function of a SQLAlchemy `Connection` (Core only). A runner runs
+it in one transaction and awaits the result:
+
+- PostgreSQL (asyncpg): an async engine; the function runs through `AsyncConnection.run_sync`.
+- SQLite: a synchronous engine (the stdlib `sqlite3` driver) on ONE dedicated thread per connection; the whole
+  transaction is a single hop between the event loop and that thread. Going through aiosqlite instead costs
+  three or four thread hops per statement, which makes small commits several times slower
+  (`bench/store_commit.py` prints both). A `sqlite+aiosqlite://` URL is accepted and served this way.
+
+SQLite settings, and why:
+
+- WAL journal: readers never block the writer and the writer never blocks readers (the CLI can read while the
+  engine writes).
+- ``synchronous=NORMAL``: a commit survives a crash of the process (what we promise); a power loss or OS crash
+  may lose the last transactions, never corrupt the file. ``FULL`` would fsync on every commit.
+- ``busy_timeout``: several processes share the file (engine, CLI, participants); a writer waits for the lock
+  instead of failing at once.
+- Write transactions start with ``BEGIN IMMEDIATE``: the write lock is taken up front, so two processes never
+  both read under a shared lock and then deadlock upgrading it (SQLITE_BUSY that busy_timeout cannot resolve).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from sagas.errors import StoreError
+
+T = TypeVar("T")
+
+
+class Encoded(str):
+    """JSON text serialized already (snapshots by pydantic): bound to a JSON column as is, not dumped again."""
+
+    __slots__ = ()
+
+
+def json_serializer(value: Any) -> str:
+    """The engines' JSON serializer: `Encoded` text passes through, anything else is `json.dumps`-ed."""
+    if isinstance(value, Encoded):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+BUSY_TIMEOUT = 10.0
+"""Seconds a SQLite writer waits for another process's write lock before a retriable StoreError."""
+
+# PostgreSQL SQLSTATE classes after which the same call may succeed: connection exceptions (08), transaction
+# rollbacks such as serialization failures and deadlocks (40), insufficient resources (53), operator
+# intervention such as an admin shutdown (57P), lock not available (55P03).
+_RETRIABLE_SQLSTATES = ("08", "40", "53", "57P", "55P03")
+# SQLite primary result codes after which the same call may succeed: BUSY, LOCKED, IOERR, FULL, PROTOCOL.
+_RETRIABLE_SQLITE_CODES = frozenset({5, 6, 10, 13, 15})
+
+
+class Runner(Protocol):
+    dialect: str
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in a write transaction; commit when it returns, roll back when it raises."""
+        ...
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in a read transaction (a consistent snapshot on both databases)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_runner(url: str, *, schema: str | None = None) -> Runner:
+    """The runner for `url`: ``sqlite[+aiosqlite|+pysqlite]:///path`` (or ``/:memory:``) or
+    ``postgresql+asyncpg://...``. `schema` (PostgreSQL only) is the schema the tables live in."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if schema is not None:
+            raise ValueError("schema= is only supported on PostgreSQL")
+        return SqliteRunner(parsed)
+    if backend == "postgresql":
+        return PostgresRunner(parsed, schema=schema)
+    raise ValueError(
+        f"unsupported store URL {parsed.render_as_string(hide_password=True)!r}: "
+        "use sqlite+aiosqlite:///path.db or postgresql+asyncpg://..."
+    )
+
+
+# ---- SQLite -------------------------------------------------------------------------------------------
+
+
+def _sqlite_engine(url: URL, *, begin: str) -> Engine:
+    memory = url.database in (None, "", ":memory:")
+    engine = sa.create_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        # One connection per engine, used only by the runner's own thread; :memory: must keep its connection.
+        poolclass=StaticPool,
+        connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT},
+        json_serializer=json_serializer,
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
+        # Hand transaction control to us (the "begin" listener below) instead of the sqlite3 module's own.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+        if not memory:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql(begin)
+
+    return engine
+
+
+class _Lane:
+    """One SQLite connection and the single thread that owns it."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine = engine
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.connection: Connection | None = None
+        self.closed = False
+
+    def _run(self, work: Callable[[Connection], T]) -> T:
+        if self.connection is None:
+            self.connection = self.engine.connect()
+        connection = self.connection
+        try:
+            with connection.begin():
+                return work(connection)
+        except exc.DBAPIError as error:
+            if error.connection_invalidated:
+                self.connection = None
+            raise
+
+    async def run(self, work: Callable[[Connection], T]) -> T:
+        if self.closed:
+            raise StoreError("the store is closed", retriable=False)
+        loop = asyncio.get_running_loop()
+        with _mapped_errors():
+            return await loop.run_in_executor(self.executor, self._run, work)
+
+    def _close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+        self.engine.dispose()
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self._close)
+        self.executor.shutdown(wait=True)
+
+
+class SqliteRunner:
+    """Writes on one thread and connection (``BEGIN IMMEDIATE``), reads on another (``BEGIN``, a WAL
+    snapshot), so that a long listing does not delay commits. An in-memory database has one connection for
+    both."""
+
+    dialect = "sqlite"
+
+    def __init__(self, url: URL) -> None:
+        self._writer = _Lane(_sqlite_engine(url, begin="BEGIN IMMEDIATE"), "sagas-sqlite-write")
+        memory = url.database in (None, "", ":memory:")
+        self._reader = self._writer if memory else _Lane(_sqlite_engine(url, begin="BEGIN"), "sagas-sqlite-read")
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        return await self._writer.run(work)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        return await self._reader.run(work)
+
+    async def close(self) -> None:
+        await self._writer.close()
+        if self._reader is not self._writer:
+            await self._reader.close()
+
+
+# ---- PostgreSQL ---------------------------------------------------------------------------------------
+
+
+class PostgresRunner:
+    dialect = "postgresql"
+
+    def __init__(self, url: URL, *, schema: str | None) -> None:
+        connect_args: dict[str, Any] = {}
+        if schema is not None:
+            connect_args["server_settings"] = {"search_path": _quote_ident(schema)}
+        self.schema = schema
+        self.engine: AsyncEngine = create_async_engine(
+            url, connect_args=connect_args, pool_size=10, json_serializer=json_serializer
+        )
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        with _mapped_errors():
+            async with self.engine.begin() as connection:
+                return await connection.run_sync(work)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        with _mapped_errors():
+            async with self.engine.connect() as connection:
+                return await connection.run_sync(work)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+
+def is_retriable(error: BaseException) -> bool:
+    """Whether the same call may succeed later: lost connection, lock timeout, deadlock, server restarting."""
+    if isinstance(error, exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+        if isinstance(sqlstate, str):
+            return sqlstate.startswith(_RETRIABLE_SQLSTATES)
+        if isinstance(error.orig, sqlite3.Error):
+            # "no such table" is an OperationalError too: only these primary result codes may clear up.
+            code = getattr(error.orig, "sqlite_errorcode", None)
+            return isinstance(code, int) and code & 0xFF in _RETRIABLE_SQLITE_CODES
+        return isinstance(error, exc.OperationalError | exc.InterfaceError)
+    return isinstance(error, exc.DisconnectionError | exc.TimeoutError | OSError | TimeoutError)
+
+
+@contextlib.contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """Turn driver and pool failures into `StoreError` (the SQLAlchemy error is its `__cause__`)."""
+    try:
+        yield
+    except (exc.SQLAlchemyError, OSError, TimeoutError) as error:
+        raise StoreError(f"store failed: {_describe(error)}", retriable=is_retriable(error)) from error
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, exc.DBAPIError):
+        return f"{type(error.orig).__name__}: {error.orig}".strip()
+    return f"{type(error).__name__}: {error}".strip()

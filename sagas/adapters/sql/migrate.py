@@ -1,0 +1,63 @@
+"""Schema migrations, run programmatically with alembic (no alembic.ini).
+
+`upgrade(url)` is what `sagas db upgrade` and `SqlStore.initialize()` call. It runs in one transaction that
+also serializes concurrent upgrades: ``BEGIN IMMEDIATE`` on SQLite, a transaction-level advisory lock on
+PostgreSQL, so several engine processes may start at once against a fresh database.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+
+from sagas.adapters.sql.connection import open_runner
+from sagas.adapters.sql.tables import VERSION_TABLE
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+_UPGRADE_LOCK = 0x5A6A5_0001  # arbitrary constant key of pg_advisory_xact_lock
+
+
+def alembic_config() -> Config:
+    """An alembic `Config` pointing at the packaged migrations (for `command.revision` when adding one)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "the sagas migrations have no head"
+    return head
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The revision the database is at; None before the first upgrade."""
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+def upgrade_connection(connection: Connection, *, schema: str | None = None, revision: str = "head") -> None:
+    """Migrate through `connection`, inside the transaction the caller opened."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
+        if schema is not None:
+            quoted = connection.dialect.identifier_preparer.quote_identifier(schema)
+            connection.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quoted}"))
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)
+
+
+async def upgrade(url: str, *, schema: str | None = None, revision: str = "head") -> None:
+    """Bring the database at `url` to `revision` (the latest by default). Safe to run concurrently."""
+    runner = open_runner(url, schema=schema)
+    try:
+        await runner.write(lambda connection: upgrade_connection(connection, schema=schema, revision=revision))
+    finally:
+        await runner.close()

@@ -1,0 +1,340 @@
+"""The write paths of `SqlStore`: a unit of work, claims, marks and purge, as synchronous Core functions.
+
+Each function runs inside the transaction its runner opened, so raising rolls everything back. Statements are
+built once (per dialect where they differ) rather than per call: building and cache-keying a Core statement
+costs more than SQLite takes to run it.
+
+A unit of work is a handful of statements whatever its size: each kind of row is written by one executemany.
+Optimistic concurrency: the versions of the updated instances are read first (``FOR UPDATE`` on PostgreSQL;
+SQLite's ``BEGIN IMMEDIATE`` already excludes other writers) and every update is also guarded by
+``WHERE version = :expected``; a mismatch raises `ConcurrencyConflict`.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from sagas.adapters.ports import OutboxMessage, RetentionResult, UnitOfWork
+from sagas.adapters.sql import rows
+from sagas.adapters.sql.tables import (
+    dead_letters,
+    definitions,
+    inbox,
+    outbox,
+    saga_events,
+    saga_instances,
+    timers,
+)
+from sagas.engine.state import SagaInstance, SagaStatus, TimerSpec
+from sagas.errors import ConcurrencyConflict
+
+CHUNK = 500
+"""Ids per ``IN (...)`` list: far below SQLite's and asyncpg's bound-parameter limits."""
+
+_FINAL = (SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value)
+_IDS: sa.BindParameter[list[str]] = sa.bindparam("ids", expanding=True)
+
+_insert_instances = saga_instances.insert()
+_instance_versions = sa.select(saga_instances.c.id, saga_instances.c.version).where(saga_instances.c.id.in_(_IDS))
+# Sorted and locked: two engines updating overlapping sagas lock them in the same order (no deadlock).
+_instance_versions_locked = _instance_versions.order_by(saga_instances.c.id).with_for_update()
+_update_instance = (
+    sa.update(saga_instances)
+    .where(saga_instances.c.id == sa.bindparam("b_id"), saga_instances.c.version == sa.bindparam("b_expected"))
+    .values({c.name: sa.bindparam(c.name) for c in saga_instances.c if c.name != "id"})
+)
+_insert_events = saga_events.insert()
+_insert_outbox = outbox.insert()
+_insert_inbox = inbox.insert()
+_delete_timers = sa.delete(timers).where(timers.c.id.in_(_IDS))
+_mark_sent = sa.update(outbox).where(outbox.c.id.in_(_IDS)).values(sent_at=sa.bindparam("at"), claimed_until=None)
+
+
+@dataclass(frozen=True)
+class _DialectStatements:
+    insert_definition: sa.Executable
+    insert_dead_letters: sa.Executable
+    upsert_timers: sa.Executable
+    claim_outbox: sa.Executable
+    claim_timers: sa.Executable
+
+
+@functools.cache
+def _statements(dialect: str) -> _DialectStatements:
+    """Statements whose SQL differs between SQLite and PostgreSQL (ON CONFLICT, SKIP LOCKED, ANY(ARRAY()))."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+    upsert = insert(timers)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[timers.c.id],
+        set_={
+            "saga_id": upsert.excluded.saga_id,
+            "kind": upsert.excluded.kind,
+            "step": upsert.excluded.step,
+            "attempt": upsert.excluded.attempt,
+            "due_at": upsert.excluded.due_at,
+            "claimed_until": sa.null(),
+        },
+    )
+
+    def picked(column: sa.Column[Any], pick: sa.Select[Any]) -> sa.ColumnElement[bool]:
+        if dialect == "postgresql":
+            # ARRAY(subquery) is an init plan evaluated once, so LIMIT and SKIP LOCKED apply exactly once (an
+            # IN (subquery) may be planned as a join that rescans it and claims more than `limit` rows).
+            return column == sa.any_(sa.func.array(pick.scalar_subquery()))
+        return column.in_(pick)
+
+    now: sa.BindParameter[float] = sa.bindparam("now")
+    until: sa.BindParameter[float] = sa.bindparam("until")
+    limit: sa.BindParameter[int] = sa.bindparam("limit")
+    pending = (
+        sa.select(outbox.c.seq)
+        .where(
+            outbox.c.sent_at.is_(None),
+            sa.or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until <= now),
+            outbox.c.created_at < sa.bindparam("before"),
+        )
+        .order_by(outbox.c.created_at, outbox.c.seq)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    due = (
+        sa.select(timers.c.id)
+        .where(
+            timers.c.due_at <= sa.bindparam("due"),
+            sa.or_(timers.c.claimed_until.is_(None), timers.c.claimed_until <= now),
+        )
+        .order_by(timers.c.due_at, timers.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return _DialectStatements(
+        insert_definition=insert(definitions).on_conflict_do_nothing(),
+        insert_dead_letters=insert(dead_letters).on_conflict_do_nothing(),
+        upsert_timers=upsert,
+        claim_outbox=sa.update(outbox)
+        .where(picked(outbox.c.seq, pending))
+        .values(claimed_until=until)
+        .returning(*outbox.c),
+        claim_timers=sa.update(timers).where(picked(timers.c.id, due)).values(claimed_until=until).returning(*timers.c),
+    )
+
+
+def apply(connection: Connection, *, work: UnitOfWork, now: float) -> None:
+    """Write `work`. `now` stamps the `sent` messages."""
+    if work.inserts:
+        _executemany(connection, _insert_instances, [rows.instance_row(i, version=1) for i in work.inserts])
+    if work.updates:
+        _update_instances(connection, work.updates)
+    if work.history:
+        _executemany(connection, _insert_events, [rows.history_row(h) for h in work.history])
+    if work.outbox:
+        _executemany(connection, _insert_outbox, [rows.outbox_row(m) for m in work.outbox])
+    if work.inbox:
+        _executemany(connection, _insert_inbox, [rows.inbox_row(r) for r in work.inbox])
+    statements = _statements(connection.dialect.name)
+    if work.dead_letters:
+        # A poison message redelivered after a crash is dead-lettered again under the same id: keep the first.
+        _executemany(connection, statements.insert_dead_letters, [rows.dead_letter_row(d) for d in work.dead_letters])
+    # Cancels before sets: when one unit both cancels and sets an id, the timer stays (a stale timer is
+    # ignored by `decide`; a lost one would leave a saga waiting forever).
+    for chunk in chunks(sorted(set(work.cancel_timers))):
+        connection.execute(_delete_timers, {"ids": chunk})
+    if work.timers:
+        latest = {spec.id: spec for spec in work.timers}  # a multi-row upsert may not touch a row twice
+        _executemany(connection, statements.upsert_timers, [rows.timer_row(spec) for spec in latest.values()])
+    if work.sent:
+        mark_sent(connection, ids=work.sent, at=now)
+
+
+def _update_instances(connection: Connection, updates: Sequence[SagaInstance]) -> None:
+    params: list[dict[str, Any]] = []
+    for instance in updates:
+        row = rows.instance_row(instance, version=instance.version + 1)
+        row["b_id"], row["b_expected"] = row.pop("id"), instance.version
+        params.append(row)
+    if connection.dialect.supports_sane_multi_rowcount:
+        # SQLite: BEGIN IMMEDIATE excludes other writers and executemany's rowcount is exact, so the guarded
+        # updates alone tell whether every version matched; which ones did not is worked out after rollback.
+        if _executemany(connection, _update_instance, params) != len(params):
+            raise VersionMismatch
+        return
+    # PostgreSQL (asyncpg reports no rowcount for executemany): read the versions under row locks first.
+    stale = stale_updates(connection, updates, lock=True)
+    if stale:
+        raise ConcurrencyConflict(stale)
+    _executemany(connection, _update_instance, params)
+
+
+def _executemany(connection: Connection, statement: sa.Executable, params: list[dict[str, Any]]) -> int:
+    """Run `statement` once per row of `params`; the number of rows it changed (SQLite only: -1 elsewhere).
+
+    On SQLite the statement, compiled once, goes straight to the sqlite3 cursor: SQLAlchemy's per-execution
+    work (cache key, parameter processing) costs several times what SQLite takes to run a small statement, and
+    it is paid on every commit. Values must therefore be ready for the driver (JSON as `Encoded` text), which
+    is how `rows` builds them. Driver errors are wrapped as SQLAlchemy's, like any other statement's.
+    """
+    if connection.dialect.name != "sqlite":
+        return connection.execute(statement, params).rowcount
+    sql, keys = _sqlite_sql(statement, tuple(params[0]))
+    cursor = connection.connection.cursor()
+    try:
+        cursor.executemany(sql, [tuple(row[key] for key in keys) for row in params])
+        return int(cursor.rowcount)
+    except sqlite3.Error as error:
+        raise exc.DBAPIError.instance(sql, None, error, sqlite3.Error) from error
+    finally:
+        cursor.close()
+
+
+@functools.cache
+def _sqlite_sql(statement: sa.Executable, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """The SQLite SQL of `statement` for rows with these keys, and the order its parameters take them in."""
+    assert isinstance(statement, sa.ClauseElement)
+    compiled = statement.compile(dialect=_SQLITE, column_keys=list(keys))
+    order = tuple(getattr(compiled, "positiontup", None) or ())
+    missing = set(order) - set(keys)
+    assert not missing, f"parameters {missing} have no value in the rows: bind constants with sa.null()/literal"
+    return compiled.string, order
+
+
+_SQLITE = sqlite.dialect()
+
+
+class VersionMismatch(Exception):
+    """Some update of a unit of work did not match its stored version (the transaction is rolled back)."""
+
+
+def stale_updates(connection: Connection, updates: Sequence[SagaInstance], *, lock: bool = False) -> list[str]:
+    """The ids among `updates` whose version is not the stored one, applying them in order (a unit may carry
+    successive versions of one saga)."""
+    stored: dict[str, int] = {}
+    statement = _instance_versions_locked if lock else _instance_versions
+    for chunk in chunks(sorted({u.id for u in updates})):
+        stored.update((row.id, row.version) for row in connection.execute(statement, {"ids": chunk}))
+    stale: list[str] = []
+    for instance in updates:
+        if stored.get(instance.id) != instance.version:
+            stale.append(instance.id)
+        else:
+            stored[instance.id] = instance.version + 1
+    return list(dict.fromkeys(stale))
+
+
+def insert_definition(connection: Connection, *, row: dict[str, Any]) -> str:
+    """Store a definition unless that name and version exist; the digest stored under them either way."""
+    connection.execute(_statements(connection.dialect.name).insert_definition, [row])
+    digest = connection.execute(
+        sa.select(definitions.c.digest).where(
+            definitions.c.name == row["name"], definitions.c.version == row["version"]
+        )
+    ).scalar_one()
+    return str(digest)
+
+
+def mark_sent(connection: Connection, *, ids: Sequence[str], at: float) -> None:
+    for chunk in chunks(sorted(set(ids))):
+        connection.execute(_mark_sent, {"ids": chunk, "at": at})
+
+
+def claim_outbox(
+    connection: Connection, *, limit: int, before: float | None, now: float, lease: float
+) -> list[OutboxMessage]:
+    params = {
+        "now": now,
+        "until": now + lease,
+        "limit": limit,
+        "before": _INFINITY if before is None else before,
+    }
+    claimed = connection.execute(_statements(connection.dialect.name).claim_outbox, params).all()
+    return [rows.outbox_message(row) for row in sorted(claimed, key=lambda r: (r.created_at, r.seq))]
+
+
+def claim_timers(connection: Connection, *, due: float, limit: int, now: float, lease: float) -> list[TimerSpec]:
+    params = {"due": due, "now": now, "until": now + lease, "limit": limit}
+    claimed = connection.execute(_statements(connection.dialect.name).claim_timers, params).all()
+    return [rows.timer(row) for row in sorted(claimed, key=lambda r: (r.due_at, r.id))]
+
+
+_INFINITY = float("inf")
+
+
+def purge(connection: Connection, *, older_than: float) -> RetentionResult:
+    inbox_count = connection.execute(sa.delete(inbox).where(inbox.c.at < older_than)).rowcount
+    outbox_count = connection.execute(
+        sa.delete(outbox).where(outbox.c.sent_at.is_not(None), outbox.c.sent_at < older_than)
+    ).rowcount
+    finished = sa.select(saga_instances.c.id).where(
+        saga_instances.c.status.in_(_FINAL), saga_instances.c.updated_at < older_than
+    )
+    history_count = connection.execute(sa.delete(saga_events).where(saga_events.c.saga_id.in_(finished))).rowcount
+    connection.execute(sa.delete(timers).where(timers.c.saga_id.in_(finished)))
+    instance_count = connection.execute(
+        sa.delete(saga_instances).where(saga_instances.c.status.in_(_FINAL), saga_instances.c.updated_at < older_than)
+    ).rowcount
+    return RetentionResult(inbox=inbox_count, outbox=outbox_count, history=history_count, instances=instance_count)
+
+
+def conflicting_ids(connection: Connection, *, work: UnitOfWork) -> list[str]:
+    """After an integrity error: the sagas whose rows already existed (or repeat within `work`)."""
+    found: list[str] = []
+
+    def existing(column: sa.Column[Any], values: Iterable[str]) -> set[str]:
+        hits: set[str] = set()
+        for chunk in chunks(sorted(set(values))):
+            hits.update(connection.execute(sa.select(column).where(column.in_(chunk))).scalars())
+        return hits
+
+    instance_ids = existing(saga_instances.c.id, (i.id for i in work.inserts))
+    found += [i.id for i in work.inserts if i.id in instance_ids]
+    for instance in work.inserts:
+        if (
+            instance.idempotency_key is not None
+            and connection.execute(
+                sa.select(saga_instances.c.id).where(
+                    saga_instances.c.definition == instance.definition,
+                    saga_instances.c.idempotency_key == instance.idempotency_key,
+                )
+            ).first()
+        ):
+            found.append(instance.id)
+    message_ids = existing(inbox.c.message_id, (r.message_id for r in work.inbox))
+    found += [r.saga_id or r.message_id for r in work.inbox if r.message_id in message_ids]
+    outbox_ids = existing(outbox.c.id, (m.id for m in work.outbox))
+    found += [m.saga_id for m in work.outbox if m.id in outbox_ids]
+    found += _repeated(work)
+    if not found:  # not diagnosable after the fact: name every saga of the unit
+        found = [i.id for i in work.inserts] + [r.saga_id or r.message_id for r in work.inbox]
+        found += [m.saga_id for m in work.outbox]
+    return list(dict.fromkeys(found))
+
+
+def _repeated(work: UnitOfWork) -> list[str]:
+    """Sagas whose unique values repeat inside the unit itself."""
+    found: list[str] = []
+    seen: set[object] = set()
+    keyed: Iterable[tuple[object, str]] = [
+        *((("instance", i.id), i.id) for i in work.inserts),
+        *((("key", i.definition, i.idempotency_key), i.id) for i in work.inserts if i.idempotency_key is not None),
+        *((("inbox", r.message_id), r.saga_id or r.message_id) for r in work.inbox),
+        *((("outbox", m.id), m.saga_id) for m in work.outbox),
+    ]
+    for unique, saga_id in keyed:
+        if unique in seen:
+            found.append(saga_id)
+        seen.add(unique)
+    return found
+
+
+def chunks(values: Sequence[str]) -> Iterator[list[str]]:
+    for start in range(0, len(values), CHUNK):
+        yield list(values[start : start + CHUNK])
