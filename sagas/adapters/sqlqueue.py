@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -299,6 +301,24 @@ class _Token:
     id: int
 
 
+_HOST = socket.gethostname()[:24]
+
+
+def _died_here(holder: str) -> bool:
+    """True when `holder` was a consumer process on this machine that no longer exists."""
+    host, _, rest = holder.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != _HOST or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by another user
+    return False
+
+
 class SqlQueueConsumer:
     """One member of a consumer group of a `SqlQueueBroker`. Use `SqlQueueBroker.subscribe` to get one."""
 
@@ -306,7 +326,9 @@ class SqlQueueConsumer:
         self._broker = broker
         self.topics = topics
         self.group = group
-        self.holder = uuid.uuid4().hex
+        # host:pid:random — the random part tells members apart, host and pid let a successor on the same machine
+        # see at once that the holder died (SIGKILL) instead of waiting for its lease to run out.
+        self.holder = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._claims: dict[str, _Claim] = {}
         self._lease_until = 0.0
         self._closed = False
@@ -426,9 +448,14 @@ class SqlQueueConsumer:
             if len(self._claims) == len(self.topics):
                 return
             async with self._broker._transaction(write=False) as conn:  # a read: idle members poll cheaply
-                free = (await conn.execute(select(g.topic).where(mine, claimable))).scalars().all()
-            if not set(free) - set(self._claims):
+                rows = (await conn.execute(select(g.topic, g.holder, g.lease_until).where(mine))).all()
+            free = {t for t, holder, until in rows if holder is None or holder == self.holder or until < now}
+            dead = {holder for _, holder, until in rows
+                    if holder and holder != self.holder and until >= now and _died_here(holder)}
+            if not free - set(self._claims) and not dead:
                 return
+            if dead:
+                claimable = or_(claimable, g.holder.in_(dead))
         until = now + self._broker.lease
         held_by_me = select(g.topic, g.committed).where(mine, g.holder == self.holder)
         async with self._broker._transaction(write=True) as conn:
