@@ -43,7 +43,7 @@ from sagas.participant import BusinessFailure, Participant
 from sagas.settings import SagasSettings
 from sagas.testing import SagaHarness, VirtualClock
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped by topic under comment headings, on purpose
     # definitions
     "DefinitionRegistry",
     "SagaDefinition",

@@ -28,15 +28,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiosqlite
 import sqlalchemy as sa
 import structlog
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from sagas.adapters import normalize_db_url
@@ -59,6 +62,8 @@ dedup_table = sa.Table(
     sa.Column("data", sa.JSON, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
 )
+
+_insert_dedup = dedup_table.insert()
 
 
 class BusinessFailure(Exception):
@@ -136,8 +141,16 @@ def participant_database(url: str) -> AsyncEngine:
     url = normalize_db_url(url)
     if not url.startswith("sqlite"):
         return create_async_engine(url)
-    memory = url.endswith(":memory:")
-    engine = create_async_engine(url, poolclass=StaticPool if memory else None, connect_args={"timeout": 30})
+    parsed = make_url(url)
+    memory = parsed.database in (None, "", ":memory:")
+    options: dict[str, Any] = {"poolclass": StaticPool} if memory else {}
+    if parsed.query:  # URL options (uri=true, mode=...) are the driver's business: connect the ordinary way
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **options)
+    else:
+        database = parsed.database or ":memory:"
+        engine = create_async_engine(
+            url, async_creator=lambda: _InlineConnection.open(database, timeout=30), **options
+        )
 
     @event.listens_for(engine.sync_engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
@@ -154,6 +167,52 @@ def participant_database(url: str) -> AsyncEngine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+class _InlineConnection(aiosqlite.Connection):
+    """An aiosqlite connection that runs on the event loop's thread whatever cannot block.
+
+    aiosqlite hands every call to its own thread; SQLAlchemy makes three calls per statement (cursor, execute,
+    close), and each hop costs a thread switch (0.1 ms, and far more on a busy machine), which made a batch of
+    commands ten times slower than its SQL. Inside a write transaction (``BEGIN IMMEDIATE`` holds the lock, WAL
+    mode) a statement cannot wait for another connection, and ``synchronous=NORMAL`` appends to the WAL without
+    fsync: it runs in microseconds on the caller's thread. So do creating and closing cursors, and the pool's
+    ``rollback`` of a connection that has no transaction. What may block still goes to aiosqlite's thread:
+    connecting, statements outside a transaction (``BEGIN IMMEDIATE`` waits for the write lock), ``COMMIT`` (may
+    checkpoint), ``ROLLBACK`` of a transaction, and closing the connection.
+    """
+
+    @classmethod
+    def open(cls, database: str, *, timeout: float) -> _InlineConnection:
+        def connect() -> sqlite3.Connection:
+            # check_same_thread: calls alternate between aiosqlite's thread and ours, never at the same time.
+            return sqlite3.connect(database, timeout=timeout, check_same_thread=False)
+
+        connection = cls(connect, iter_chunk_size=64)
+        connection._thread.daemon = True  # as SQLAlchemy does for aiosqlite's own connections
+        return connection
+
+    async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._inline(fn):
+            return fn(*args, **kwargs)
+        return await super()._execute(fn, *args, **kwargs)  # type: ignore[no-untyped-call]  # aiosqlite's is untyped
+
+    def _inline(self, fn: Callable[..., Any]) -> bool:
+        connection = self._connection
+        if connection is None or not self._running:
+            return False
+        in_transaction = connection.in_transaction
+        name = getattr(fn, "__name__", "")
+        if getattr(fn, "__self__", None) is connection:
+            if name == "cursor":
+                return True
+            if name in ("commit", "rollback"):
+                return not in_transaction  # nothing to end: a no-op
+            if name == "close":
+                return False
+        elif name == "close":
+            return True  # a cursor's: finalizes its statement
+        return in_transaction
 
 
 class ParticipantWorker:
@@ -217,21 +276,25 @@ class ParticipantWorker:
             keys = {c.idempotency_key for c in commands} | {_compensation_key(c) for c in commands}
             rows = (await tx.execute(sa.select(dedup_table).where(dedup_table.c.key.in_(keys)))).mappings().all()
             recorded = {row["key"]: _Answer(Outcome(row["outcome"]), row["type"], row["data"]) for row in rows}
+            driver = (await tx.get_raw_connection()).driver_connection
+            inline = driver if isinstance(driver, _InlineConnection) else None
+            records: list[dict[str, Any]] = []
             for command in commands:
                 answer = recorded.get(command.idempotency_key)
                 if answer is not None:
                     self.participant.stats["deduplicated"] += 1
                 else:
-                    answer = await self._run(command, tx, recorded)
+                    answer = await self._run(command, tx, recorded, inline)
                     if answer.outcome != Outcome.RETRY:
                         recorded[command.idempotency_key] = answer
-                        await tx.execute(
-                            dedup_table.insert().values(
-                                key=command.idempotency_key, command_id=command.id, outcome=str(answer.outcome),
-                                type=answer.type, data=answer.data, at=time.time(),
-                            )
-                        )
+                        records.append({"key": command.idempotency_key, "command_id": command.id,
+                                        "outcome": str(answer.outcome), "type": answer.type, "data": answer.data,
+                                        "at": time.time()})
                 answers.append((command, answer))
+            if records:
+                # One statement for the batch, still in the transaction of the effects (and `recorded` already
+                # answers repeats within the batch).
+                await tx.execute(_insert_dedup, records)
         now = time.time()
         return [
             encode_reply(command, outcome=a.outcome, type=a.type, data=a.data, source=self.participant.name, at=now,
@@ -239,7 +302,13 @@ class ParticipantWorker:
             for command, a in answers
         ]
 
-    async def _run(self, command: CommandMessage, tx: AsyncConnection, recorded: dict[str, _Answer]) -> _Answer:
+    async def _run(
+        self,
+        command: CommandMessage,
+        tx: AsyncConnection,
+        recorded: dict[str, _Answer],
+        inline: _InlineConnection | None,
+    ) -> _Answer:
         registration = self.participant._handlers.get(command.type)
         if registration is None:
             self.participant.stats["failed"] += 1
@@ -247,7 +316,7 @@ class ParticipantWorker:
         if command.kind == MessageKind.COMMAND and _compensation_key(command) in recorded:
             # The compensation overtook the command: the saga has given up on this step, so it must not take effect.
             return _Answer(Outcome.FAILURE, f"{command.type}.failed", {}, "already compensated")
-        savepoint = await tx.begin_nested()
+        savepoint = await _Savepoint.begin(tx, inline)
         try:
             data = await registration.handler(command, tx) or {}
             json.dumps(data)  # a reply that cannot be sent must roll the effect back, not fail after the commit
@@ -265,9 +334,44 @@ class ParticipantWorker:
                         saga_id=command.saga_id, step=command.step, attempt=command.attempt,
                         message_id=command.id, error=repr(exc))
             return _Answer(Outcome.RETRY, f"{command.type}.retry", {}, repr(exc)[:300])
-        await savepoint.commit()
+        await savepoint.release()
         self.participant.stats["handled"] += 1
         return _Answer(Outcome.SUCCESS, f"{command.type}.succeeded", data)
+
+
+class _Savepoint:
+    """The savepoint that rolls back one handler's effect and keeps the rest of the batch.
+
+    On an `_InlineConnection` it is plain SQL on the driver connection: SQLAlchemy's nested transaction costs
+    two executions through the async adapter (about 0.2 ms of CPU each) for two statements SQLite runs in
+    microseconds. A handler that succeeds leaves its savepoint open rather than paying a RELEASE: savepoints of
+    one name stack, ``ROLLBACK TO`` and ``RELEASE`` act on the innermost one, and COMMIT keeps them all. Savepoints
+    the handler opens itself nest inside it either way.
+    """
+
+    NAME = "sagas_handler"
+
+    def __init__(self, inline: _InlineConnection | None, nested: AsyncTransaction | None) -> None:
+        self._inline = inline
+        self._nested = nested
+
+    @classmethod
+    async def begin(cls, tx: AsyncConnection, inline: _InlineConnection | None) -> _Savepoint:
+        if inline is None:
+            return cls(None, await tx.begin_nested())
+        await inline.execute(f"SAVEPOINT {cls.NAME}")
+        return cls(inline, None)
+
+    async def rollback(self) -> None:
+        if self._nested is not None:
+            await self._nested.rollback()
+        elif self._inline is not None:
+            await self._inline.execute(f"ROLLBACK TO {self.NAME}")
+            await self._inline.execute(f"RELEASE {self.NAME}")
+
+    async def release(self) -> None:
+        if self._nested is not None:
+            await self._nested.commit()
 
 
 def _compensation_key(command: CommandMessage) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -44,6 +44,8 @@ from sagas.errors import ConcurrencyConflict, OperatorError, UnknownDefinition, 
 log = structlog.get_logger("sagas.engine")
 
 CONFLICT_RETRIES = 3
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -146,8 +148,11 @@ class Processor:
             elif isinstance(item, OperatorItem):
                 saga_ids.add(item.saga_id)
 
-        seen = await self.store.seen([r.message_id for r in decoded.values()]) if decoded else set()
-        instances = await self.store.load(sorted(saga_ids)) if saga_ids else {}
+        # Both reads queue on the store's reader at once: one wake-up of its thread instead of two in a row.
+        seen, instances = await asyncio.gather(
+            self.store.seen([r.message_id for r in decoded.values()]) if decoded else _nothing(set[str]()),
+            self.store.load(sorted(saga_ids)) if saga_ids else _nothing(dict[str, SagaInstance]()),
+        )
         read_version = {saga_id: inst.version for saga_id, inst in instances.items()}
         created: dict[str, SagaInstance] = {}
         timers: dict[str, TimerSpec] = {}
@@ -326,6 +331,10 @@ class Processor:
         )
         log.warning("dead letter", reason=reason, topic=message.topic, message_id=message.header("ce_id"),
                     saga_id=saga_id or reply_saga_id(message))
+
+
+async def _nothing(value: T) -> T:
+    return value
 
 
 def _saga_of(item: Item) -> str | None:

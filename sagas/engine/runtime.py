@@ -109,6 +109,8 @@ class Engine:
         self._in_flight: set[str] = set()  # outbox ids handed to the publisher, not yet marked sent
         self._timers_in_flight: set[str] = set()
         self._waiters: dict[str, list[asyncio.Future[SagaInstance]]] = {}
+        self._load_requests: dict[str, list[asyncio.Future[SagaInstance | None]]] = {}
+        self._loads: set[asyncio.Future[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._consumer: Consumer | None = None
         self._stopping = asyncio.Event()
@@ -189,13 +191,49 @@ class Engine:
         """Until the saga is completed, compensated or parked."""
         future: asyncio.Future[SagaInstance] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(saga_id, []).append(future)
-        current = (await self.store.load([saga_id])).get(saga_id)
+        current = await self._load_soon(saga_id)
         if current is None:
             raise UnknownSaga(f"no saga with id {saga_id!r}")
         if current.status.is_settled:
             self._waiters[saga_id].remove(future)
             return current
         return await asyncio.wait_for(future, timeout)
+
+    def _load_soon(self, saga_id: str) -> asyncio.Future[SagaInstance | None]:
+        """The stored instance, read together with every other one asked for in the same turn of the event loop:
+        a hundred callers of `wait` cost one store read, not a hundred."""
+        loop = asyncio.get_running_loop()
+        if not self._load_requests:
+            loop.call_soon(self._load_requested)
+        future: asyncio.Future[SagaInstance | None] = loop.create_future()
+        self._load_requests.setdefault(saga_id, []).append(future)
+        return future
+
+    def _load_requested(self) -> None:
+        requests, self._load_requests = self._load_requests, {}
+        task = asyncio.ensure_future(self._load_many(requests))
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+
+    async def _load_many(self, requests: dict[str, list[asyncio.Future[SagaInstance | None]]]) -> None:
+        try:
+            found = await self.store.load(list(requests))
+        except BaseException as exc:
+            for futures in requests.values():
+                for future in futures:
+                    if future.done():
+                        continue
+                    if isinstance(exc, Exception):
+                        future.set_exception(exc)
+                    else:
+                        future.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for saga_id, futures in requests.items():
+            for future in futures:
+                if not future.done():
+                    future.set_result(found.get(saga_id))
 
     async def fire_due_timers(self) -> int:
         """Queue every timer due now; returns how many were queued."""

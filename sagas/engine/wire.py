@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,16 +46,30 @@ class CommandMessage:
         return f"{self.saga_id}/{self.step}/{self.kind}"
 
 
+@functools.lru_cache(maxsize=256)
 def _iso(at: float) -> str:
+    # Cached: the messages of one batch share its timestamp.
     return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
 
 
+_CONTENT_TYPE_HEADER = ("content-type", CONTENT_TYPE.encode())
+# json.dumps with options builds a new encoder per call; one shared encoder writes the same bytes.
+_BODY_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def _headers(attrs: dict[str, str]) -> tuple[tuple[str, bytes], ...]:
-    return (*((f"ce_{k}", v.encode()) for k, v in attrs.items()), ("content-type", CONTENT_TYPE.encode()))
+    return (*[("ce_" + k, v.encode()) for k, v in attrs.items()], _CONTENT_TYPE_HEADER)
 
 
 def _body(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode()
+    return _BODY_ENCODER.encode(data).encode()
+
+
+def _decode(value: bytes) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("utf-8", errors="replace")
 
 
 def encode_command(command: OutgoingCommand, *, reply_topic: str, at: float) -> BrokerMessage:
@@ -109,7 +124,7 @@ def encode_reply(
 def _attrs(message: BrokerMessage, required: tuple[str, ...]) -> dict[str, str]:
     if len(message.value) > MAX_MESSAGE_BYTES:
         raise MalformedMessage(f"message of {len(message.value)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
-    attrs = {k[3:]: v.decode("utf-8", errors="replace") for k, v in message.headers if k.startswith("ce_")}
+    attrs = {k[3:]: _decode(v) for k, v in message.headers if k[:3] == "ce_"}
     missing = [name for name in required if not attrs.get(name)]
     if missing:
         raise MalformedMessage(f"missing attribute(s): {', '.join('ce_' + m for m in missing)}")
