@@ -81,14 +81,18 @@ class GcTimer:
     def __init__(self) -> None:
         self.seconds = 0.0
         self.collections = [0, 0, 0]
+        self.by_generation = [0.0, 0.0, 0.0]
+        self.threshold = gc.get_threshold()
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._started = time.thread_time()
         else:
-            self.seconds += time.thread_time() - self._started
+            spent = time.thread_time() - self._started
+            self.seconds += spent
             self.collections[info["generation"]] += 1
+            self.by_generation[info["generation"]] += spent
 
 
 @dataclass
@@ -186,8 +190,10 @@ def report(run: SagaRun, raw: float) -> None:
           f"{run.stats['items'] / batches:,.1f} events per commit")
     print(f"CPU:                    {run.cpu:.2f}s ({run.cpu / run.sagas * 1000:.2f} ms per saga), of which the event "
           f"loop's thread {run.loop_cpu:.2f}s ({run.loop_cpu / run.seconds:.0%} busy)")
-    print(f"garbage collector:      {run.gc.seconds:.2f}s in {sum(run.gc.collections):,} collections "
-          f"(gen0/1/2: {'/'.join(str(n) for n in run.gc.collections)})")
+    print(f"garbage collector:      {run.gc.seconds:.2f}s in {sum(run.gc.collections):,} collections at thresholds "
+          f"{'/'.join(str(n) for n in run.gc.threshold)} "
+          f"(gen0/1/2: {'/'.join(str(n) for n in run.gc.collections)}, taking "
+          f"{'/'.join(f'{t:.2f}' for t in run.gc.by_generation)}s)")
     print(f"raw sqlite3 commits/s:  {raw:,.0f} (WAL, synchronous=NORMAL, one 1-row insert per commit)")
     print(f"sagas/s ÷ raw commits/s: {rate / raw:.3f}  (one commit per event would cap it at 0.25)")
 

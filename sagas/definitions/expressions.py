@@ -20,6 +20,44 @@ def compile_expression(expression: str) -> ParsedResult:
     return jmespath.compile(expression)
 
 
+def _field_path(node: Any) -> tuple[str, ...] | None:
+    """The keys of an expression made only of field lookups (`input.order_id`), or None."""
+    if node["type"] == "field":
+        return (node["value"],)
+    if node["type"] != "subexpression":
+        return None
+    keys: list[str] = []
+    for child in node["children"]:
+        part = _field_path(child)
+        if part is None:
+            return None
+        keys.extend(part)
+    return tuple(keys)
+
+
+@lru_cache(maxsize=4096)
+def _evaluator(expression: str) -> tuple[str, ...] | ParsedResult:
+    """Most payload leaves are plain paths: those are looked up directly, the way JMESPath's field visitor does
+    (`value.get(key)`, None where there is no mapping), without its tree walk."""
+    parsed = compile_expression(expression)
+    path = _field_path(parsed.parsed)
+    return parsed if path is None else path
+
+
+def search(expression: str, context: Any) -> Any:
+    """`jmespath.search`, parsed once per expression."""
+    evaluator = _evaluator(expression)
+    if isinstance(evaluator, tuple):
+        value = context
+        for key in evaluator:
+            try:
+                value = value.get(key)
+            except AttributeError:
+                return None
+        return value
+    return evaluator.search(context)
+
+
 def is_literal(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and LITERAL_KEY in value
 
@@ -27,7 +65,7 @@ def is_literal(value: Any) -> bool:
 def render(mapping: Any, context: dict[str, Any]) -> Any:
     """Evaluate a payload mapping against a context; a missing path yields None, as JMESPath does."""
     if isinstance(mapping, str):
-        return compile_expression(mapping).search(context)
+        return search(mapping, context)
     if is_literal(mapping):
         return mapping[LITERAL_KEY]
     if isinstance(mapping, dict):

@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from functools import cached_property
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -93,7 +94,18 @@ _PAYLOAD = (
 
 
 class _Frozen(BaseModel):
+    """Frozen, so derived values are computed once: `functools.cached_property` stores them in `__dict__`
+    beside the fields (pydantic ignores them for validation, dumps and equality)."""
+
     model_config = ConfigDict(frozen=True, extra="forbid", strict=False, populate_by_name=True)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with changed fields must not keep the cached values derived from the old ones."""
+        copied = super().model_copy(update=update, deep=deep)
+        if update:
+            for key in copied.__dict__.keys() - type(self).model_fields.keys():
+                del copied.__dict__[key]
+        return copied
 
 
 class StepKind(StrEnum):
@@ -159,19 +171,19 @@ class StepDefinition(_Frozen):
         description="compensatable steps, then at most one pivot, then retriable steps.",
     )
 
-    @property
+    @cached_property
     def command_topic(self) -> str:
         return self.topic or f"{self.participant}.commands"
 
-    @property
+    @cached_property
     def success_types(self) -> tuple[str, ...]:
         return self.success or (f"{self.command}.succeeded",)
 
-    @property
+    @cached_property
     def failure_types(self) -> tuple[str, ...]:
         return self.failure or (f"{self.command}.failed",)
 
-    @property
+    @cached_property
     def compensation_success_types(self) -> tuple[str, ...]:
         return (f"{self.compensation.command}.succeeded",) if self.compensation else ()
 
@@ -214,33 +226,40 @@ class SagaDefinition(_Frozen):
         description="What happens when a compensation keeps failing: the saga is parked for an operator.",
     )
 
-    @property
+    @cached_property
     def stages(self) -> tuple[tuple[StepDefinition, ...], ...]:
         """The steps in execution order; a parallel group is one stage of several steps."""
         return tuple(s.parallel if isinstance(s, ParallelGroup) else (s,) for s in self.steps)
 
+    @cached_property
+    def all_steps(self) -> tuple[StepDefinition, ...]:
+        """Every step in execution order (what `iter_steps` yields)."""
+        return tuple(step for stage in self.stages for step in stage)
+
+    @cached_property
+    def _step_index(self) -> dict[str, tuple[StepDefinition, int]]:
+        """Step name -> (step, stage index); the first step of a name wins, as a scan in order would."""
+        index: dict[str, tuple[StepDefinition, int]] = {}
+        for number, stage in enumerate(self.stages):
+            for step in stage:
+                index.setdefault(step.name, (step, number))
+        return index
+
     def iter_steps(self) -> Iterator[StepDefinition]:
-        for stage in self.stages:
-            yield from stage
+        return iter(self.all_steps)
 
     def step(self, name: str) -> StepDefinition:
-        for step in self.iter_steps():
-            if step.name == name:
-                return step
-        raise KeyError(name)
+        return self._step_index[name][0]
 
     def stage_of(self, name: str) -> int:
-        for index, stage in enumerate(self.stages):
-            if any(step.name == name for step in stage):
-                return index
-        raise KeyError(name)
+        return self._step_index[name][1]
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """A stable content digest: same content, same digest, whichever form it came from."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    @property
+    @cached_property
     def identity(self) -> str:
         return f"{self.name}@v{self.version}#{self.digest}"

@@ -43,8 +43,10 @@ from sagas.engine.state import (
     TimerFired,
     TimerKind,
     TimerSpec,
+    evolve,
     message_id,
     timer_id,
+    trusted,
 )
 
 __all__ = ["decide", "jitter_unit", "start"]
@@ -111,42 +113,103 @@ class _Txn:
     @property
     def saga_id(self) -> str:
         return self.base.id
+
+    def context(self) -> dict[str, Any]:
+        """`self.instance().context`, without building the instance."""
+        base = self.base
+        return {
+            "input": base.input,
+            "steps": {name: s.output for name, s in self.steps.items() if s.output is not None},
+            "saga": {"id": base.id, "name": base.definition, "version": base.definition_version},
+        }
+
     def instance(self) -> SagaInstance:
         changes = {"steps": dict(self.steps), "status": self.status, "stage": self.stage}
         changes |= {"failure": self.failure, "completions": self.completions, "deadline_at": self.deadline_at}
         changes["updated_at"] = self.now
-        return self.base.model_copy(update=changes)
+        return evolve(self.base, changes)
 
     def update(self, name: str, **changes: Any) -> StepState:
-        state = self.steps[name].model_copy(update=changes)
+        state = evolve(self.steps[name], changes)
         self.steps[name] = state
         return state
 
+    # The values below are built with `trusted` (no validation): every field is given, with the type validation
+    # would give it (`float(...)` where a caller's clock may hand out ints).
+
     def record(self, type_: str, step: str | None = None, attempt: int | None = None, **detail: Any) -> None:
-        self.history.append(HistoryEntry(at=self.now, type=type_, step=step, attempt=attempt, detail=detail))
+        fields = {"at": float(self.now), "type": type_, "step": step, "attempt": attempt, "detail": detail}
+        self.history.append(trusted(HistoryEntry, fields))
 
     def timer(self, kind: TimerKind, step: str | None, attempt: int, due_at: float) -> None:
-        tid = timer_id(self.saga_id, kind, step, attempt)
-        spec = TimerSpec(id=tid, saga_id=self.saga_id, timer=kind, step=step, attempt=attempt, due_at=due_at)
+        spec = trusted(TimerSpec, {
+            "id": timer_id(self.saga_id, kind, step, attempt), "saga_id": self.saga_id, "timer": kind,
+            "step": step, "attempt": attempt, "due_at": float(due_at),
+        })  # fmt: skip
         self.timers.append(spec)
+
+    def command(
+        self, step: StepDefinition, kind: MessageKind, attempt: int, type_: str, payload: dict[str, Any]
+    ) -> str:
+        mid = message_id(self.saga_id, step.name, kind, attempt)
+        self.commands.append(trusted(OutgoingCommand, {
+            "id": mid, "saga_id": self.saga_id, "saga_name": self.definition.name, "step": step.name, "kind": kind,
+            "attempt": attempt, "topic": step.command_topic, "type": type_, "payload": dict(payload),
+        }))  # fmt: skip
+        return mid
 
     def stage_steps(self) -> tuple[StepDefinition, ...]:
         return self.definition.stages[self.stage]
 
     def finish(self, consumed_timer: str | None = None) -> Decision:
         after = self.instance()
-        live = _live_timers(after)
-        cancels = sorted(t for t in _live_timers(self.base) - live if t != consumed_timer)
-        deadline = timer_id(self.saga_id, TimerKind.DEADLINE, None, 0)
-        settling = after.status.is_settled and not self.base.status.is_settled and not self.new_saga
-        if settling and self.base.deadline_at is not None and consumed_timer != deadline:
-            cancels.append(deadline)
-        # A timer set earlier in this decision is dropped when a later transition made it moot (e.g. parking).
-        timers = tuple(t for t in self.timers if t.id in live or t.timer is TimerKind.DEADLINE)
-        return Decision(
-            instance=after, commands=tuple(self.commands), timers=timers, cancel_timers=tuple(cancels),
-            history=tuple(self.history),
+        base = self.base
+        settled = after.status.is_settled
+        cancels = sorted(t for t in _timers_gone(base, after) if t != consumed_timer)
+        if settled and not base.status.is_settled and not self.new_saga and base.deadline_at is not None:
+            deadline = timer_id(self.saga_id, TimerKind.DEADLINE, None, 0)
+            if consumed_timer != deadline:
+                cancels.append(deadline)
+        # A timer set earlier in this decision is dropped when a later transition made it moot (e.g. parking):
+        # a step timer is kept only if it is the one its step's final state implies.
+        steps = after.steps
+        timers = tuple(
+            t for t in self.timers
+            if t.timer is TimerKind.DEADLINE
+            or (not settled and t.step is not None and _step_timer(after.id, t.step, steps[t.step]) == t.id)
         )  # fmt: skip
+        return trusted(Decision, {
+            "instance": after, "outcome": "applied", "reason": None, "commands": tuple(self.commands),
+            "timers": timers, "cancel_timers": tuple(cancels), "history": tuple(self.history),
+        })  # fmt: skip
+
+
+def _step_timer(saga_id: str, name: str, state: StepState) -> str | None:
+    """The timer a step's state implies, if any."""
+    kind = _STATUS_TIMER.get(state.status)
+    if kind is None:
+        return None
+    compensation = kind in (TimerKind.COMPENSATION_TIMEOUT, TimerKind.COMPENSATION_RETRY)
+    return timer_id(saga_id, kind, name, state.compensation_attempt if compensation else state.attempt)
+
+
+def _timers_gone(before: SagaInstance, after: SagaInstance) -> set[str]:
+    """`_live_timers(before) - _live_timers(after)`, looking only at the steps whose state changed: an unchanged
+    step implies the same timer before and after, and a timer id names its step, so no two steps share one."""
+    if before.status.is_settled:
+        return set()
+    if after.status.is_settled:
+        return _live_timers(before)
+    gone: set[str] = set()
+    new_steps = after.steps
+    for name, old in before.steps.items():
+        state = new_steps.get(name)
+        if state is old:
+            continue
+        previous = _step_timer(before.id, name, old)
+        if previous is not None and (state is None or previous != _step_timer(after.id, name, state)):
+            gone.add(previous)
+    return gone
 
 
 def _live_timers(instance: SagaInstance) -> set[str]:
@@ -226,7 +289,7 @@ def _send_stage(txn: _Txn, index: int) -> None:
 
 def _send_step(txn: _Txn, step: StepDefinition, attempt: int, **detail: Any) -> None:
     try:
-        payload = render_payload(step.payload, txn.instance().context)
+        payload = render_payload(step.payload, txn.context())
     except JMESPathError as exc:
         # Never sent, so it had no effect: the same as a business failure.
         txn.update(step.name, attempt=attempt)
@@ -237,14 +300,7 @@ def _send_step(txn: _Txn, step: StepDefinition, attempt: int, **detail: Any) -> 
         step.name, status=StepStatus.RUNNING, attempt=attempt, error=None, finished_at=None,
         started_at=txn.now if state.started_at is None else state.started_at,
     )  # fmt: skip
-    mid = message_id(txn.saga_id, step.name, MessageKind.COMMAND, attempt)
-    txn.commands.append(
-        OutgoingCommand(
-            id=mid, saga_id=txn.saga_id, saga_name=txn.definition.name, step=step.name,
-            kind=MessageKind.COMMAND, attempt=attempt, topic=step.command_topic, type=step.command,
-            payload=payload,
-        )
-    )
+    mid = txn.command(step, MessageKind.COMMAND, attempt, step.command, payload)
     txn.timer(TimerKind.STEP_TIMEOUT, step.name, attempt, txn.now + step.timeout)
     txn.record("step.sent", step.name, attempt, message_id=mid, type=step.command, **detail)
 
@@ -378,21 +434,14 @@ def _send_compensation(txn: _Txn, step: StepDefinition, attempt: int, **detail: 
     assert step.compensation is not None  # only steps with a compensation are ever targets
     txn.update(step.name, status=StepStatus.COMPENSATING, compensation_attempt=attempt)
     try:
-        payload = render_payload(step.compensation.payload, txn.instance().context)
+        payload = render_payload(step.compensation.payload, txn.context())
     except JMESPathError as exc:
         reason = f"compensation payload of step {step.name!r} could not be rendered: {exc}"
         txn.update(step.name, error=reason)
         _park(txn, reason)
         return
-    mid = message_id(txn.saga_id, step.name, MessageKind.COMPENSATION, attempt)
     command = step.compensation.command
-    txn.commands.append(
-        OutgoingCommand(
-            id=mid, saga_id=txn.saga_id, saga_name=txn.definition.name, step=step.name,
-            kind=MessageKind.COMPENSATION, attempt=attempt, topic=step.command_topic, type=command,
-            payload=payload,
-        )
-    )
+    mid = txn.command(step, MessageKind.COMPENSATION, attempt, command, payload)
     txn.timer(TimerKind.COMPENSATION_TIMEOUT, step.name, attempt, txn.now + step.timeout)
     txn.record("compensation.sent", step.name, attempt, message_id=mid, type=command, **detail)
 

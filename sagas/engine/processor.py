@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ from sagas.engine.state import (
     SagaInstance,
     TimerFired,
     TimerSpec,
+    evolve,
 )
 from sagas.engine.wire import MalformedMessage, decode_reply, encode_command, reply_saga_id
 from sagas.errors import ConcurrencyConflict, OperatorError, UnknownDefinition, UnknownSaga
@@ -133,16 +134,19 @@ class Processor:
     async def _process_once(self, items: Sequence[Item], now: float, sent: Sequence[str]) -> BatchResult:
         work = UnitOfWork(sent=list(sent))
         results = [ItemResult() for _ in items]
-        decoded: dict[int, ReplyReceived] = {}
+        decoded: dict[int, tuple[ReplyReceived, str]] = {}
         saga_ids: set[str] = set()
+        debug = log.debug  # structlog's lazy proxy binds a logger on every attribute access: once per batch
         for index, item in enumerate(items):
             if isinstance(item, ReplyItem):
                 try:
-                    decoded[index] = decode_reply(item.message)
+                    reply = decode_reply(item.message)
                 except MalformedMessage as exc:
                     self._dead_letter(work, item.message, str(exc), now, results[index])
                     continue
-                saga_ids.add(reply_saga_id(item.message) or "")
+                saga_id = reply_saga_id(item.message) or ""
+                decoded[index] = (reply, saga_id)
+                saga_ids.add(saga_id)
             elif isinstance(item, TimerItem):
                 saga_ids.add(item.spec.saga_id)
             elif isinstance(item, OperatorItem):
@@ -150,7 +154,7 @@ class Processor:
 
         # Both reads queue on the store's reader at once: one wake-up of its thread instead of two in a row.
         seen, instances = await asyncio.gather(
-            self.store.seen([r.message_id for r in decoded.values()]) if decoded else _nothing(set[str]()),
+            self.store.seen([r.message_id for r, _ in decoded.values()]) if decoded else _nothing(set[str]()),
             self.store.load(sorted(saga_ids)) if saga_ids else _nothing(dict[str, SagaInstance]()),
         )
         read_version = {saga_id: inst.version for saga_id, inst in instances.items()}
@@ -169,10 +173,9 @@ class Processor:
                 if decision is None:
                     continue
                 created[decision.instance.id] = decision.instance
-                self._effects(work, decision, timers, cancelled)
+                self._effects(work, decision, timers, cancelled, debug)
             elif isinstance(item, ReplyItem):
-                reply = decoded[index]
-                saga_id = reply_saga_id(item.message) or ""
+                reply, saga_id = decoded[index]
                 if reply.message_id in seen or reply.message_id in applied_ids:
                     result.outcome = "ignored"
                     self._note(work, instances.get(saga_id), now, "message.duplicate", reply, "already applied")
@@ -200,7 +203,7 @@ class Processor:
                     log.info("reply ignored", saga_id=saga_id, step=reply.step, attempt=reply.attempt,
                              message_id=reply.message_id, reason=decision.reason)
                     continue
-                self._apply(work, decision, instances, created, dirty, timers, cancelled, result)
+                self._apply(work, decision, instances, created, dirty, timers, cancelled, result, debug)
             elif isinstance(item, TimerItem):
                 spec = item.spec
                 cancelled.add(spec.id)  # a fired timer is consumed whatever the machine decides
@@ -215,7 +218,7 @@ class Processor:
                 if decision.outcome != "applied":
                     result.outcome = decision.outcome
                     continue
-                self._apply(work, decision, instances, created, dirty, timers, cancelled, result)
+                self._apply(work, decision, instances, created, dirty, timers, cancelled, result, debug)
             else:
                 instance = instances.get(item.saga_id) or created.get(item.saga_id)
                 if instance is None:
@@ -228,13 +231,11 @@ class Processor:
                         f"saga {item.saga_id}: cannot {item.command.action}: {decision.reason}"
                     )
                     continue
-                self._apply(work, decision, instances, created, dirty, timers, cancelled, result)
+                self._apply(work, decision, instances, created, dirty, timers, cancelled, result, debug)
 
         work.inserts = list(created.values())
         # Each changed saga is written once, with the version it was read at, however many events it took.
-        work.updates = [
-            instances[saga_id].model_copy(update={"version": read_version[saga_id]}) for saga_id in sorted(dirty)
-        ]
+        work.updates = [evolve(instances[saga_id], {"version": read_version[saga_id]}) for saga_id in sorted(dirty)]
         work.timers = list(timers.values())
         work.cancel_timers = sorted(cancelled)
         if work:
@@ -272,6 +273,7 @@ class Processor:
         timers: dict[str, TimerSpec],
         cancelled: set[str],
         result: ItemResult,
+        debug: Callable[..., Any],
     ) -> None:
         instance = decision.instance
         if instance.id in created:
@@ -280,10 +282,15 @@ class Processor:
             instances[instance.id] = instance
             dirty.add(instance.id)
         result.instance = instance
-        self._effects(work, decision, timers, cancelled)
+        self._effects(work, decision, timers, cancelled, debug)
 
     def _effects(
-        self, work: UnitOfWork, decision: Decision, timers: dict[str, TimerSpec], cancelled: set[str]
+        self,
+        work: UnitOfWork,
+        decision: Decision,
+        timers: dict[str, TimerSpec],
+        cancelled: set[str],
+        debug: Callable[..., Any],
     ) -> None:
         saga_id = decision.instance.id
         now = decision.instance.updated_at
@@ -292,7 +299,7 @@ class Processor:
         for command in decision.commands:
             message = encode_command(command, reply_topic=self.reply_topic, at=now)
             work.outbox.append(OutboxMessage(command.id, saga_id, message, now))
-            log.debug("command", saga_id=saga_id, step=command.step, attempt=command.attempt,
+            debug("command", saga_id=saga_id, step=command.step, attempt=command.attempt,
                       message_id=command.id, kind=str(command.kind))
         for timer_id in decision.cancel_timers:
             timers.pop(timer_id, None)

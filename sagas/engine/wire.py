@@ -55,10 +55,23 @@ def _iso(at: float) -> str:
 _CONTENT_TYPE_HEADER = ("content-type", CONTENT_TYPE.encode())
 # json.dumps with options builds a new encoder per call; one shared encoder writes the same bytes.
 _BODY_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+# Headers are built below as literal tuples, without an attribute dict and a loop over it: the codec runs for every
+# command and every reply, on the event loop's thread.
+_SPECVERSION = ("ce_specversion", SPEC_VERSION.encode())
+_SOURCE = ("ce_source", SOURCE.encode())
+_SCHEMA = ("ce_sagaschema", SCHEMA_VERSION.encode())
+_KIND_REPLY = ("ce_sagakind", MessageKind.REPLY.value.encode())
 
 
-def _headers(attrs: dict[str, str]) -> tuple[tuple[str, bytes], ...]:
-    return (*[("ce_" + k, v.encode()) for k, v in attrs.items()], _CONTENT_TYPE_HEADER)
+@functools.lru_cache(maxsize=256)
+def _iso_bytes(at: float) -> bytes:
+    return _iso(at).encode()
+
+
+@functools.lru_cache(maxsize=64)
+def _encoded(value: str) -> bytes:
+    """For the few distinct values (kinds, outcomes, topics, sources) that repeat in every message."""
+    return value.encode()
 
 
 def _body(data: dict[str, Any]) -> bytes:
@@ -73,23 +86,22 @@ def _decode(value: bytes) -> str:
 
 
 def encode_command(command: OutgoingCommand, *, reply_topic: str, at: float) -> BrokerMessage:
-    attrs = {
-        "specversion": SPEC_VERSION,
-        "id": command.id,
-        "source": SOURCE,
-        "type": command.type,
-        "subject": command.saga_id,
-        "time": _iso(at),
-        "saganame": command.saga_name,
-        "sagastep": command.step,
-        "sagaattempt": str(command.attempt),
-        "sagakind": str(command.kind),
-        "sagareplyto": reply_topic,
-        "sagaschema": SCHEMA_VERSION,
-    }
-    return BrokerMessage(
-        topic=command.topic, key=command.saga_id, headers=_headers(attrs), value=_body(command.payload)
+    headers = (
+        _SPECVERSION,
+        ("ce_id", command.id.encode()),
+        _SOURCE,
+        ("ce_type", command.type.encode()),
+        ("ce_subject", command.saga_id.encode()),
+        ("ce_time", _iso_bytes(at)),
+        ("ce_saganame", command.saga_name.encode()),
+        ("ce_sagastep", command.step.encode()),
+        ("ce_sagaattempt", str(command.attempt).encode()),
+        ("ce_sagakind", _encoded(str(command.kind))),
+        ("ce_sagareplyto", _encoded(reply_topic)),
+        _SCHEMA,
+        _CONTENT_TYPE_HEADER,
     )
+    return BrokerMessage(topic=command.topic, key=command.saga_id, headers=headers, value=_body(command.payload))
 
 
 def encode_reply(
@@ -102,29 +114,48 @@ def encode_reply(
     at: float,
     reason: str | None = None,
 ) -> BrokerMessage:
-    attrs = {
-        "specversion": SPEC_VERSION,
-        "id": f"{command.id}/reply",
-        "source": source,
-        "type": type,
-        "subject": command.saga_id,
-        "time": _iso(at),
-        "sagastep": command.step,
-        "sagaattempt": str(command.attempt),
-        "sagakind": str(MessageKind.REPLY),
-        "sagacausation": command.id,
-        "sagaoutcome": str(outcome),
-        "sagaschema": SCHEMA_VERSION,
-    }
+    headers = [
+        _SPECVERSION,
+        ("ce_id", f"{command.id}/reply".encode()),
+        ("ce_source", _encoded(source)),
+        ("ce_type", type.encode()),
+        ("ce_subject", command.saga_id.encode()),
+        ("ce_time", _iso_bytes(at)),
+        ("ce_sagastep", command.step.encode()),
+        ("ce_sagaattempt", str(command.attempt).encode()),
+        _KIND_REPLY,
+        ("ce_sagacausation", command.id.encode()),
+        ("ce_sagaoutcome", _encoded(str(outcome))),
+        _SCHEMA,
+    ]
     if reason:
-        attrs["sagareason"] = reason[:500]
-    return BrokerMessage(topic=command.reply_topic, key=command.saga_id, headers=_headers(attrs), value=_body(data))
+        headers.append(("ce_sagareason", reason[:500].encode()))
+    headers.append(_CONTENT_TYPE_HEADER)
+    return BrokerMessage(topic=command.reply_topic, key=command.saga_id, headers=tuple(headers), value=_body(data))
+
+
+_ATTRIBUTE_NAMES: dict[str, str] = {}
+"""Header name -> CloudEvents attribute name ("ce_id" -> "id"), "" for other headers: the slicing is paid once."""
+_KINDS = {kind.value: kind for kind in MessageKind}
+_OUTCOMES = {outcome.value: outcome for outcome in Outcome}
 
 
 def _attrs(message: BrokerMessage, required: tuple[str, ...]) -> dict[str, str]:
     if len(message.value) > MAX_MESSAGE_BYTES:
         raise MalformedMessage(f"message of {len(message.value)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
-    attrs = {k[3:]: _decode(v) for k, v in message.headers if k[:3] == "ce_"}
+    attrs: dict[str, str] = {}
+    names = _ATTRIBUTE_NAMES
+    for key, value in message.headers:
+        name = names.get(key)
+        if name is None:
+            name = key[3:] if key[:3] == "ce_" else ""
+            if len(names) < 1024:  # header names come from the network: bound what is remembered
+                names[key] = name
+        if name:
+            try:
+                attrs[name] = value.decode()
+            except UnicodeDecodeError:
+                attrs[name] = _decode(value)
     missing = [name for name in required if not attrs.get(name)]
     if missing:
         raise MalformedMessage(f"missing attribute(s): {', '.join('ce_' + m for m in missing)}")
@@ -164,12 +195,11 @@ def decode_reply(message: BrokerMessage) -> ReplyReceived:
     )
     if attrs["sagakind"] != MessageKind.REPLY:
         raise MalformedMessage(f"ce_sagakind is {attrs['sagakind']!r}, expected 'reply'")
-    try:
-        outcome = Outcome(attrs["sagaoutcome"])
-    except ValueError:
+    outcome = _OUTCOMES.get(attrs["sagaoutcome"])
+    if outcome is None:
         raise MalformedMessage(
             f"ce_sagaoutcome {attrs['sagaoutcome']!r} is not one of success, failure, retry"
-        ) from None
+        )
     causation = attrs["sagacausation"]
     parts = causation.rsplit("/", 3)
     kinds = (MessageKind.COMMAND, MessageKind.COMPENSATION)
@@ -182,7 +212,7 @@ def decode_reply(message: BrokerMessage) -> ReplyReceived:
         causation_id=causation,
         step=attrs["sagastep"],
         attempt=_attempt(attrs),
-        kind=MessageKind(parts[2]),
+        kind=_KINDS[parts[2]],
         outcome=outcome,
         type=attrs["type"],
         data=_data(message),
@@ -207,7 +237,7 @@ def decode_command(message: BrokerMessage) -> CommandMessage:
         saga_id=attrs["subject"],
         saga_name=attrs.get("saganame", ""),
         step=attrs["sagastep"],
-        kind=MessageKind(attrs["sagakind"]),
+        kind=_KINDS[attrs["sagakind"]],
         attempt=_attempt(attrs),
         type=attrs["type"],
         data=_data(message),
