@@ -247,7 +247,13 @@ class ParticipantWorker:
     async def _loop(self) -> None:
         assert self._consumer is not None
         while True:
-            deliveries = await self._consumer.fetch(self.batch_max, timeout=0.5)
+            try:
+                deliveries = await self._consumer.fetch(self.batch_max, timeout=0.5)
+            except Exception:
+                # A broker outage must not end the worker: it would stop answering without a word.
+                log.exception("participant fetch failed; retrying", participant=self.participant.name)
+                await asyncio.sleep(0.5)
+                continue
             if not deliveries:
                 continue
             try:

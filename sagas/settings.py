@@ -37,9 +37,13 @@ class KafkaSettings(BaseModel):
 
     def broker_options(self) -> dict[str, Any]:
         """Keyword arguments for `KafkaBroker` (the SSL files become an ssl_context there)."""
-        client = self.model_dump(exclude={"partitions", "replication_factor"}, exclude_none=True)
-        return {"partitions": self.partitions, "replication_factor": self.replication_factor,
-                "client_options": client}
+        # Only what was set explicitly: the broker URL's own query (?partitions=6, credentials → SASL_SSL)
+        # must not be overridden by these defaults.
+        chosen = self.model_dump(exclude_unset=True, exclude_none=True)
+        options: dict[str, Any] = {k: chosen.pop(k) for k in ("partitions", "replication_factor") if k in chosen}
+        if chosen:
+            options["client_options"] = chosen
+        return options
 
 
 class SagasSettings(BaseSettings):

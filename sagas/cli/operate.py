@@ -63,9 +63,13 @@ def _run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def _admin_call(db_url: str, call: Callable[[SagaAdmin], Awaitable[T]]) -> T:
+    from sagas.settings import SagasSettings
+
+    reply_topic = SagasSettings().reply_topic  # SAGAS_REPLY_TOPIC: commands we write must name the engine's topic
+
     async def go() -> T:
         async with _store(db_url) as store:
-            return await call(SagaAdmin(store))
+            return await call(SagaAdmin(store, reply_topic=reply_topic))
 
     return _run(go)
 

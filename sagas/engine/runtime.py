@@ -43,7 +43,7 @@ from sagas.engine.processor import (
     TimerItem,
 )
 from sagas.engine.state import OperatorCommand, SagaInstance
-from sagas.errors import SagaError, StoreError, UnknownSaga
+from sagas.errors import BrokerError, SagaError, StoreError, UnknownSaga
 
 log = structlog.get_logger("sagas.engine")
 
@@ -88,6 +88,8 @@ class EngineSettings:
     timer_interval: float | None = 0.05
     """None: timers fire only through `fire_due_timers()` (the test harness drives a virtual clock)."""
     outage_backoff_max: float = 5.0
+    outage_log_after: float = 5.0
+    """Seconds a publish may stay unacknowledged before the engine logs the broker as unavailable."""
     retention: float | None = None
     """Seconds to keep inbox ids, sent outbox rows and finished sagas' history; None keeps everything."""
     retention_interval: float = 600.0
@@ -141,6 +143,7 @@ class Engine:
         self._consumer: Consumer | None = None
         self._stopping = asyncio.Event()
         self._busy = 0
+        self._store_down_since: float | None = None
         self._gc_raised = False
         self.stats = {"batches": 0, "items": 0, "published": 0, "relayed": 0, "timers": 0}
 
@@ -321,7 +324,10 @@ class Engine:
                 first = await asyncio.wait_for(self._queue.get(), timeout=0.1)
             except TimeoutError:
                 if self._sent:
-                    await self._with_retry(lambda: self._commit_sent())
+                    try:
+                        await self._with_retry(lambda: self._commit_sent())
+                    except Exception:  # kept in self._sent: the next commit marks them
+                        log.exception("marking messages sent failed; will retry")
                 continue
             self._busy += 1
             try:
@@ -368,7 +374,13 @@ class Engine:
                 pending.future.set_result(result)
         deliveries = [p.item.delivery for p in batch if isinstance(p.item, ReplyItem) and p.item.delivery]
         if deliveries and self._consumer is not None:
-            await self._consumer.commit(deliveries)
+            try:
+                await self._consumer.commit(deliveries)
+            except BrokerError as exc:
+                # Not fatal: the state is committed; the replies come again after a rebalance or a restart and
+                # the inbox drops them. What this batch produced must still be published and its waiters woken.
+                log.warning("broker unavailable; reply offsets not committed", error=str(exc),
+                            replies=len(deliveries))
         if outcome.published:
             self._in_flight.update(m.id for m in outcome.published)
             self._publish_queue.put_nowait(outcome.published)
@@ -380,22 +392,50 @@ class Engine:
     async def _with_retry(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Retry store calls through an outage: log it once, back off, and carry on when it is back."""
         delay = 0.05
-        outage_since: float | None = None
         while True:
             try:
                 result = await call()
             except StoreError as exc:
-                if not exc.retriable:
+                if not self._store_failed(exc):
                     raise
-                if outage_since is None:
-                    outage_since = time.monotonic()
-                    log.error("store unavailable; retrying", error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.outage_backoff_max)
                 continue
-            if outage_since is not None:
-                log.warning("store available again", outage_seconds=round(time.monotonic() - outage_since, 1))
+            self._store_ok()
             return result
+
+    def _store_failed(self, exc: StoreError) -> bool:
+        """Note a failed store call; True when it is an outage. Whichever loop notices first logs it, once."""
+        if not exc.retriable:
+            return False
+        if self._store_down_since is None:
+            self._store_down_since = time.monotonic()
+            log.error("store unavailable; retrying", error=str(exc))
+        return True
+
+    def _store_ok(self) -> None:
+        if self._store_down_since is not None:
+            outage = round(time.monotonic() - self._store_down_since, 1)
+            self._store_down_since = None
+            log.warning("store available again", outage_seconds=outage)
+
+    async def _polling(self, call: Callable[[], Awaitable[Any]], interval: float, failed: str) -> None:
+        """Run `call` every `interval` seconds for ever. A store outage is logged once (and its end) and backs
+        off; any other error is logged and the loop carries on: a loop that dies leaves a process doing nothing."""
+        delay = interval
+        while True:
+            try:
+                await call()
+                self._store_ok()
+                delay = interval
+            except StoreError as exc:
+                if not self._store_failed(exc):
+                    log.error(failed, error=str(exc))
+                delay = min(max(delay * 2, 0.05), self.settings.outage_backoff_max)
+            except Exception:
+                log.exception(failed)
+                delay = min(max(delay * 2, 0.05), self.settings.outage_backoff_max)
+            await asyncio.sleep(delay)
 
     async def _publisher_loop(self) -> None:
         while True:
@@ -410,8 +450,16 @@ class Engine:
         delay = 0.05
         outage_since: float | None = None
         while True:
+            # A broker client may wait out a lost connection inside publish() (aiokafka does, for up to its
+            # request timeout) instead of raising: an unacknowledged publish is an outage too.
+            publishing = asyncio.ensure_future(self.broker.publish([m.message for m in messages]))
             try:
-                await self.broker.publish([m.message for m in messages])
+                done, _ = await asyncio.wait({publishing}, timeout=self.settings.outage_log_after)
+                if not done and outage_since is None:
+                    outage_since = time.monotonic() - self.settings.outage_log_after
+                    log.error("broker unavailable; retrying publish", messages=len(messages),
+                              error=f"not acknowledged within {self.settings.outage_log_after:g}s")
+                await publishing
                 break
             except SagaError as exc:
                 if getattr(exc, "retriable", False) is False:
@@ -421,6 +469,9 @@ class Engine:
                     log.error("broker unavailable; retrying publish", error=str(exc), messages=len(messages))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.outage_backoff_max)
+            finally:
+                if not publishing.done():
+                    publishing.cancel()
         if outage_since is not None:
             log.warning("broker available again", outage_seconds=round(time.monotonic() - outage_since, 1))
         self._sent.extend(m.id for m in messages)
@@ -442,12 +493,7 @@ class Engine:
                 await self._queue.put(_Pending(ReplyItem(delivery.message, delivery)))
 
     async def _relay_loop(self) -> None:
-        while True:
-            try:
-                await self.relay_once()
-            except SagaError as exc:
-                log.error("outbox relay failed; will retry", error=str(exc))
-            await asyncio.sleep(self.settings.relay_interval)
+        await self._polling(self.relay_once, self.settings.relay_interval, "outbox relay failed; will retry")
 
     async def relay_once(self) -> int:
         """Publish committed outbox rows that the fast path did not (crash, CLI, lost publish)."""
@@ -461,20 +507,13 @@ class Engine:
         return len(orphans)
 
     async def _retention_loop(self, retention: float) -> None:
-        while True:
-            try:
-                removed = await self.store.purge(self.clock.now() - retention)
-                if any((removed.inbox, removed.outbox, removed.history, removed.instances)):
-                    log.info("retention clean-up", inbox=removed.inbox, outbox=removed.outbox,
-                             history=removed.history, instances=removed.instances)
-            except SagaError as exc:
-                log.error("retention clean-up failed; will retry", error=str(exc))
-            await asyncio.sleep(self.settings.retention_interval)
+        async def purge() -> None:
+            removed = await self.store.purge(self.clock.now() - retention)
+            if any((removed.inbox, removed.outbox, removed.history, removed.instances)):
+                log.info("retention clean-up", inbox=removed.inbox, outbox=removed.outbox,
+                         history=removed.history, instances=removed.instances)
+
+        await self._polling(purge, self.settings.retention_interval, "retention clean-up failed; will retry")
 
     async def _timer_loop(self, interval: float) -> None:
-        while True:
-            try:
-                await self.fire_due_timers()
-            except SagaError as exc:
-                log.error("timer poll failed; will retry", error=str(exc))
-            await asyncio.sleep(interval)
+        await self._polling(self.fire_due_timers, interval, "timer poll failed; will retry")

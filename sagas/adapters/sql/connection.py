@@ -244,7 +244,17 @@ def is_retriable(error: BaseException) -> bool:
             code = getattr(error.orig, "sqlite_errorcode", None)
             return isinstance(code, int) and code & 0xFF in _RETRIABLE_SQLITE_CODES
         return isinstance(error, exc.OperationalError | exc.InterfaceError)
+    if _raw_driver_error(error):
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            return sqlstate.startswith(_RETRIABLE_SQLSTATES)
     return isinstance(error, exc.DisconnectionError | exc.TimeoutError | OSError | TimeoutError)
+
+
+def _raw_driver_error(error: BaseException) -> bool:
+    """An asyncpg exception that SQLAlchemy did not wrap: those raised while the pool opens a connection
+    (sqlalchemy/sqlalchemy#11956), e.g. CannotConnectNowError (57P03) while the server shuts down or starts up."""
+    return type(error).__module__.split(".")[0] == "asyncpg"
 
 
 @contextlib.contextmanager
@@ -253,6 +263,10 @@ def _mapped_errors() -> Iterator[None]:
     try:
         yield
     except (exc.SQLAlchemyError, OSError, TimeoutError) as error:
+        raise StoreError(f"store failed: {_describe(error)}", retriable=is_retriable(error)) from error
+    except Exception as error:
+        if not _raw_driver_error(error):
+            raise
         raise StoreError(f"store failed: {_describe(error)}", retriable=is_retriable(error)) from error
 
 
