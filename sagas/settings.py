@@ -24,7 +24,7 @@ from sagas.engine.runtime import DEFAULT_GROUP, DEFAULT_REPLY_TOPIC, EngineSetti
 class KafkaSettings(BaseModel):
     """Passed through to aiokafka; see its documentation for each option."""
 
-    partitions: int = Field(4, ge=1, description="Partitions of topics the engine creates.")
+    partitions: int = Field(3, ge=1, description="Partitions of topics the engine creates (as KafkaBroker).")
     replication_factor: int = Field(1, ge=1)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: str | None = None
