@@ -1,4 +1,4 @@
-"""End-to-end saga throughput on the embedded default, side by side with the raw sqlite3 commit rate.
+"""End-to-end saga throughput, side by side with the raw commit rate of the database measured in the same run.
 
 N three-step sagas (reserve → charge → ship, all succeed) run on a SQLite FILE store and the in-memory broker, with
 three in-process participants (`sagas.participant.Participant`), each on its own SQLite file, so their dedup records
@@ -8,7 +8,13 @@ one's latency runs from the `start_saga` call until `Engine.wait` returns it set
 In the same run, plain `sqlite3` (WAL, synchronous=NORMAL, one small insert per transaction) gives the machine's
 commit rate: a design that commits once per event cannot beat it, divided by the four events of a saga.
 
-    .venv/bin/python bench/saga_throughput.py [--sagas 5000] [--concurrency 200] [--db DIR] [--profile]
+With ``--db postgresql+asyncpg://...`` the engine's store is a fresh PostgreSQL schema (created, then dropped), and
+the raw rate is asyncpg's (one small INSERT per transaction, sequential); with ``--broker kafka://...`` messages go
+through Kafka, on topics and consumer groups named for this run (the topics are deleted at the end). The participants
+stay in-process, and their dedup databases stay SQLite files in either case.
+
+    .venv/bin/python bench/saga_throughput.py [--sagas 5000] [--concurrency 200] [--db DIR|URL] [--broker URL]
+        [--profile]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import asyncio
 import contextlib
 import cProfile
+import dataclasses
 import gc
 import io
 import os
@@ -25,7 +32,9 @@ import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +44,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sagas.adapters.kafka import KafkaBroker, parse_kafka_url
 from sagas.adapters.memory import MemoryBroker
+from sagas.adapters.ports import Broker
 from sagas.adapters.sql import SqlStore
 from sagas.definitions.model import SagaDefinition
-from sagas.engine.runtime import Engine
+from sagas.engine.runtime import Engine, EngineSettings
 from sagas.engine.state import SagaStatus
 from sagas.engine.wire import CommandMessage
 from sagas.logs import configure_logging
@@ -47,13 +58,15 @@ from sagas.participant import Participant
 STEPS = (("reserve", "inventory", "Reserve"), ("charge", "payment", "Charge"), ("ship", "shipping", "Ship"))
 
 
-def definition() -> SagaDefinition:
-    """The three-step order saga of the engine tests (tests/engine/support.py `three_steps`)."""
+def definition(prefix: str = "") -> SagaDefinition:
+    """The three-step order saga of the engine tests (tests/engine/support.py `three_steps`); `prefix` goes before
+    its command topics (``<prefix><participant>.commands``)."""
     retry = {"max_attempts": 3, "initial_backoff": 1.0, "multiplier": 2.0, "max_backoff": 10.0, "jitter": 0.0}
     steps = [
         {"name": name, "participant": participant, "command": command, "timeout": 30.0, "retry": retry,
          "payload": {"order": "input.order_id", "amount": "input.amount"},
-         "compensation": {"command": f"Undo{command}", "payload": {"order": "input.order_id"}}}
+         "compensation": {"command": f"Undo{command}", "payload": {"order": "input.order_id"}},
+         **({"topic": f"{prefix}{participant}.commands"} if prefix else {})}
         for name, participant, command in STEPS
     ]
     return SagaDefinition.model_validate({
@@ -63,9 +76,9 @@ def definition() -> SagaDefinition:
     })
 
 
-def participant(name: str, command: str) -> Participant:
+def participant(name: str, command: str, prefix: str = "") -> Participant:
     """A participant whose handlers succeed at once; its dedup record is its only write."""
-    service = Participant(name)
+    service = Participant(name, topic=f"{prefix}{name}.commands", group=f"{prefix}{name}-participant")
 
     async def handle(message: CommandMessage, tx: AsyncConnection) -> dict[str, Any]:
         return {"by": message.type}
@@ -95,6 +108,53 @@ class GcTimer:
             self.by_generation[info["generation"]] += spent
 
 
+class ThreadClock:
+    """CPU seconds per thread (Linux: each thread's CPU-time clock), summed by role."""
+
+    ROLES = (
+        ("sagas-sqlite-write", "store writer"),
+        ("sagas-sqlite-read", "store reader"),
+        ("MainThread", "event loop"),
+    )
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> dict[int, tuple[str, float]]:
+        found: dict[int, tuple[str, float]] = {}
+        for thread in threading.enumerate():
+            if thread.ident is None:
+                continue
+            try:
+                clock = time.pthread_getcpuclockid(thread.ident)
+                found[thread.ident] = (thread.name, time.clock_gettime(clock))
+            except (OSError, AttributeError):  # the thread ended meanwhile, or not Linux
+                continue
+        return found
+
+    def spent(self) -> dict[str, float]:
+        """CPU seconds since construction, per role (threads that ended meanwhile are not counted)."""
+        by_role: dict[str, float] = {}
+        for ident, (name, now) in self._sample().items():
+            role = next((r for prefix, r in self.ROLES if name.startswith(prefix)), "other threads")
+            before = self._start.get(ident, (name, 0.0))[1]
+            by_role[role] = by_role.get(role, 0.0) + now - before
+        return by_role
+
+
+def machine_busy() -> float:
+    """CPU seconds all processes of the machine have spent busy since boot (Linux /proc/stat; 0 elsewhere): the
+    database server and the broker included, and whatever else runs."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(n) for n in stat.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class SagaRun:
     sagas: int
@@ -106,25 +166,66 @@ class SagaRun:
     """CPU seconds of the whole process (every thread) during the run."""
     loop_cpu: float
     """CPU seconds of the event loop's thread: engine, participants, broker (the GIL-bound part)."""
+    threads: dict[str, float]
+    """CPU seconds per thread role."""
+    machine: float
+    """CPU seconds the whole machine was busy during the run (every process)."""
     gc: GcTimer
 
 
+@dataclass
+class Setup:
+    """Where the engine runs: database, broker, and the names that keep this run apart from others."""
+
+    directory: Path
+    """The participants' SQLite files (and the engine's in the default mode)."""
+    db_url: str | None = None
+    """PostgreSQL URL, or None for the SQLite file store in `directory`."""
+    schema: str | None = None
+    broker_url: str | None = None
+    """kafka:// URL, or None for the in-memory broker."""
+    prefix: str = ""
+    """Before every topic and group name (Kafka)."""
+    batch_max: int | None = None
+    """`EngineSettings.batch_max` (None: the default)."""
+
+    def store(self) -> SqlStore:
+        if self.db_url is None:
+            return SqlStore(f"sqlite+aiosqlite:///{self.directory / 'engine.db'}")
+        return SqlStore(self.db_url, schema=self.schema)
+
+    def broker(self) -> Broker:
+        return MemoryBroker() if self.broker_url is None else KafkaBroker.from_url(self.broker_url)
+
+    def settings(self) -> EngineSettings:
+        settings = EngineSettings()
+        if self.prefix:
+            settings = dataclasses.replace(settings, reply_topic=f"{self.prefix}replies", group=f"{self.prefix}engine")
+        if self.batch_max is not None:
+            settings = dataclasses.replace(settings, batch_max=self.batch_max)
+        return settings
+
+    def topics(self) -> list[str]:
+        return [f"{self.prefix}{service}.commands" for _, service, _ in STEPS] + [self.settings().reply_topic]
+
+
 @contextlib.asynccontextmanager
-async def running(directory: Path) -> AsyncIterator[Engine]:
-    broker = MemoryBroker()
-    store = SqlStore(f"sqlite+aiosqlite:///{directory / 'engine.db'}")
-    engine = Engine(store=store, broker=broker, definitions=[definition()])
+async def running(setup: Setup) -> AsyncIterator[Engine]:
+    broker = setup.broker()  # shared by the engine and the participants: one producer, one consumer each
+    store = setup.store()
+    engine = Engine(store=store, broker=broker, definitions=[definition(setup.prefix)], settings=setup.settings())
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(store.close)  # exits run last-in first-out: after the engine stopped
         await stack.enter_async_context(engine)
         for _, service, command in STEPS:
-            url = f"sqlite+aiosqlite:///{directory / f'{service}.db'}"
-            await stack.enter_async_context(participant(service, command).serve(broker=broker, database_url=url))
+            url = f"sqlite+aiosqlite:///{setup.directory / f'{service}.db'}"
+            worker = participant(service, command, setup.prefix).serve(broker=broker, database_url=url)
+            await stack.enter_async_context(worker)
         yield engine
 
 
-async def run_sagas(directory: Path, sagas: int, concurrency: int, *, gc_freeze: bool = False) -> SagaRun:
-    async with running(directory) as engine:
+async def run_sagas(setup: Setup, sagas: int, concurrency: int, *, gc_freeze: bool = False) -> SagaRun:
+    async with running(setup) as engine:
         gate = asyncio.Semaphore(concurrency)
         latencies: list[float] = []
         completed = 0
@@ -147,14 +248,16 @@ async def run_sagas(directory: Path, sagas: int, concurrency: int, *, gc_freeze:
         completed = 0
         collector = GcTimer()
         gc.callbacks.append(collector)
-        started, cpu, loop_cpu = time.perf_counter(), time.process_time(), time.thread_time()
+        threads = ThreadClock()
+        busy, started, cpu, loop_cpu = machine_busy(), time.perf_counter(), time.process_time(), time.thread_time()
         try:
             await asyncio.gather(*(one(i) for i in range(50, 50 + sagas)))
         finally:
             gc.callbacks.remove(collector)
         seconds = time.perf_counter() - started
         cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
-        return SagaRun(sagas, seconds, latencies, completed, dict(engine.stats), cpu, loop_cpu, collector)
+        spent, busy = threads.spent(), machine_busy() - busy
+        return SagaRun(sagas, seconds, latencies, completed, dict(engine.stats), cpu, loop_cpu, spent, busy, collector)
 
 
 def raw_commit_rate(path: Path, seconds: float) -> float:
@@ -174,12 +277,64 @@ def raw_commit_rate(path: Path, seconds: float) -> float:
     return commits / elapsed
 
 
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def pg_schema(url: str, schema: str, *, create: bool) -> str:
+    """Create (or drop, with everything in it) `schema`; the server's version."""
+    import asyncpg
+
+    connection = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        if create:
+            await connection.execute(f'CREATE SCHEMA "{schema}"')
+        else:
+            await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        return str(await connection.fetchval("SHOW server_version"))
+    finally:
+        await connection.close()
+
+
+async def pg_raw_commit_rate(url: str, schema: str, seconds: float) -> tuple[float, str]:
+    """Commits per second of asyncpg inserting one small row per transaction (BEGIN, INSERT, COMMIT), sequential,
+    in `schema`; and the server's synchronous_commit setting."""
+    import asyncpg
+
+    connection = await asyncpg.connect(_asyncpg_dsn(url), server_settings={"search_path": f'"{schema}"'})
+    try:
+        await connection.execute("CREATE TABLE raw_commits (id BIGSERIAL PRIMARY KEY, v TEXT)")
+        insert = await connection.prepare("INSERT INTO raw_commits (v) VALUES ('x')")
+        synchronous = str(await connection.fetchval("SHOW synchronous_commit"))
+        commits, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            async with connection.transaction():
+                await insert.fetch()
+            commits += 1
+        elapsed = time.perf_counter() - started
+        await connection.execute("DROP TABLE raw_commits")
+        return commits / elapsed, synchronous
+    finally:
+        await connection.close()
+
+
+async def delete_topics(url: str, topics: list[str]) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=",".join(parse_kafka_url(url).bootstrap_servers))
+    await admin.start()
+    try:
+        await admin.delete_topics(topics)
+    finally:
+        await admin.close()
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def report(run: SagaRun, raw: float) -> None:
+def report(run: SagaRun, raw: float, raw_label: str) -> None:
     rate = run.completed / run.seconds
     batches = max(run.stats["batches"], 1)
     print(f"sagas: {run.sagas} (3 steps each), completed {run.completed} in {run.seconds:.2f}s")
@@ -190,11 +345,17 @@ def report(run: SagaRun, raw: float) -> None:
           f"{run.stats['items'] / batches:,.1f} events per commit")
     print(f"CPU:                    {run.cpu:.2f}s ({run.cpu / run.sagas * 1000:.2f} ms per saga), of which the event "
           f"loop's thread {run.loop_cpu:.2f}s ({run.loop_cpu / run.seconds:.0%} busy)")
+    per_thread = ", ".join(f"{role} {seconds / run.sagas * 1000:.2f}"
+                           for role, seconds in sorted(run.threads.items(), key=lambda kv: -kv[1]))
+    print(f"CPU per saga by thread: {per_thread} ms")
+    print(f"machine CPU (all processes: database server, broker, anything else running): {run.machine:.2f}s, "
+          f"{run.machine / run.sagas * 1000:.2f} ms per saga, {run.machine / run.seconds / (os.cpu_count() or 1):.0%} "
+          f"of {os.cpu_count()} CPUs")
     print(f"garbage collector:      {run.gc.seconds:.2f}s in {sum(run.gc.collections):,} collections at thresholds "
           f"{'/'.join(str(n) for n in run.gc.threshold)} "
           f"(gen0/1/2: {'/'.join(str(n) for n in run.gc.collections)}, taking "
           f"{'/'.join(f'{t:.2f}' for t in run.gc.by_generation)}s)")
-    print(f"raw sqlite3 commits/s:  {raw:,.0f} (WAL, synchronous=NORMAL, one 1-row insert per commit)")
+    print(f"raw commits/s:          {raw:,.0f} ({raw_label})")
     print(f"sagas/s ÷ raw commits/s: {rate / raw:.3f}  (one commit per event would cap it at 0.25)")
 
 
@@ -202,32 +363,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sagas", type=int, default=5000, help="sagas to run (after 50 warm-up sagas)")
     parser.add_argument("--concurrency", type=int, default=200, help="sagas in flight at once")
-    parser.add_argument("--db", type=Path, help="directory for the database files (default: a temporary one)")
-    parser.add_argument("--raw-seconds", type=float, default=2.0, help="time spent measuring raw sqlite3")
+    parser.add_argument("--db", help="a directory for the SQLite files (default: a temporary one), or a "
+                        "postgresql+asyncpg:// URL: the engine's store then goes in a schema created for the run")
+    parser.add_argument("--broker", help="a kafka:// URL (default: the in-memory broker)")
+    parser.add_argument("--batch-max", type=int, help="EngineSettings.batch_max: events per engine commit at most "
+                        "(default: the engine's)")
+    parser.add_argument("--raw-seconds", type=float, default=2.0, help="time spent measuring the raw commit rate")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the engine is up, so that "
                         "full collections skip everything allocated at start-up")
     parser.add_argument("--profile", action="store_true", help="profile the saga run with cProfile (event loop "
                         "thread only: SQLite work on the store's thread shows as waiting)")
     args = parser.parse_args()
     configure_logging(level="WARNING")  # what `sagas serve` sets up, quieter: a debug line per command is noise
+    postgres = args.db is not None and args.db.startswith("postgresql")
+    if args.db is not None and "://" in args.db and not postgres:
+        parser.error("--db takes a directory or a postgresql+asyncpg:// URL")
+    run_id = uuid.uuid4().hex[:10]
     with contextlib.ExitStack() as stack:
-        if args.db is None:
+        if args.db is None or postgres:
             directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sagas-bench-")))
         else:
-            directory = args.db
+            directory = Path(args.db)
             directory.mkdir(parents=True, exist_ok=True)
             for stale in directory.glob("*.db*"):
                 stale.unlink()
+        setup = Setup(directory, db_url=args.db if postgres else None, schema=f"sagas_bench_{run_id}" if postgres
+                      else None, broker_url=args.broker, prefix=f"bench-{run_id}." if args.broker else "",
+                      batch_max=args.batch_max)
         print(f"python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, "
-              f"concurrency {args.concurrency}, files in {directory}")
-        raw = raw_commit_rate(directory / "raw.db", args.raw_seconds)
+              f"load average {'/'.join(f'{n:.1f}' for n in os.getloadavg())}, concurrency {args.concurrency}")
+        if postgres:
+            assert setup.schema is not None
+            version = asyncio.run(pg_schema(args.db, setup.schema, create=True))
+            stack.callback(lambda: asyncio.run(pg_schema(args.db, setup.schema or "", create=False)))
+            raw, synchronous = asyncio.run(pg_raw_commit_rate(args.db, setup.schema, args.raw_seconds))
+            print(f"engine store: PostgreSQL {version}, schema {setup.schema} (dropped at the end)")
+            raw_label = (f"PostgreSQL through asyncpg: BEGIN, one 1-row INSERT, COMMIT, sequential; "
+                         f"synchronous_commit={synchronous}")
+        else:
+            raw = raw_commit_rate(directory / "raw.db", args.raw_seconds)
+            print(f"engine store: SQLite file in {directory}")
+            raw_label = "sqlite3: WAL, synchronous=NORMAL, one 1-row insert per commit"
+        if args.broker:
+            print(f"broker: Kafka {args.broker}, topics {', '.join(setup.topics())} (deleted at the end)")
+            stack.callback(lambda: asyncio.run(delete_topics(args.broker, setup.topics())))
+        else:
+            print("broker: in-memory")
+        print(f"participants: in-process, dedup records in SQLite files in {directory}")
         profiler = cProfile.Profile() if args.profile else None
         if profiler is not None:
             profiler.enable()
-        run = asyncio.run(run_sagas(directory, args.sagas, args.concurrency, gc_freeze=args.gc_freeze))
+        run = asyncio.run(run_sagas(setup, args.sagas, args.concurrency, gc_freeze=args.gc_freeze))
         if profiler is not None:
             profiler.disable()
-        report(run, raw)
+        report(run, raw, raw_label)
         if profiler is not None:
             for key in ("tottime", "cumulative"):
                 out = io.StringIO()

@@ -2,7 +2,7 @@
 
 The migrations in `migrations/versions/` create exactly this; a contract test compares the two with alembic's
 autogenerate so they cannot drift. Times are epoch seconds stored as double precision. Message bodies are
-bytes; headers are JSON lists of ``[name, base64 value]``.
+bytes; headers are JSON in the compact form described in `rows.py` (older rows: lists of ``[name, base64 value]``).
 """
 
 from __future__ import annotations

@@ -13,15 +13,18 @@ SQLite's ``BEGIN IMMEDIATE`` already excludes other writers) and every update is
 from __future__ import annotations
 
 import functools
+import itertools
+import operator
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
+from sqlalchemy.engine.interfaces import DBAPICursor
 
 from sagas.adapters.ports import OutboxMessage, RetentionResult, UnitOfWork
 from sagas.adapters.sql import rows
@@ -132,82 +135,148 @@ def _statements(dialect: str) -> _DialectStatements:
 def apply(connection: Connection, *, work: UnitOfWork, now: float) -> None:
     """Write `work`. `now` stamps the `sent` messages."""
     if work.inserts:
-        _executemany(connection, _insert_instances, [rows.instance_row(i, version=1) for i in work.inserts])
+        inserted = [rows.instance_values(i, version=1) for i in work.inserts]
+        _executemany(connection, _insert_instances, rows.INSTANCE_COLUMNS, inserted)
     if work.updates:
         _update_instances(connection, work.updates)
     if work.history:
-        _executemany(connection, _insert_events, [rows.history_row(h) for h in work.history])
+        _executemany(connection, _insert_events, rows.HISTORY_COLUMNS, list(map(rows.history_values, work.history)))
     if work.outbox:
-        _executemany(connection, _insert_outbox, [rows.outbox_row(m) for m in work.outbox])
+        _executemany(connection, _insert_outbox, rows.OUTBOX_COLUMNS, list(map(rows.outbox_values, work.outbox)))
     if work.inbox:
-        _executemany(connection, _insert_inbox, [rows.inbox_row(r) for r in work.inbox])
+        _executemany(connection, _insert_inbox, rows.INBOX_COLUMNS, list(map(rows.inbox_values, work.inbox)))
     statements = _statements(connection.dialect.name)
     if work.dead_letters:
         # A poison message redelivered after a crash is dead-lettered again under the same id: keep the first.
-        _executemany(connection, statements.insert_dead_letters, [rows.dead_letter_row(d) for d in work.dead_letters])
+        letters = list(map(rows.dead_letter_values, work.dead_letters))
+        _executemany(connection, statements.insert_dead_letters, rows.DEAD_LETTER_COLUMNS, letters)
     # Cancels before sets: when one unit both cancels and sets an id, the timer stays (a stale timer is
     # ignored by `decide`; a lost one would leave a saga waiting forever).
     for chunk in chunks(sorted(set(work.cancel_timers))):
         connection.execute(_delete_timers, {"ids": chunk})
     if work.timers:
         latest = {spec.id: spec for spec in work.timers}  # a multi-row upsert may not touch a row twice
-        _executemany(connection, statements.upsert_timers, [rows.timer_row(spec) for spec in latest.values()])
+        timer_rows = list(map(rows.timer_values, latest.values()))
+        _executemany(connection, statements.upsert_timers, rows.TIMER_COLUMNS, timer_rows)
     if work.sent:
         mark_sent(connection, ids=work.sent, at=now)
 
 
 def _update_instances(connection: Connection, updates: Sequence[SagaInstance]) -> None:
-    params: list[dict[str, Any]] = []
-    for instance in updates:
-        row = rows.instance_row(instance, version=instance.version + 1)
-        row["b_id"], row["b_expected"] = row.pop("id"), instance.version
-        params.append(row)
+    params = list(map(rows.update_values, updates))
     if connection.dialect.supports_sane_multi_rowcount:
         # SQLite: BEGIN IMMEDIATE excludes other writers and executemany's rowcount is exact, so the guarded
         # updates alone tell whether every version matched; which ones did not is worked out after rollback.
-        if _executemany(connection, _update_instance, params) != len(params):
+        if _executemany(connection, _update_instance, rows.UPDATE_COLUMNS, params) != len(params):
             raise VersionMismatch
         return
     # PostgreSQL (asyncpg reports no rowcount for executemany): read the versions under row locks first.
     stale = stale_updates(connection, updates, lock=True)
     if stale:
         raise ConcurrencyConflict(stale)
-    _executemany(connection, _update_instance, params)
+    _executemany(connection, _update_instance, rows.UPDATE_COLUMNS, params)
 
 
-def _executemany(connection: Connection, statement: sa.Executable, params: list[dict[str, Any]]) -> int:
-    """Run `statement` once per row of `params`; the number of rows it changed (SQLite only: -1 elsewhere).
+def _executemany(
+    connection: Connection, statement: sa.Executable, columns: tuple[str, ...], params: list[tuple[Any, ...]]
+) -> int:
+    """Run `statement` once per row of `params` (values in the order of `columns`); the number of rows it changed
+    (SQLite only: -1 elsewhere).
 
-    On SQLite the statement, compiled once, goes straight to the sqlite3 cursor: SQLAlchemy's per-execution
-    work (cache key, parameter processing) costs several times what SQLite takes to run a small statement, and
-    it is paid on every commit. Values must therefore be ready for the driver (JSON as `Encoded` text), which
-    is how `rows` builds them. Driver errors are wrapped as SQLAlchemy's, like any other statement's.
+    The statement is compiled once per dialect and its rows go to the driver as they are: SQLAlchemy's
+    per-execution work (cache key, one parameter dict processed per row) costs several times what the database
+    takes to run a small statement, and it is paid on every commit. Values must therefore be ready for the
+    driver (JSON as `Encoded` text), which is how `rows` builds them. On SQLite they go straight to the sqlite3
+    cursor; elsewhere through `exec_driver_sql`, which keeps SQLAlchemy's error handling (disconnects invalidate
+    the connection). Driver errors are wrapped as SQLAlchemy's, like any other statement's.
     """
-    if connection.dialect.name != "sqlite":
-        return connection.execute(statement, params).rowcount
-    sql, keys = _sqlite_sql(statement, tuple(params[0]))
+    dialect = connection.dialect
+    sql, order = _driver_sql(statement, columns, type(dialect).__name__, dialect)
+    rows = params if order is None else [order(row) for row in params]
+    if dialect.name != "sqlite":
+        return connection.exec_driver_sql(sql, rows).rowcount
     cursor = connection.connection.cursor()
     try:
-        cursor.executemany(sql, [tuple(row[key] for key in keys) for row in params])
-        return int(cursor.rowcount)
+        if not isinstance(statement, sa.Insert):
+            cursor.executemany(sql, rows)
+            return int(cursor.rowcount)
+        return _insert_rows(cursor, sql, rows)
     except sqlite3.Error as error:
         raise exc.DBAPIError.instance(sql, None, error, sqlite3.Error) from error
     finally:
         cursor.close()
 
 
-@functools.cache
-def _sqlite_sql(statement: sa.Executable, keys: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
-    """The SQLite SQL of `statement` for rows with these keys, and the order its parameters take them in."""
+ROWS_PER_INSERT = 64
+"""Rows per multi-row INSERT on SQLite (at most 10 columns each: far below its 32,766 bound parameters)."""
+
+
+def _insert_rows(cursor: DBAPICursor, sql: str, rows: list[tuple[Any, ...]]) -> int:
+    """Insert `rows` with multi-row ``INSERT ... VALUES (...), (...)`` statements: 64 rows at a time, then the rest
+    in power-of-two groups (a handful of distinct statements, which the driver's statement cache keeps).
+
+    The sqlite3 module releases the GIL around every step of a statement and takes it back afterwards: row by row,
+    a commit of a few hundred events would ask for the GIL a thousand times, and each time the event loop's thread
+    holds it, the writer waits for the interpreter's switch interval (5 ms). One step per 64 rows keeps the commit
+    short when the event loop is busy.
+    """
+    chained = itertools.chain.from_iterable
+    full = len(rows) - len(rows) % ROWS_PER_INSERT
+    if full:
+        groups = [tuple(chained(rows[i : i + ROWS_PER_INSERT])) for i in range(0, full, ROWS_PER_INSERT)]
+        cursor.executemany(_multi_row(sql, ROWS_PER_INSERT), groups)
+    start, size = full, ROWS_PER_INSERT // 2
+    while start < len(rows):
+        if len(rows) - start >= size:
+            cursor.execute(_multi_row(sql, size), tuple(chained(rows[start : start + size])))
+            start += size
+        size //= 2
+    return len(rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _multi_row(sql: str, rows: int) -> str:
+    """`sql`, an INSERT of one row (``VALUES (?, ...)``), made an INSERT of `rows` rows."""
+    if rows == 1:
+        return sql
+    head, values, rest = sql.partition(" VALUES ")
+    group = rest[: rest.index(")") + 1]
+    if not (values and group.startswith("(") and set(group[1:-1]) <= set("?, ")):
+        raise ValueError(f"not a one-row INSERT: {sql}")
+    return f"{head}{values}{', '.join([group] * rows)}{rest[len(group):]}"
+
+
+def _driver_sql(
+    statement: sa.Executable, columns: tuple[str, ...], kind: str, dialect: Dialect
+) -> tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]] | None]:
+    """The SQL of `statement` for rows of these columns on `dialect`, and how to reorder a row into the order its
+    positional parameters take (None: they take the row's own order). Cached by the dialect's class and
+    paramstyle (`kind` is the class's name), not by the dialect itself, of which every engine has its own."""
+    key = (statement, columns, kind, dialect.paramstyle)
+    found = _compiled.get(key)
+    if found is None:
+        found = _compiled[key] = _compile(statement, columns, dialect)
+    return found
+
+
+_compiled: dict[tuple[object, ...], tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]] | None]] = {}
+
+
+def _compile(
+    statement: sa.Executable, columns: tuple[str, ...], dialect: Dialect
+) -> tuple[str, Callable[[tuple[Any, ...]], tuple[Any, ...]] | None]:
     assert isinstance(statement, sa.ClauseElement)
-    compiled = statement.compile(dialect=_SQLITE, column_keys=list(keys))
+    compiled = statement.compile(dialect=dialect, column_keys=list(columns))
     order = tuple(getattr(compiled, "positiontup", None) or ())
-    missing = set(order) - set(keys)
+    assert order, f"{dialect.paramstyle!r} is not a positional paramstyle"
+    missing = set(order) - set(columns)
     assert not missing, f"parameters {missing} have no value in the rows: bind constants with sa.null()/literal"
-    return compiled.string, order
-
-
-_SQLITE = sqlite.dialect()
+    if order == columns:
+        return compiled.string, None
+    getter = operator.itemgetter(*(columns.index(name) for name in order))
+    if len(order) == 1:
+        return compiled.string, lambda row: (getter(row),)
+    return compiled.string, getter
 
 
 class VersionMismatch(Exception):
