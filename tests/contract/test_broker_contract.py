@@ -219,17 +219,6 @@ class BrokerContract:
         assert sorted(values(got)) == ["o", "p"]
         assert {d.message.topic for d in got} == {orders, payments}
 
-    async def test_another_process_sees_the_messages(
-        self, open_broker: OpenBroker, topic: str, group: str
-    ) -> None:
-        """A message published through one broker instance is consumed through another on that transport."""
-        publisher, subscriber = await open_broker(), await open_broker()
-        if isinstance(publisher, MemoryBroker):
-            pytest.skip("a MemoryBroker is its own transport")
-        consumer = await subscriber.subscribe([topic], group)
-        await publisher.publish([message(topic, "across")])
-        assert values(await collect(consumer, 1)) == ["across"]
-
     async def test_repeated_and_late_commits_are_harmless(
         self, broker: Broker, topic: str, group: str
     ) -> None:
@@ -255,6 +244,19 @@ class BrokerContract:
 
 
 # ---- in-memory ----------------------------------------------------------------------------------------
+
+
+class SharedTransportContract:
+    """For brokers that connect processes (not MemoryBroker, which is its own transport)."""
+
+    async def test_another_process_sees_the_messages(
+        self, open_broker: OpenBroker, topic: str, group: str
+    ) -> None:
+        """A message published through one broker instance is consumed through another on that transport."""
+        publisher, subscriber = await open_broker(), await open_broker()
+        consumer = await subscriber.subscribe([topic], group)
+        await publisher.publish([message(topic, "across")])
+        assert values(await collect(consumer, 1)) == ["across"]
 
 
 class TestMemoryBroker(BrokerContract):
@@ -305,7 +307,7 @@ class TestMemoryBroker(BrokerContract):
 # ---- SQL queue ----------------------------------------------------------------------------------------
 
 
-class TestSqlQueueBroker(BrokerContract):
+class TestSqlQueueBroker(BrokerContract, SharedTransportContract):
     @pytest.fixture
     def url(self, tmp_path: Path) -> str:
         return f"sqlite+aiosqlite:///{tmp_path / 'queue.db'}"
@@ -409,7 +411,7 @@ class TestSqlQueueBroker(BrokerContract):
 
 
 @pytest.mark.postgres
-class TestSqlQueueBrokerOnPostgres(BrokerContract):
+class TestSqlQueueBrokerOnPostgres(BrokerContract, SharedTransportContract):
     @pytest.fixture
     async def open_broker(self, pg_url: str) -> AsyncIterator[OpenBroker]:
         async with brokers(lambda: SqlQueueBroker(pg_url, prune_interval=0)) as open_broker:
@@ -420,7 +422,7 @@ class TestSqlQueueBrokerOnPostgres(BrokerContract):
 
 
 @pytest.mark.kafka
-class TestKafkaBroker(BrokerContract):
+class TestKafkaBroker(BrokerContract, SharedTransportContract):
     @pytest.fixture
     async def open_broker(self, kafka_url: str) -> AsyncIterator[OpenBroker]:
         from sagas.adapters.kafka import KafkaBroker
