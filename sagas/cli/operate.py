@@ -60,12 +60,20 @@ def _run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return asyncio.run(make())
     except SagaError as exc:
         raise fail(str(exc)) from None
+    except (ModuleNotFoundError, ValueError, OSError) as exc:
+        # Expected failures (bad URL, missing driver, unreadable file) get one line; bugs keep their traceback.
+        raise fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
 def _admin_call(db_url: str, call: Callable[[SagaAdmin], Awaitable[T]]) -> T:
+    from pydantic import ValidationError
+
     from sagas.settings import SagasSettings
 
-    reply_topic = SagasSettings().reply_topic  # SAGAS_REPLY_TOPIC: commands we write must name the engine's topic
+    try:
+        reply_topic = SagasSettings().reply_topic  # SAGAS_REPLY_TOPIC: commands we write name the engine's topic
+    except ValidationError as exc:
+        raise fail(f"settings from SAGAS_* environment variables: {exc.errors()[0]['msg']}") from None
 
     async def go() -> T:
         async with _store(db_url) as store:

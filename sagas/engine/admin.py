@@ -92,5 +92,7 @@ class SagaAdmin:
         message = BrokerMessage(topic=dead.message.topic, value=dead.message.value, key=dead.message.key,
                                 headers=headers)
         result = (await self.processor.process([ReplyItem(message)], now)).results[0]
+        if result.error is not None:
+            raise result.error  # not applied: it stays in the dead-letter list
         await self.store.mark_replayed(dead_letter_id, now)
         return result.outcome

@@ -165,6 +165,9 @@ class Engine:
         await self.broker.start()
         self._consumer = await self.broker.subscribe([self.settings.reply_topic], self.settings.group)
         self._stopping.clear()
+        # A restarted Engine object must not trust what it believed in flight before: the store is the truth.
+        self._in_flight.clear()
+        self._timers_in_flight.clear()
         self._spawn(self._writer_loop(), "writer")
         self._spawn(self._publisher_loop(), "publisher")
         self._spawn(self._consumer_loop(), "consumer")
@@ -189,6 +192,10 @@ class Engine:
         await self._drain()
         for name in ("writer", "publisher"):
             await self._cancel(name)
+        while not self._queue.empty():  # not drained in time: callers must hear so rather than wait forever
+            pending = self._queue.get_nowait()
+            if pending.future is not None and not pending.future.done():
+                pending.future.set_exception(SagaError("engine stopped before this was processed"))
         if self._sent:
             with contextlib.suppress(SagaError):
                 await self.store.mark_sent(self._sent, self.clock.now())
@@ -227,13 +234,21 @@ class Engine:
         """Until the saga is completed, compensated or parked."""
         future: asyncio.Future[SagaInstance] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(saga_id, []).append(future)
-        current = await self._load_soon(saga_id)
-        if current is None:
-            raise UnknownSaga(f"no saga with id {saga_id!r}")
-        if current.status.is_settled:
-            self._waiters[saga_id].remove(future)
-            return current
-        return await asyncio.wait_for(future, timeout)
+        try:
+            current = await self._load_soon(saga_id)
+            if current is None:
+                raise UnknownSaga(f"no saga with id {saga_id!r}")
+            if future.done():  # settled by a batch while we were reading
+                return future.result()
+            if current.status.is_settled:
+                return current
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            waiters = self._waiters.get(saga_id)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiters[saga_id]
 
     def _load_soon(self, saga_id: str) -> asyncio.Future[SagaInstance | None]:
         """The stored instance, read together with every other one asked for in the same turn of the event loop:
@@ -336,6 +351,9 @@ class Engine:
                     batch.append(self._queue.get_nowait())
                 await self._run_batch(batch)
             except Exception:
+                for pending in batch:  # fire them again at the next poll rather than never
+                    if isinstance(pending.item, TimerItem):
+                        self._timers_in_flight.discard(pending.item.spec.id)
                 # A batch that cannot be committed (a bug, not an outage: outages are retried inside) must not
                 # stop the engine; its unacknowledged replies are delivered again.
                 log.exception("batch failed", items=len(batch))
@@ -367,12 +385,24 @@ class Engine:
         self._in_flight.difference_update(sent)
         self.stats["batches"] += 1
         self.stats["items"] += len(batch)
+        if outcome.published:
+            self._in_flight.update(m.id for m in outcome.published)
+            self._publish_queue.put_nowait(outcome.published)
+        deliveries = []
         for pending, result in zip(batch, outcome.results, strict=True):
-            if isinstance(pending.item, TimerItem):
-                self._timers_in_flight.discard(pending.item.spec.id)
+            item = pending.item
+            if isinstance(item, TimerItem):
+                self._timers_in_flight.discard(item.spec.id)
+            if isinstance(item, ReplyItem) and result.error is not None:
+                # Not applied (it kept conflicting with another writer): try again, and do not acknowledge it,
+                # or the reply would be gone without having been applied.
+                log.warning("reply not applied; will retry", error=str(result.error))
+                self._queue.put_nowait(pending)
+                continue
+            if isinstance(item, ReplyItem) and item.delivery is not None:
+                deliveries.append(item.delivery)
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(result)
-        deliveries = [p.item.delivery for p in batch if isinstance(p.item, ReplyItem) and p.item.delivery]
         if deliveries and self._consumer is not None:
             try:
                 await self._consumer.commit(deliveries)
@@ -381,9 +411,6 @@ class Engine:
                 # the inbox drops them. What this batch produced must still be published and its waiters woken.
                 log.warning("broker unavailable; reply offsets not committed", error=str(exc),
                             replies=len(deliveries))
-        if outcome.published:
-            self._in_flight.update(m.id for m in outcome.published)
-            self._publish_queue.put_nowait(outcome.published)
         for instance in outcome.settled:
             for waiter in self._waiters.pop(instance.id, []):
                 if not waiter.done():
@@ -443,6 +470,11 @@ class Engine:
             self._busy += 1
             try:
                 await self._publish(messages)
+            except Exception:
+                # A message the broker refuses for good (too large, topic not allowed) must not stop every saga:
+                # leave the rows unsent for the relay to try again later, and keep publishing the rest.
+                log.exception("publish failed; the relay will try again", messages=len(messages))
+                self._in_flight.difference_update(m.id for m in messages)
             finally:
                 self._busy -= 1
 
