@@ -230,8 +230,12 @@ class Engine:
         assert result.instance is not None
         return result.instance
 
-    async def wait(self, saga_id: str, timeout: float | None = None) -> SagaInstance:
-        """Until the saga is completed, compensated or parked."""
+    async def wait(self, saga_id: str, timeout: float | None = None, *, poll: float = 1.0) -> SagaInstance:
+        """Until the saga is completed, compensated or parked.
+
+        A batch of this engine wakes the waiter at once; every `poll` seconds the store is read as well, because
+        another engine of the group (or an operator through the CLI) may be the one that settles it.
+        """
         future: asyncio.Future[SagaInstance] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(saga_id, []).append(future)
         try:
@@ -242,7 +246,14 @@ class Engine:
                 return future.result()
             if current.status.is_settled:
                 return current
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                while True:
+                    done, _ = await asyncio.wait({future}, timeout=poll)
+                    if done:
+                        return future.result()
+                    current = await self._load_soon(saga_id)
+                    if current is not None and current.status.is_settled:
+                        return current
         finally:
             waiters = self._waiters.get(saga_id)
             if waiters is not None and future in waiters:

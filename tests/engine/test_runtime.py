@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
@@ -258,3 +259,14 @@ async def test_a_refused_publish_does_not_stop_the_engine_and_the_relay_sends_it
         assert await h.engine.relay_once() == 1
         await h.settle()
         assert (await h.instance(stuck)).status == SagaStatus.COMPLETED
+
+
+async def test_wait_notices_a_saga_settled_by_someone_else() -> None:
+    """`Engine.wait` returns when another writer (another engine, or an operator via the CLI) settles the saga."""
+    from sagas.engine.admin import SagaAdmin
+
+    async with SagaHarness([three_steps()], [inventory(), payment()]) as h:
+        saga_id = await h.start("order", ORDER)  # waits at "ship": no shipping participant
+        waiting = asyncio.ensure_future(h.engine.wait(saga_id, timeout=10, poll=0.05))
+        await SagaAdmin(h.store).operate(saga_id, OperatorCommand(action="skip", step="ship", reason="by hand"))
+        assert (await waiting).status == SagaStatus.COMPLETED
