@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.store_commit import bench_trivial as raw_commit_rate  # the same floor, measured the same way
 from sagas.adapters.kafka import KafkaBroker, parse_kafka_url
 from sagas.adapters.memory import MemoryBroker
 from sagas.adapters.ports import Broker
@@ -258,23 +259,6 @@ async def run_sagas(setup: Setup, sagas: int, concurrency: int, *, gc_freeze: bo
         cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
         spent, busy = threads.spent(), machine_busy() - busy
         return SagaRun(sagas, seconds, latencies, completed, dict(engine.stats), cpu, loop_cpu, spent, busy, collector)
-
-
-def raw_commit_rate(path: Path, seconds: float) -> float:
-    """Commits per second of plain sqlite3 inserting one small row per transaction."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode = WAL")
-    db.execute("PRAGMA synchronous = NORMAL")
-    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
-    commits, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("INSERT INTO t (v) VALUES ('x')")
-        db.execute("COMMIT")
-        commits += 1
-    elapsed = time.perf_counter() - started
-    db.close()
-    return commits / elapsed
 
 
 def _asyncpg_dsn(url: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root, for `tests.engine.support`
 
-from sagas.adapters import normalize_db_url, open_broker
+from sagas.adapters import Broker, normalize_db_url, open_broker
 from sagas.engine.wire import CommandMessage
 from sagas.participant import BusinessFailure, Participant
 from tests.engine.support import ledger_participant
@@ -71,7 +71,14 @@ async def run(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     participants = [build(name, rng, args.transient) for name in names]
     broker = open_broker("db://", db_url=normalize_db_url(args.db))
-    ledger_url = normalize_db_url(args.ledger)
+    await serve_until_stopped(participants, broker, normalize_db_url(args.ledger), args,
+                              banner=f"participants {names} serving; ledger {args.ledger}")
+
+
+async def serve_until_stopped(
+    participants: list[Participant], broker: Broker, database_url: str, args: argparse.Namespace, *, banner: str
+) -> None:
+    """Serve until SIGTERM/SIGINT; write `args.ready` once consuming and the stats to `args.stats` on exit."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,10 +86,10 @@ async def run(args: argparse.Namespace) -> None:
     try:
         async with contextlib.AsyncExitStack() as stack:
             for participant in participants:
-                await stack.enter_async_context(participant.serve(broker=broker, database_url=ledger_url))
+                await stack.enter_async_context(participant.serve(broker=broker, database_url=database_url))
             if args.ready:
                 await asyncio.to_thread(Path(args.ready).write_text, "ready\n")
-            print(f"participants {names} serving; ledger {args.ledger}", flush=True)
+            print(banner, flush=True)
             await stop.wait()
     finally:
         await broker.close()

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from ruamel.yaml import YAML
 
 from sagas.adapters.kafka import KafkaBroker
-from tests.integration.crash_participants import COMMANDS, build, declined_by
+from tests.integration.crash_participants import COMMANDS, build, declined_by, serve_until_stopped
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "multi_saga.yaml"
@@ -65,22 +65,8 @@ async def run(args: argparse.Namespace) -> None:
         participant.topic = command_topic(args.prefix, participant.name)
         participant.group = f"{args.prefix}-{participant.name}"
     broker = KafkaBroker.from_url(args.kafka, partitions=PARTITIONS)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            for participant in participants:
-                await stack.enter_async_context(participant.serve(broker=broker, database_url=args.ledger))
-            if args.ready:
-                await asyncio.to_thread(Path(args.ready).write_text, "ready\n")
-            print(f"participants {names} serving on {args.prefix}.*; ledger {args.ledger}", flush=True)
-            await stop.wait()
-    finally:
-        await broker.close()
-    if args.stats:
-        await asyncio.to_thread(Path(args.stats).write_text, json.dumps({p.name: p.stats for p in participants}))
+    await serve_until_stopped(participants, broker, args.ledger, args,
+                              banner=f"participants {names} serving on {args.prefix}.*; ledger {args.ledger}")
 
 
 def main() -> None:
