@@ -189,6 +189,8 @@ class Setup:
     """Before every topic and group name (Kafka)."""
     batch_max: int | None = None
     """`EngineSettings.batch_max` (None: the default)."""
+    pipeline: bool = True
+    """`EngineSettings.pipeline`."""
 
     def store(self) -> SqlStore:
         if self.db_url is None:
@@ -204,7 +206,7 @@ class Setup:
             settings = dataclasses.replace(settings, reply_topic=f"{self.prefix}replies", group=f"{self.prefix}engine")
         if self.batch_max is not None:
             settings = dataclasses.replace(settings, batch_max=self.batch_max)
-        return settings
+        return dataclasses.replace(settings, pipeline=self.pipeline)
 
     def topics(self) -> list[str]:
         return [f"{self.prefix}{service}.commands" for _, service, _ in STEPS] + [self.settings().reply_topic]
@@ -225,14 +227,19 @@ async def running(setup: Setup) -> AsyncIterator[Engine]:
         yield engine
 
 
-async def run_sagas(setup: Setup, sagas: int, concurrency: int, *, gc_freeze: bool = False) -> SagaRun:
+async def run_sagas(
+    setup: Setup, sagas: int, concurrency: int, *, gc_freeze: bool = False, rate: float | None = None
+) -> SagaRun:
     async with running(setup) as engine:
         gate = asyncio.Semaphore(concurrency)
         latencies: list[float] = []
         completed = 0
+        first_start = 0.0
 
         async def one(index: int) -> None:
             nonlocal completed
+            if rate is not None and index >= 50:  # open loop: saga i starts at i / rate, whatever is in flight
+                await asyncio.sleep(max(0.0, first_start + (index - 50) / rate - time.perf_counter()))
             async with gate:
                 started = time.perf_counter()
                 saga_id = await engine.start_saga("order", {"order_id": f"o-{index}", "amount": 10})
@@ -251,6 +258,7 @@ async def run_sagas(setup: Setup, sagas: int, concurrency: int, *, gc_freeze: bo
         gc.callbacks.append(collector)
         threads = ThreadClock()
         busy, started, cpu, loop_cpu = machine_busy(), time.perf_counter(), time.process_time(), time.thread_time()
+        first_start = started
         try:
             await asyncio.gather(*(one(i) for i in range(50, 50 + sagas)))
         finally:
@@ -352,6 +360,10 @@ def main() -> None:
     parser.add_argument("--broker", help="a kafka:// URL (default: the in-memory broker)")
     parser.add_argument("--batch-max", type=int, help="EngineSettings.batch_max: events per engine commit at most "
                         "(default: the engine's)")
+    parser.add_argument("--rate", type=float, help="open loop: start sagas at this many per second, whatever "
+                        "is in flight (--concurrency still caps it); default: closed loop, a new saga as one ends")
+    parser.add_argument("--no-pipeline", action="store_true", help="EngineSettings.pipeline=False: commit one "
+                        "batch at a time instead of deciding the next while the previous commits")
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="time spent measuring the raw commit rate")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the engine is up, so that "
                         "full collections skip everything allocated at start-up")
@@ -373,7 +385,7 @@ def main() -> None:
                 stale.unlink()
         setup = Setup(directory, db_url=args.db if postgres else None, schema=f"sagas_bench_{run_id}" if postgres
                       else None, broker_url=args.broker, prefix=f"bench-{run_id}." if args.broker else "",
-                      batch_max=args.batch_max)
+                      batch_max=args.batch_max, pipeline=not args.no_pipeline)
         print(f"python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, "
               f"load average {'/'.join(f'{n:.1f}' for n in os.getloadavg())}, concurrency {args.concurrency}")
         if postgres:
@@ -397,7 +409,9 @@ def main() -> None:
         profiler = cProfile.Profile() if args.profile else None
         if profiler is not None:
             profiler.enable()
-        run = asyncio.run(run_sagas(setup, args.sagas, args.concurrency, gc_freeze=args.gc_freeze))
+        if args.rate:
+            print(f"arrivals: open loop, {args.rate:,.0f} sagas/s offered")
+        run = asyncio.run(run_sagas(setup, args.sagas, args.concurrency, gc_freeze=args.gc_freeze, rate=args.rate))
         if profiler is not None:
             profiler.disable()
         report(run, raw, raw_label)

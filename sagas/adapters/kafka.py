@@ -14,9 +14,11 @@ Lost connections are retried with exponential backoff for `retry_for` seconds; t
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import itertools
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -37,6 +39,7 @@ from aiokafka.errors import (
     for_code,
 )
 from aiokafka.helpers import create_ssl_context
+from aiokafka.partitioner import murmur2
 
 from sagas.adapters.ports import BrokerMessage, Delivery
 from sagas.errors import BrokerError
@@ -103,6 +106,18 @@ def parse_kafka_url(url: str) -> KafkaSettings:
     if not isinstance(partitions, int) or not isinstance(replication_factor, int):
         raise ValueError(f"partitions and replication_factor must be integers in {url!r}")
     return KafkaSettings(servers, partitions, replication_factor, options)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _key_hash(key: bytes) -> int:
+    return int(murmur2(key)) & 0x7FFFFFFF  # pure Python, ~20 µs: every message of a saga has the same key
+
+
+def _partition(key: bytes | None, partitions: list[int]) -> int:
+    """The partition Kafka's default partitioner (Java's, and aiokafka's) gives `key`; any one for no key."""
+    if key is None:
+        return random.choice(partitions)
+    return partitions[_key_hash(key) % len(partitions)]
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -229,12 +244,31 @@ class KafkaBroker:
         await self.ensure_topics({message.topic for message in messages})
 
         async def attempt() -> None:
-            sent = []
+            # One record batch per partition instead of one `send` per message: aiokafka's per-message path
+            # (a future, a partitioner call, an accumulator lookup each) was a third of its cost on the loop.
+            builders: dict[tuple[str, int], Any] = {}
+            acks = []
+            partitions: dict[str, list[int]] = {}
             for message in messages:
+                topic = message.topic
+                available = partitions.get(topic)
+                if available is None:
+                    available = partitions[topic] = sorted(await producer.partitions_for(topic))
                 key = message.key.encode() if message.key is not None else None
-                headers = list(message.headers)
-                sent.append(await producer.send(message.topic, message.value, key=key, headers=headers))
-            await asyncio.gather(*sent)
+                where = (topic, _partition(key, available))
+                builder = builders.get(where)
+                if builder is None:
+                    builder = builders[where] = producer.create_batch()
+                record = {"key": key, "value": message.value, "timestamp": None, "headers": list(message.headers)}
+                if builder.append(**record) is None:  # full: send it, start the next one
+                    acks.append(await producer.send_batch(builder, topic, partition=where[1]))
+                    builder = builders[where] = producer.create_batch()
+                    if builder.append(**record) is None:
+                        raise BrokerError(f"message of {len(message.value)} bytes does not fit in a batch "
+                                          f"(max_batch_size)", retriable=False)
+            for (topic, partition), builder in builders.items():
+                acks.append(await producer.send_batch(builder, topic, partition=partition))
+            await asyncio.gather(*acks)
 
         await self._retrying("publish", attempt)
 

@@ -94,13 +94,53 @@ class BatchResult:
     settled: list[SagaInstance] = field(default_factory=list)
 
 
-class Processor:
-    """Turns events into one unit of work per batch. Stateless between batches apart from caches."""
+@dataclass
+class Prepared:
+    """A batch decided but not yet committed: the unit of work and what it will mean once it is."""
 
-    def __init__(self, store: Store, registry: DefinitionRegistry, *, reply_topic: str) -> None:
+    work: UnitOfWork
+    results: list[ItemResult]
+    written: dict[str, SagaInstance]
+    """Each saga the unit inserts or updates, as it will be stored (with its next version)."""
+    applied: list[str]
+    """Ids of the replies the unit applies (inbox rows)."""
+
+    def outcome(self) -> BatchResult:
+        settled = [r.instance for r in self.results if r.instance is not None and r.instance.status.is_settled]
+        return BatchResult(self.results, self.work.outbox, settled)
+
+
+DEFAULT_KNOWN_MAX = 10_000
+
+
+class Processor:
+    """Turns events into one unit of work per batch.
+
+    It remembers the instances it wrote (`known`), so the next event of a saga is decided without reading the
+    store. That is safe with other writers (engines of the same group, operators through the CLI): every update is
+    checked against the version it was read at, a conflict makes the processor forget what it knew and read again.
+    Settled sagas are forgotten once committed, and at most `known_max` instances are kept.
+
+    `prepare` decides a batch and `commit` writes it: the engine prepares batch N+1 while batch N commits. What N
+    wrote is already in `known` (and the replies it applies count as seen), so N+1 builds on it; if N then fails
+    to commit, the processor forgets everything and the caller must prepare N+1 again. `process` does both, with
+    conflict retries, for callers that do not overlap batches.
+    """
+
+    def __init__(
+        self, store: Store, registry: DefinitionRegistry, *, reply_topic: str, known_max: int = DEFAULT_KNOWN_MAX
+    ) -> None:
         self.store = store
         self.registry = registry
         self.reply_topic = reply_topic
+        self.known_max = known_max
+        self._known: dict[str, SagaInstance] = {}
+        self._applying: dict[str, int] = {}  # reply ids applied by prepared, uncommitted units (id → how many)
+
+    def forget(self) -> None:
+        """Drop every remembered instance and uncommitted reply id: the store is the truth again."""
+        self._known.clear()
+        self._applying.clear()
 
     async def definition(self, name: str, version: int) -> SagaDefinition:
         try:
@@ -114,7 +154,9 @@ class Processor:
         """Apply `items` in one transaction, retrying on optimistic-concurrency conflicts."""
         for _ in range(CONFLICT_RETRIES):
             try:
-                return await self._process_once(items, now, sent)
+                prepared = await self.prepare(items, now, sent)
+                await self.commit(prepared)
+                return prepared.outcome()
             except ConcurrencyConflict as conflict:
                 log.warning("batch conflicted; re-reading", saga_ids=list(conflict.saga_ids)[:10], items=len(items))
                 await asyncio.sleep(0)
@@ -131,11 +173,36 @@ class Processor:
             settled.extend(one.settled)
         return BatchResult(results, published, settled)
 
-    async def _process_once(self, items: Sequence[Item], now: float, sent: Sequence[str]) -> BatchResult:
+    async def commit(self, prepared: Prepared) -> None:
+        """Write a prepared unit. On any failure everything remembered is forgotten (units prepared after this one
+        built on it and are void) and the error is raised."""
+        try:
+            if prepared.work:
+                await self.store.commit(prepared.work)
+        except BaseException:
+            self.forget()
+            raise
+        applying = self._applying
+        for message_id in prepared.applied:
+            left = applying.pop(message_id, 1) - 1
+            if left > 0:
+                applying[message_id] = left
+        known = self._known
+        for saga_id, instance in prepared.written.items():
+            if instance.status.is_settled and known.get(saga_id) is instance:
+                del known[saga_id]
+        while len(known) > self.known_max:
+            del known[next(iter(known))]
+
+    async def prepare(self, items: Sequence[Item], now: float, sent: Sequence[str] = ()) -> Prepared:
+        """Decide `items` on the instances as the store (or the units prepared before, committed or not) has them.
+
+        Remembers what the unit writes at once, so the next `prepare` can build on it before it is committed."""
         work = UnitOfWork(sent=list(sent))
         results = [ItemResult() for _ in items]
         decoded: dict[int, tuple[ReplyReceived, str]] = {}
         saga_ids: set[str] = set()
+        operated: set[str] = set()
         debug = log.debug  # structlog's lazy proxy binds a logger on every attribute access: once per batch
         for index, item in enumerate(items):
             if isinstance(item, ReplyItem):
@@ -151,12 +218,20 @@ class Processor:
                 saga_ids.add(item.spec.saga_id)
             elif isinstance(item, OperatorItem):
                 saga_ids.add(item.saga_id)
+                operated.add(item.saga_id)
 
+        known = self._known
+        # Operator commands are rare and must not be refused on a remembered state: they read the store.
+        instances = {saga_id: known[saga_id] for saga_id in saga_ids.difference(operated) if saga_id in known}
+        remembered = set(instances)
+        missing = sorted(saga_ids.difference(instances))
         # Both reads queue on the store's reader at once: one wake-up of its thread instead of two in a row.
-        seen, instances = await asyncio.gather(
+        seen, loaded = await asyncio.gather(
             self.store.seen([r.message_id for r, _ in decoded.values()]) if decoded else _nothing(set[str]()),
-            self.store.load(sorted(saga_ids)) if saga_ids else _nothing(dict[str, SagaInstance]()),
+            self.store.load(missing) if missing else _nothing(dict[str, SagaInstance]()),
         )
+        instances.update(loaded)
+        applying = self._applying
         read_version = {saga_id: inst.version for saga_id, inst in instances.items()}
         created: dict[str, SagaInstance] = {}
         timers: dict[str, TimerSpec] = {}
@@ -176,7 +251,7 @@ class Processor:
                 self._effects(work, decision, timers, cancelled, debug)
             elif isinstance(item, ReplyItem):
                 reply, saga_id = decoded[index]
-                if reply.message_id in seen or reply.message_id in applied_ids:
+                if reply.message_id in seen or reply.message_id in applied_ids or reply.message_id in applying:
                     result.outcome = "ignored"
                     self._note(work, instances.get(saga_id), now, "message.duplicate", reply, "already applied")
                     continue
@@ -191,6 +266,10 @@ class Processor:
                 definition = await self.definition(instance.definition, instance.definition_version)
                 decision = machine.decide(definition, instance, reply, now=now)
                 work.inbox.append(InboxRecord(reply.message_id, saga_id, decision.outcome, now))
+                if decision.outcome != "applied" and saga_id in remembered:
+                    # Refused on a remembered state: write it back unchanged, so that the version check tells
+                    # whether another writer moved it on (then this unit conflicts and is decided again).
+                    dirty.add(saga_id)
                 if decision.outcome == "rejected":
                     self._dead_letter(work, item.message, decision.reason or "rejected", now, result,
                                       record_id=reply.message_id, saga_id=saga_id)
@@ -217,6 +296,8 @@ class Processor:
                 decision = machine.decide(definition, instance, event, now=now)
                 if decision.outcome != "applied":
                     result.outcome = decision.outcome
+                    if spec.saga_id in remembered:
+                        dirty.add(spec.saga_id)  # as for a refused reply
                     continue
                 self._apply(work, decision, instances, created, dirty, timers, cancelled, result, debug)
             else:
@@ -238,10 +319,16 @@ class Processor:
         work.updates = [evolve(instances[saga_id], {"version": read_version[saga_id]}) for saga_id in sorted(dirty)]
         work.timers = list(timers.values())
         work.cancel_timers = sorted(cancelled)
-        if work:
-            await self.store.commit(work)
-        settled = [r.instance for r in results if r.instance is not None and r.instance.status.is_settled]
-        return BatchResult(results, work.outbox, settled)
+        written = {i.id: i if i.version == 1 else evolve(i, {"version": 1}) for i in work.inserts}
+        for saga_id in dirty:
+            written[saga_id] = evolve(instances[saga_id], {"version": read_version[saga_id] + 1})
+        for saga_id, instance in written.items():
+            known.pop(saga_id, None)  # re-inserted: the dict's order is least recently written first
+            known[saga_id] = instance
+        applied = [record.message_id for record in work.inbox]
+        for message_id in applied:
+            applying[message_id] = applying.get(message_id, 0) + 1
+        return Prepared(work, results, written, applied)
 
     async def _start(
         self, item: StartItem, now: float, created: dict[str, SagaInstance], result: ItemResult
