@@ -189,8 +189,6 @@ class Setup:
     """Before every topic and group name (Kafka)."""
     batch_max: int | None = None
     """`EngineSettings.batch_max` (None: the default)."""
-    pipeline: bool = True
-    """`EngineSettings.pipeline`."""
 
     def store(self) -> SqlStore:
         if self.db_url is None:
@@ -206,7 +204,7 @@ class Setup:
             settings = dataclasses.replace(settings, reply_topic=f"{self.prefix}replies", group=f"{self.prefix}engine")
         if self.batch_max is not None:
             settings = dataclasses.replace(settings, batch_max=self.batch_max)
-        return dataclasses.replace(settings, pipeline=self.pipeline)
+        return settings
 
     def topics(self) -> list[str]:
         return [f"{self.prefix}{service}.commands" for _, service, _ in STEPS] + [self.settings().reply_topic]
@@ -362,8 +360,6 @@ def main() -> None:
                         "(default: the engine's)")
     parser.add_argument("--rate", type=float, help="open loop: start sagas at this many per second, whatever "
                         "is in flight (--concurrency still caps it); default: closed loop, a new saga as one ends")
-    parser.add_argument("--no-pipeline", action="store_true", help="EngineSettings.pipeline=False: commit one "
-                        "batch at a time instead of deciding the next while the previous commits")
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="time spent measuring the raw commit rate")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the engine is up, so that "
                         "full collections skip everything allocated at start-up")
@@ -385,7 +381,7 @@ def main() -> None:
                 stale.unlink()
         setup = Setup(directory, db_url=args.db if postgres else None, schema=f"sagas_bench_{run_id}" if postgres
                       else None, broker_url=args.broker, prefix=f"bench-{run_id}." if args.broker else "",
-                      batch_max=args.batch_max, pipeline=not args.no_pipeline)
+                      batch_max=args.batch_max)
         print(f"python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, "
               f"load average {'/'.join(f'{n:.1f}' for n in os.getloadavg())}, concurrency {args.concurrency}")
         if postgres:

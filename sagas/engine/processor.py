@@ -102,8 +102,6 @@ class Prepared:
     results: list[ItemResult]
     written: dict[str, SagaInstance]
     """Each saga the unit inserts or updates, as it will be stored (with its next version)."""
-    applied: list[str]
-    """Ids of the replies the unit applies (inbox rows)."""
 
     def outcome(self) -> BatchResult:
         settled = [r.instance for r in self.results if r.instance is not None and r.instance.status.is_settled]
@@ -116,15 +114,11 @@ DEFAULT_KNOWN_MAX = 10_000
 class Processor:
     """Turns events into one unit of work per batch.
 
-    It remembers the instances it wrote (`known`), so the next event of a saga is decided without reading the
-    store. That is safe with other writers (engines of the same group, operators through the CLI): every update is
-    checked against the version it was read at, a conflict makes the processor forget what it knew and read again.
-    Settled sagas are forgotten once committed, and at most `known_max` instances are kept.
-
-    `prepare` decides a batch and `commit` writes it: the engine prepares batch N+1 while batch N commits. What N
-    wrote is already in `known` (and the replies it applies count as seen), so N+1 builds on it; if N then fails
-    to commit, the processor forgets everything and the caller must prepare N+1 again. `process` does both, with
-    conflict retries, for callers that do not overlap batches.
+    It remembers the instances it wrote (at most `known_max`, the least recently written forgotten first, settled
+    sagas as soon as they settle), so the next event of a saga is decided without reading the store. That is safe
+    with other writers (engines of the same group, operators through the CLI): an update is checked against the
+    version it was read at, and an event refused on a remembered instance writes it back unchanged so that the
+    check covers refusals too. A conflict or a failed commit makes the processor forget and read again.
     """
 
     def __init__(
@@ -135,12 +129,14 @@ class Processor:
         self.reply_topic = reply_topic
         self.known_max = known_max
         self._known: dict[str, SagaInstance] = {}
-        self._applying: dict[str, int] = {}  # reply ids applied by prepared, uncommitted units (id → how many)
+
+    def remembered(self, saga_id: str) -> SagaInstance | None:
+        """The running saga as this processor last wrote it, if it remembers it (never a settled one)."""
+        return self._known.get(saga_id)
 
     def forget(self) -> None:
-        """Drop every remembered instance and uncommitted reply id: the store is the truth again."""
+        """Drop every remembered instance: the store is the truth again."""
         self._known.clear()
-        self._applying.clear()
 
     async def definition(self, name: str, version: int) -> SagaDefinition:
         try:
@@ -154,8 +150,8 @@ class Processor:
         """Apply `items` in one transaction, retrying on optimistic-concurrency conflicts."""
         for _ in range(CONFLICT_RETRIES):
             try:
-                prepared = await self.prepare(items, now, sent)
-                await self.commit(prepared)
+                prepared = await self._prepare(items, now, sent)
+                await self._commit(prepared)
                 return prepared.outcome()
             except ConcurrencyConflict as conflict:
                 log.warning("batch conflicted; re-reading", saga_ids=list(conflict.saga_ids)[:10], items=len(items))
@@ -173,31 +169,24 @@ class Processor:
             settled.extend(one.settled)
         return BatchResult(results, published, settled)
 
-    async def commit(self, prepared: Prepared) -> None:
-        """Write a prepared unit. On any failure everything remembered is forgotten (units prepared after this one
-        built on it and are void) and the error is raised."""
+    async def _commit(self, prepared: Prepared) -> None:
+        """Write a prepared unit and remember what it wrote; on any failure, forget everything and raise."""
         try:
             if prepared.work:
                 await self.store.commit(prepared.work)
         except BaseException:
             self.forget()
             raise
-        applying = self._applying
-        for message_id in prepared.applied:
-            left = applying.pop(message_id, 1) - 1
-            if left > 0:
-                applying[message_id] = left
         known = self._known
         for saga_id, instance in prepared.written.items():
-            if instance.status.is_settled and known.get(saga_id) is instance:
-                del known[saga_id]
+            known.pop(saga_id, None)  # re-inserted: the dict's order is least recently written first
+            if not instance.status.is_settled:
+                known[saga_id] = instance
         while len(known) > self.known_max:
             del known[next(iter(known))]
 
-    async def prepare(self, items: Sequence[Item], now: float, sent: Sequence[str] = ()) -> Prepared:
-        """Decide `items` on the instances as the store (or the units prepared before, committed or not) has them.
-
-        Remembers what the unit writes at once, so the next `prepare` can build on it before it is committed."""
+    async def _prepare(self, items: Sequence[Item], now: float, sent: Sequence[str]) -> Prepared:
+        """Read what `items` touch (remembered instances from memory), decide, and build the unit of work."""
         work = UnitOfWork(sent=list(sent))
         results = [ItemResult() for _ in items]
         decoded: dict[int, tuple[ReplyReceived, str]] = {}
@@ -231,7 +220,6 @@ class Processor:
             self.store.load(missing) if missing else _nothing(dict[str, SagaInstance]()),
         )
         instances.update(loaded)
-        applying = self._applying
         read_version = {saga_id: inst.version for saga_id, inst in instances.items()}
         created: dict[str, SagaInstance] = {}
         timers: dict[str, TimerSpec] = {}
@@ -251,7 +239,7 @@ class Processor:
                 self._effects(work, decision, timers, cancelled, debug)
             elif isinstance(item, ReplyItem):
                 reply, saga_id = decoded[index]
-                if reply.message_id in seen or reply.message_id in applied_ids or reply.message_id in applying:
+                if reply.message_id in seen or reply.message_id in applied_ids:
                     result.outcome = "ignored"
                     self._note(work, instances.get(saga_id), now, "message.duplicate", reply, "already applied")
                     continue
@@ -322,13 +310,7 @@ class Processor:
         written = {i.id: i if i.version == 1 else evolve(i, {"version": 1}) for i in work.inserts}
         for saga_id in dirty:
             written[saga_id] = evolve(instances[saga_id], {"version": read_version[saga_id] + 1})
-        for saga_id, instance in written.items():
-            known.pop(saga_id, None)  # re-inserted: the dict's order is least recently written first
-            known[saga_id] = instance
-        applied = [record.message_id for record in work.inbox]
-        for message_id in applied:
-            applying[message_id] = applying.get(message_id, 0) + 1
-        return Prepared(work, results, written, applied)
+        return Prepared(work, results, written)
 
     async def _start(
         self, item: StartItem, now: float, created: dict[str, SagaInstance], result: ItemResult

@@ -38,14 +38,13 @@ from sagas.engine.processor import (
     Item,
     ItemResult,
     OperatorItem,
-    Prepared,
     Processor,
     ReplyItem,
     StartItem,
     TimerItem,
 )
 from sagas.engine.state import OperatorCommand, SagaInstance
-from sagas.errors import BrokerError, ConcurrencyConflict, SagaError, StoreError, UnknownSaga
+from sagas.errors import BrokerError, SagaError, StoreError, UnknownSaga
 
 log = structlog.get_logger("sagas.engine")
 
@@ -89,11 +88,9 @@ class EngineSettings:
     """Rows younger than this are left to the fast path (they are being published by the writer)."""
     timer_interval: float | None = 0.05
     """None: timers fire only through `fire_due_timers()` (the test harness drives a virtual clock)."""
-    pipeline: bool = True
-    """Decide the next batch while the previous one commits (False: one batch at a time)."""
     known_max: int = DEFAULT_KNOWN_MAX
-    """Running sagas the processor remembers between events (least recently written forgotten first). At least twice
-    `batch_max` is used: a batch prepared while the previous one commits must find what that one wrote."""
+    """Running sagas the processor remembers between events, so that their next event needs no read (least recently
+    written forgotten first; settled sagas as soon as they settle). At least `batch_max` is used."""
     outage_backoff_max: float = 5.0
     outage_log_after: float = 5.0
     """Seconds a publish may stay unacknowledged before the engine logs the broker as unavailable."""
@@ -117,15 +114,6 @@ class _Pending:
     future: asyncio.Future[ItemResult] | None = None
 
 
-@dataclass
-class _Commit:
-    """A prepared batch being committed by `task` (True: committed and finished; False: it must run again)."""
-
-    batch: list[_Pending]
-    sent: list[str]
-    task: asyncio.Future[bool]
-
-
 class Engine:
     """Runs sagas. Use as `async with`; `start()`/`stop()` for explicit control."""
 
@@ -147,8 +135,10 @@ class Engine:
             self.registry.register(definition)
         self._definitions = list(definitions)
         self.processor = Processor(
-            store, self.registry, reply_topic=self.settings.reply_topic,
-            known_max=max(self.settings.known_max, 2 * self.settings.batch_max),
+            store,
+            self.registry,
+            reply_topic=self.settings.reply_topic,
+            known_max=max(self.settings.known_max, self.settings.batch_max),
         )
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=20_000)
         self._publish_queue: asyncio.Queue[list[OutboxMessage]] = asyncio.Queue()
@@ -258,7 +248,8 @@ class Engine:
         future: asyncio.Future[SagaInstance] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(saga_id, []).append(future)
         try:
-            current = await self._load_soon(saga_id)
+            # Running as this engine last wrote it: no read (another writer settling it is what the polls are for).
+            current = self.processor.remembered(saga_id) or await self._load_soon(saga_id)
             if current is None:
                 raise UnknownSaga(f"no saga with id {saga_id!r}")
             if future.done():  # settled by a batch while we were reading
@@ -364,107 +355,31 @@ class Engine:
         return result
 
     async def _writer_loop(self) -> None:
-        """Group commit, pipelined: batch N+1 is decided while batch N commits, and commits after it.
-
-        The processor remembers what N writes, so N+1 builds on it. Commits run one at a time, in order, each
-        followed by its acknowledgements, publishing and wake-ups. If N does not commit as prepared (a conflict with
-        another writer, an outage, a bug), N+1 is void: N goes through `_run_batch` (read again, retried) and N+1 is
-        decided again. With nothing else queued, the loop waits for N before waiting for more work.
-        """
-        previous: _Commit | None = None
-        try:
-            while True:
-                if previous is not None and (self._queue.empty() or previous.task.done()):
-                    await self._settle(previous)
-                    previous = None
-                try:
-                    first = await asyncio.wait_for(self._queue.get(), timeout=0.1)
-                except TimeoutError:
-                    if self._sent and previous is None:
-                        try:
-                            await self._with_retry(lambda: self._commit_sent())
-                        except Exception:  # kept in self._sent: the next commit marks them
-                            log.exception("marking messages sent failed; will retry")
-                    continue
+        while True:
+            try:
+                first = await asyncio.wait_for(self._queue.get(), timeout=0.1)
+            except TimeoutError:
+                if self._sent:
+                    try:
+                        await self._with_retry(lambda: self._commit_sent())
+                    except Exception:  # kept in self._sent: the next commit marks them
+                        log.exception("marking messages sent failed; will retry")
+                continue
+            self._busy += 1
+            try:
                 batch = [first]
                 while len(batch) < self.settings.batch_max and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                self._busy += 1
-                try:
-                    previous = await self._pipeline(batch, previous)
-                except Exception:
-                    self._batch_failed(batch)
-                finally:
-                    self._busy -= 1
-        finally:
-            if previous is not None and not previous.task.done():
-                previous.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await previous.task
-
-    async def _pipeline(self, batch: list[_Pending], previous: _Commit | None) -> _Commit | None:
-        """Prepare `batch` (overlapping the commit of `previous`), settle `previous`, then start `batch`'s commit.
-        Returns the commit now in flight, or None when `batch` went through the serial path."""
-        sent, self._sent = self._sent, []
-        if not self.settings.pipeline:
-            await self._run_batch(batch, sent)
-            return None
-        items = [p.item for p in batch]
-        try:
-            prepared = await self._with_retry(lambda: self.processor.prepare(items, self.clock.now(), sent))
-        except BaseException as exc:
-            self._sent.extend(sent)
-            if previous is not None:
-                await self._settle(previous)  # before this batch's callers hear: keep the order of commits
-            self._fail(batch, exc)
-            raise
-        if previous is not None and not await self._settle(previous):
-            # Built on a unit that did not commit as prepared: decide it again on what the store now holds.
-            self.processor.forget()
-            await self._run_batch(batch, sent)
-            return None
-        self._busy += 1
-        task = asyncio.ensure_future(self._commit_prepared(batch, prepared, sent))
-        task.add_done_callback(self._commit_done)
-        return _Commit(batch, sent, task)
-
-    def _commit_done(self, _task: asyncio.Future[bool]) -> None:
-        self._busy -= 1
-
-    async def _commit_prepared(self, batch: list[_Pending], prepared: Prepared, sent: list[str]) -> bool:
-        """Commit a prepared unit once and finish it; False (nothing finished) when it did not commit."""
-        try:
-            await self.processor.commit(prepared)
-        except Exception as exc:
-            if not isinstance(exc, (ConcurrencyConflict, StoreError)):
-                log.warning("pipelined commit failed; retrying the batch alone", error=repr(exc))
-            return False
-        self._store_ok()
-        await self._finish(batch, prepared.outcome(), sent)
-        return True
-
-    async def _settle(self, commit: _Commit) -> bool:
-        """Wait for a commit in flight; if it failed, run its batch again through the serial path. True when it
-        went through as prepared (units prepared after it still hold)."""
-        if await commit.task:
-            return True
-        self.processor.forget()
-        self._busy += 1
-        try:
-            await self._run_batch(commit.batch, commit.sent)
-        except Exception:
-            self._batch_failed(commit.batch)
-        finally:
-            self._busy -= 1
-        return False
-
-    def _batch_failed(self, batch: list[_Pending]) -> None:
-        for pending in batch:  # fire them again at the next poll rather than never
-            if isinstance(pending.item, TimerItem):
-                self._timers_in_flight.discard(pending.item.spec.id)
-        # A batch that cannot be committed (a bug, not an outage: outages are retried inside) must not
-        # stop the engine; its unacknowledged replies are delivered again.
-        log.exception("batch failed", items=len(batch))
+                await self._run_batch(batch)
+            except Exception:
+                for pending in batch:  # fire them again at the next poll rather than never
+                    if isinstance(pending.item, TimerItem):
+                        self._timers_in_flight.discard(pending.item.spec.id)
+                # A batch that cannot be committed (a bug, not an outage: outages are retried inside) must not
+                # stop the engine; its unacknowledged replies are delivered again.
+                log.exception("batch failed", items=len(batch))
+            finally:
+                self._busy -= 1
 
     async def _commit_sent(self) -> None:
         sent, self._sent = self._sent, []
@@ -475,8 +390,8 @@ class Engine:
             raise
         self._in_flight.difference_update(sent)
 
-    async def _run_batch(self, batch: list[_Pending], sent: list[str]) -> None:
-        """The serial path: read, decide and commit `batch`, retrying conflicts and outages, then finish it."""
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        sent, self._sent = self._sent, []
         items = [p.item for p in batch]
         try:
             outcome: BatchResult = await self._with_retry(
@@ -484,18 +399,10 @@ class Engine:
             )
         except BaseException as exc:
             self._sent.extend(sent)
-            self._fail(batch, exc)
+            for pending in batch:
+                if pending.future is not None and not pending.future.done():
+                    pending.future.set_exception(exc if isinstance(exc, Exception) else SagaError(repr(exc)))
             raise
-        await self._finish(batch, outcome, sent)
-
-    @staticmethod
-    def _fail(batch: list[_Pending], exc: BaseException) -> None:
-        for pending in batch:
-            if pending.future is not None and not pending.future.done():
-                pending.future.set_exception(exc if isinstance(exc, Exception) else SagaError(repr(exc)))
-
-    async def _finish(self, batch: list[_Pending], outcome: BatchResult, sent: list[str]) -> None:
-        """After the commit: hand the new messages to the publisher, acknowledge replies, answer callers."""
         self._in_flight.difference_update(sent)
         self.stats["batches"] += 1
         self.stats["items"] += len(batch)
@@ -517,18 +424,18 @@ class Engine:
                 deliveries.append(item.delivery)
             if pending.future is not None and not pending.future.done():
                 pending.future.set_result(result)
-        for instance in outcome.settled:
-            for waiter in self._waiters.pop(instance.id, []):
-                if not waiter.done():
-                    waiter.set_result(instance)
         if deliveries and self._consumer is not None:
             try:
                 await self._consumer.commit(deliveries)
             except BrokerError as exc:
                 # Not fatal: the state is committed; the replies come again after a rebalance or a restart and
-                # the inbox drops them.
+                # the inbox drops them. What this batch produced must still be published and its waiters woken.
                 log.warning("broker unavailable; reply offsets not committed", error=str(exc),
                             replies=len(deliveries))
+        for instance in outcome.settled:
+            for waiter in self._waiters.pop(instance.id, []):
+                if not waiter.done():
+                    waiter.set_result(instance)
 
     async def _with_retry(self, call: Callable[[], Awaitable[Any]]) -> Any:
         """Retry store calls through an outage: log it once, back off, and carry on when it is back."""

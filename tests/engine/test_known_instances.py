@@ -1,9 +1,8 @@
-"""What the processor remembers between batches, and the engine deciding batch N+1 while batch N commits.
+"""What the processor remembers between batches.
 
-The processor decides a saga's next event on the instance it wrote last, without reading the store; another writer
+The processor decides a saga's next event on the instance it wrote last, without reading the store. Another writer
 (an operator, another engine) makes that memory stale, and the version check must then send the event back through
-a fresh read. The engine builds batch N+1 on the uncommitted batch N; when N fails to commit, N+1 must be decided
-again, not committed on top of something that never happened.
+a fresh read; a commit that fails must leave nothing remembered that the store does not hold.
 """
 
 from __future__ import annotations
@@ -12,15 +11,14 @@ import asyncio
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import pytest
 
 from sagas.adapters.ports import BrokerMessage, OutboxMessage, UnitOfWork
 from sagas.adapters.sql import SqlStore
 from sagas.definitions.registry import DefinitionRegistry
-from sagas.engine.processor import Prepared, Processor, ReplyItem, StartItem
-from sagas.engine.state import Outcome, SagaInstance, SagaStatus, StepStatus
+from sagas.engine.processor import OperatorItem, Processor, ReplyItem, StartItem
+from sagas.engine.state import OperatorCommand, Outcome, SagaInstance, SagaStatus, StepStatus
 from sagas.engine.wire import decode_command, encode_reply
 from sagas.errors import ConcurrencyConflict, StoreError
 from sagas.testing import SagaHarness
@@ -98,75 +96,33 @@ async def test_a_remembered_instance_another_writer_moved_on_is_read_again(store
     assert history.count("step.succeeded") == 2
 
 
-async def test_a_prepared_batch_builds_on_the_uncommitted_one_and_a_failed_commit_forgets_it(
-    store: CountingStore,
-) -> None:
-    engine = processor(store)
-    (reserve,) = (await engine.process([StartItem(three_steps(), "s-1", ORDER)], NOW)).published
-    first = await engine.prepare([ReplyItem(succeeded(reserve))], NOW + 1)
-    (charge,) = first.work.outbox
-    # Not committed yet, and already the base of the next batch (and its reply counts as seen).
-    second = await engine.prepare([ReplyItem(succeeded(charge)), ReplyItem(succeeded(reserve))], NOW + 2)
-    assert [r.outcome for r in second.results] == ["applied", "ignored"]
-    assert second.work.updates[0].version == 2  # read at the version `first` will give it
-    assert store.loaded == []
-
-    async def refuse(work: UnitOfWork) -> None:
-        raise StoreError("disk full", retriable=True)
-
-    real_commit = store.commit
-    store.commit = refuse  # type: ignore[method-assign]
-    with pytest.raises(StoreError):
-        await engine.commit(first)
-    store.commit = real_commit  # type: ignore[method-assign]
-    # `second` is void: the processor forgot what `first` would have written, so a fresh prepare reads the store.
-    again: Prepared = await engine.prepare([ReplyItem(succeeded(charge))], NOW + 3)
-    assert store.loaded == ["s-1"]
-    assert again.results[0].outcome == "ignored"  # charge is not running in what the store holds
-    with pytest.raises(ConcurrencyConflict):
-        await engine.commit(second)  # built on a version that was never written
-
-
 @pytest.mark.parametrize("failure", ["conflict", "outage"])
-async def test_engine_redecides_the_batch_built_on_a_commit_that_failed(failure: str) -> None:
+async def test_a_batch_whose_commit_failed_is_decided_again_on_what_the_store_holds(failure: str) -> None:
     participants = [
         ledger_participant("inventory", {"Reserve": None, "UndoReserve": None}),
         ledger_participant("payment", {"Charge": None, "UndoCharge": None}),
         ledger_participant("shipping", {"Ship": None, "UndoShip": None}),
     ]
     async with SagaHarness([three_steps()], participants) as h:
-        h.engine.settings = dataclasses.replace(h.engine.settings, batch_max=8)  # many batches in a row
-        real_commit, real_prepare = h.store.commit, h.engine.processor.prepare
-        state: dict[str, Any] = {"committing": False, "overlap": False, "overlapped": 0, "failed": 0}
-
-        async def prepare(*args: Any, **kwargs: Any) -> Prepared:
-            if state["committing"]:
-                state["overlap"] = True
-                state["overlapped"] += 1
-            return await real_prepare(*args, **kwargs)
+        h.engine.settings = dataclasses.replace(h.engine.settings, batch_max=8)  # many batches
+        real_commit = h.store.commit
+        failed: list[int] = []
 
         async def commit(work: UnitOfWork) -> None:
-            state["committing"], state["overlap"] = True, False
-            try:
-                await asyncio.sleep(0.005)  # room for the next batch to be prepared on top of this one
-                if state["overlap"] and state["failed"] < 2:
-                    state["failed"] += 1
-                    if failure == "conflict":
-                        raise ConcurrencyConflict([u.id for u in work.updates] or ["?"])
-                    raise StoreError("connection lost", retriable=True)
-                await real_commit(work)
-            finally:
-                state["committing"] = False
+            if work.updates and len(failed) < 2:  # two batches that change remembered sagas
+                failed.append(len(work.updates))
+                if failure == "conflict":
+                    raise ConcurrencyConflict([u.id for u in work.updates])
+                raise StoreError("connection lost", retriable=True)
+            await real_commit(work)
 
         h.store.commit = commit  # type: ignore[method-assign]
-        h.engine.processor.prepare = prepare  # type: ignore[method-assign]
         saga_ids = await asyncio.gather(
             *(h.engine.start_saga("order", {"order_id": f"o-{n}", "amount": 5}) for n in range(60))
         )
         await h.settle()
 
-        assert state["failed"] == 2
-        assert state["overlapped"] > 2
+        assert len(failed) == 2
         for saga_id in saga_ids:
             instance = await h.instance(saga_id)
             assert instance.status == SagaStatus.COMPLETED, instance
@@ -176,3 +132,25 @@ async def test_engine_redecides_the_batch_built_on_a_commit_that_failed(failure:
         effects = Counter(row[:3] for row in rows)
         assert len(effects) == 180
         assert set(effects.values()) == {1}
+
+
+async def test_settled_sagas_are_forgotten_and_memory_is_bounded(store: CountingStore) -> None:
+    engine = processor(store)
+    engine.known_max = 3
+    replies = []
+    for n in range(5):
+        (reserve,) = (await engine.process([StartItem(three_steps(), f"s-{n}", ORDER)], NOW)).published
+        replies.append(succeeded(reserve))
+    assert list(engine._known) == ["s-2", "s-3", "s-4"]  # the least recently written went first
+    await engine.process([ReplyItem(replies[0])], NOW + 1)
+    assert store.loaded == ["s-0"]
+    abort = OperatorCommand(action="abort", reason="test")
+    await engine.process([OperatorItem("s-4", abort)], NOW + 2)
+    assert "s-4" in engine._known  # compensating: still running
+    reply = replies[3]
+    for _ in range(3):  # reserve, charge, ship
+        assert "s-3" in engine._known
+        published = (await engine.process([ReplyItem(reply)], NOW + 3)).published
+        reply = succeeded(published[0]) if published else reply
+    assert (await store.load(["s-3"]))["s-3"].status == SagaStatus.COMPLETED
+    assert "s-3" not in engine._known
