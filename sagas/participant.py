@@ -279,12 +279,12 @@ class ParticipantWorker:
             return []
         answers: list[tuple[CommandMessage, _Answer]] = []
         async with self.db.begin() as tx:
-            keys = {c.idempotency_key for c in commands} | {_compensation_key(c) for c in commands}
-            rows = (await tx.execute(sa.select(dedup_table).where(dedup_table.c.key.in_(keys)))).mappings().all()
-            recorded = {row["key"]: _Answer(Outcome(row["outcome"]), row["type"], row["data"]) for row in rows}
+            keys = sorted({c.idempotency_key for c in commands} | {_compensation_key(c) for c in commands})
             driver = (await tx.get_raw_connection()).driver_connection
             inline = driver if isinstance(driver, _InlineConnection) else None
-            records: list[dict[str, Any]] = []
+            recorded = await (_recorded_inline(inline, keys) if inline is not None else _recorded(tx, keys))
+            records: list[tuple[str, str, str, str, Any, float]] = []
+            at = time.time()
             for command in commands:
                 answer = recorded.get(command.idempotency_key)
                 if answer is not None:
@@ -293,14 +293,19 @@ class ParticipantWorker:
                     answer = await self._run(command, tx, recorded, inline)
                     if answer.outcome != Outcome.RETRY:
                         recorded[command.idempotency_key] = answer
-                        records.append({"key": command.idempotency_key, "command_id": command.id,
-                                        "outcome": str(answer.outcome), "type": answer.type, "data": answer.data,
-                                        "at": time.time()})
+                        records.append((command.idempotency_key, command.id, str(answer.outcome), answer.type,
+                                        answer.data, at))
                 answers.append((command, answer))
             if records:
                 # One statement for the batch, still in the transaction of the effects (and `recorded` already
                 # answers repeats within the batch).
-                await tx.execute(_insert_dedup, records)
+                if inline is not None:
+                    rows = [(*record[:4], json.dumps(record[4]), record[5]) for record in records]
+                    async with inline.executemany(_INSERT_DEDUP_SQL, rows):
+                        pass
+                else:
+                    columns = ("key", "command_id", "outcome", "type", "data", "at")
+                    await tx.execute(_insert_dedup, [dict(zip(columns, record, strict=True)) for record in records])
         now = time.time()
         return [
             encode_reply(command, outcome=a.outcome, type=a.type, data=a.data, source=self.participant.name, at=now,
@@ -378,6 +383,31 @@ class _Savepoint:
     async def release(self) -> None:
         if self._nested is not None:
             await self._nested.commit()
+
+
+_DEDUP_COLUMNS = "key, outcome, type, data"
+_INSERT_DEDUP_SQL = "INSERT INTO participant_dedup (key, command_id, outcome, type, data, at) VALUES (?, ?, ?, ?, ?, ?)"
+_KEYS_PER_SELECT = 500
+
+
+async def _recorded(tx: AsyncConnection, keys: list[str]) -> dict[str, _Answer]:
+    rows = (await tx.execute(sa.select(dedup_table).where(dedup_table.c.key.in_(keys)))).mappings().all()
+    return {row["key"]: _Answer(Outcome(row["outcome"]), row["type"], row["data"]) for row in rows}
+
+
+async def _recorded_inline(inline: _InlineConnection, keys: list[str]) -> dict[str, _Answer]:
+    """`_recorded` in plain SQL on SQLite's own connection, inside the transaction: the same rows (the JSON column
+    is text there, as SQLAlchemy's JSON type writes it) without SQLAlchemy's per-statement work, which cost more
+    than the query."""
+    recorded: dict[str, _Answer] = {}
+    for start in range(0, len(keys), _KEYS_PER_SELECT):
+        chunk = keys[start : start + _KEYS_PER_SELECT]
+        marks = ", ".join("?" * len(chunk))
+        sql = f"SELECT {_DEDUP_COLUMNS} FROM participant_dedup WHERE key IN ({marks})"
+        async with inline.execute(sql, chunk) as cursor:
+            for key, outcome, reply_type, data in await cursor.fetchall():
+                recorded[key] = _Answer(Outcome(outcome), reply_type, json.loads(data))
+    return recorded
 
 
 def _compensation_key(command: CommandMessage) -> str:
