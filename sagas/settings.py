@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from ruamel.yaml import YAML
 
+from sagas.engine.processor import DEFAULT_KNOWN_MAX
 from sagas.engine.runtime import DEFAULT_GROUP, DEFAULT_REPLY_TOPIC, EngineSettings
 
 
@@ -54,6 +55,7 @@ class SagasSettings(BaseSettings):
     reply_topic: str = DEFAULT_REPLY_TOPIC
     group: str = Field(DEFAULT_GROUP, description="Consumer group of the engine processes.")
     batch_max: int = Field(512, ge=1, le=10_000)
+    known_max: int = Field(DEFAULT_KNOWN_MAX, ge=0, description="Running sagas an engine remembers between events.")
     timer_interval: float = Field(0.05, gt=0)
     relay_interval: float = Field(1.0, gt=0)
     retention: float | None = Field(
@@ -76,7 +78,7 @@ class SagasSettings(BaseSettings):
 
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(
-            reply_topic=self.reply_topic, group=self.group, batch_max=self.batch_max,
+            reply_topic=self.reply_topic, group=self.group, batch_max=self.batch_max, known_max=self.known_max,
             timer_interval=self.timer_interval, relay_interval=self.relay_interval,
             retention=self.retention, retention_interval=self.retention_interval,
         )

@@ -75,3 +75,10 @@ def test_log_rate_limit_drops_floods_and_says_how_many() -> None:
     later = record(99)
     assert limit.filter(later)
     assert "(47 similar lines dropped)" in later.getMessage()
+
+
+def test_engine_tuning_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAGAS_KNOWN_MAX", "123")
+    monkeypatch.setenv("SAGAS_BATCH_MAX", "64")
+    engine = SagasSettings.load().engine_settings()
+    assert (engine.known_max, engine.batch_max) == (123, 64)
