@@ -40,6 +40,7 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from sagas.adapters.ports import BrokerMessage, Delivery
 from sagas.errors import BrokerError
@@ -53,7 +54,9 @@ T = TypeVar("T")
 _FIXED = {
     "bootstrap_servers", "loop", "acks", "enable_idempotence", "transactional_id", "key_serializer",
     "value_serializer", "group_id", "enable_auto_commit", "key_deserializer", "value_deserializer",
+    "partitioner",  # publish places records itself, as Kafka's default partitioner does (one key, one partition)
 }
+_MAX_REQUEST_SIZE = inspect.signature(AIOKafkaProducer.__init__).parameters["max_request_size"].default
 _SSL_FILES = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
 _PARAMS = {cls: set(inspect.signature(cls.__init__).parameters) for cls in
            (AIOKafkaProducer, AIOKafkaConsumer, AIOKafkaAdminClient)}
@@ -136,8 +139,9 @@ class KafkaBroker:
         replication_factor: Replicas of the topics this broker creates.
         client_options: Passed to aiokafka's producer, consumer and admin client, each getting the options
             it accepts: security (``security_protocol``, ``sasl_*``, ``ssl_context`` or ``ssl_cafile``...),
-            timeouts, fetch tuning (``fetch_max_wait_ms``: aiokafka's 500 by default; the broker answers a
-            fetch as soon as a record arrives, so it bounds the idle polling, not the latency).
+            timeouts, fetch tuning (``fetch_max_wait_ms``: aiokafka's 500 by default. A waiting fetch is
+            answered as soon as a record arrives, so it mostly bounds idle polling; a partition whose records
+            sit unread for a while can wait up to that long for its next fetch).
         retry_for: Seconds to keep retrying a lost connection before raising `BrokerError(retriable=True)`.
     """
 
@@ -158,6 +162,7 @@ class KafkaBroker:
         self.replication_factor = replication_factor
         self.retry_for = retry_for
         self._options = self._check_options(dict(client_options or {}))
+        self._max_request_size = int(self._options.get("max_request_size", _MAX_REQUEST_SIZE))
         self._producer: Any = None
         self._admin: Any = None
         self._known_topics: set[str] = set()
@@ -260,13 +265,18 @@ class KafkaBroker:
                 builder = builders.get(where)
                 if builder is None:
                     builder = builders[where] = producer.create_batch()
-                record = {"key": key, "value": message.value, "timestamp": None, "headers": list(message.headers)}
-                if builder.append(**record) is None:  # full: send it, start the next one
+                headers = list(message.headers)
+                # `send` refuses a record over max_request_size; `send_batch` does not, and the broker's refusal
+                # would leave the idempotent producer's sequence numbers of that partition out of step.
+                size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, message.value, headers)
+                if size > self._max_request_size:
+                    raise BrokerError(f"message of {size} bytes for {topic!r} exceeds max_request_size "
+                                      f"({self._max_request_size})", retriable=False)
+                record = {"key": key, "value": message.value, "timestamp": None, "headers": headers}
+                if builder.append(**record) is None:  # full: send it; a fresh batch takes any one record
                     acks.append(await producer.send_batch(builder, topic, partition=where[1]))
                     builder = builders[where] = producer.create_batch()
-                    if builder.append(**record) is None:
-                        raise BrokerError(f"message of {len(message.value)} bytes does not fit in a batch "
-                                          f"(max_batch_size)", retriable=False)
+                    builder.append(**record)
             for (topic, partition), builder in builders.items():
                 acks.append(await producer.send_batch(builder, topic, partition=partition))
             await asyncio.gather(*acks)

@@ -34,7 +34,8 @@ class SagaReport:
 class SagaAdmin:
     def __init__(self, store: Store, *, reply_topic: str = DEFAULT_REPLY_TOPIC) -> None:
         self.store = store
-        self.processor = Processor(store, DefinitionRegistry(), reply_topic=reply_topic)
+        # Commands of one operator session: nothing worth remembering between them.
+        self.processor = Processor(store, DefinitionRegistry(), reply_topic=reply_topic, known_max=0)
 
     async def _one(self, item: Item) -> ItemResult:
         result = (await self.processor.process([item], time.time())).results[0]

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import pydantic_core
 import structlog
 
 from sagas.adapters.ports import (
@@ -128,7 +130,7 @@ class Processor:
         self.registry = registry
         self.reply_topic = reply_topic
         self.known_max = known_max
-        self._known: dict[str, SagaInstance] = {}
+        self._known: OrderedDict[str, SagaInstance] = OrderedDict()
 
     def remembered(self, saga_id: str) -> SagaInstance | None:
         """The running saga as this processor last wrote it, if it remembers it (never a settled one)."""
@@ -170,20 +172,26 @@ class Processor:
         return BatchResult(results, published, settled)
 
     async def _commit(self, prepared: Prepared) -> None:
-        """Write a prepared unit and remember what it wrote; on any failure, forget everything and raise."""
+        """Write a prepared unit and remember what it wrote. On a conflict, forget the sagas it names (the unit
+        wrote nothing: every other remembered saga is as it was); on any other failure (which may even have
+        committed, e.g. a connection lost during COMMIT), forget everything. Then raise."""
         try:
             if prepared.work:
                 await self.store.commit(prepared.work)
+        except ConcurrencyConflict as conflict:
+            for saga_id in conflict.saga_ids:
+                self._known.pop(saga_id, None)
+            raise
         except BaseException:
             self.forget()
             raise
         known = self._known
         for saga_id, instance in prepared.written.items():
-            known.pop(saga_id, None)  # re-inserted: the dict's order is least recently written first
+            known.pop(saga_id, None)  # re-inserted at the end: least recently written first
             if not instance.status.is_settled:
                 known[saga_id] = instance
         while len(known) > self.known_max:
-            del known[next(iter(known))]
+            known.popitem(last=False)
 
     async def _prepare(self, items: Sequence[Item], now: float, sent: Sequence[str]) -> Prepared:
         """Read what `items` touch (remembered instances from memory), decide, and build the unit of work."""
@@ -327,7 +335,10 @@ class Processor:
                 result.instance = existing
                 result.outcome = "ignored"
                 return None
-        decision = machine.start(item.definition, saga_id=item.saga_id, input=item.input, now=now,
+        # The instance is remembered after the commit: it must not share the caller's objects, which the caller
+        # may change later. A JSON round trip also makes it exactly what the store holds.
+        input = pydantic_core.from_json(pydantic_core.to_json(item.input))
+        decision = machine.start(item.definition, saga_id=item.saga_id, input=input, now=now,
                                  idempotency_key=item.key)
         result.instance = decision.instance
         return decision

@@ -90,7 +90,7 @@ class EngineSettings:
     """None: timers fire only through `fire_due_timers()` (the test harness drives a virtual clock)."""
     known_max: int = DEFAULT_KNOWN_MAX
     """Running sagas the processor remembers between events, so that their next event needs no read (least recently
-    written forgotten first; settled sagas as soon as they settle). At least `batch_max` is used."""
+    written forgotten first; settled sagas as soon as they settle); 0 remembers none."""
     outage_backoff_max: float = 5.0
     outage_log_after: float = 5.0
     """Seconds a publish may stay unacknowledged before the engine logs the broker as unavailable."""
@@ -138,7 +138,7 @@ class Engine:
             store,
             self.registry,
             reply_topic=self.settings.reply_topic,
-            known_max=max(self.settings.known_max, self.settings.batch_max),
+            known_max=self.settings.known_max,
         )
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=20_000)
         self._publish_queue: asyncio.Queue[list[OutboxMessage]] = asyncio.Queue()
@@ -262,7 +262,9 @@ class Engine:
                     if done:
                         return future.result()
                     current = await self._load_soon(saga_id)
-                    if current is not None and current.status.is_settled:
+                    if current is None:  # removed meanwhile (retention, or never committed after all)
+                        raise UnknownSaga(f"no saga with id {saga_id!r}")
+                    if current.status.is_settled:
                         return current
         finally:
             waiters = self._waiters.get(saga_id)

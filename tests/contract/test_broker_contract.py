@@ -455,6 +455,20 @@ class TestKafkaBroker(BrokerContract, SharedTransportContract):
         newcomer = await broker.subscribe([topic], group)  # ...so nothing was committed
         assert sorted(values(await collect(newcomer, 20)), key=int) == [str(i) for i in range(20)]
 
+    async def test_an_oversized_message_is_refused_and_its_partition_keeps_working(
+        self, broker: Broker, topic: str, group: str
+    ) -> None:
+        """A message over max_request_size is refused before it is sent (not retriable), and later messages
+        with the same key, so to the same partition, still go through: the producer's state is intact."""
+        consumer = await broker.subscribe([topic], group)
+        await broker.publish([message(topic, "before")])
+        with pytest.raises(BrokerError) as caught:
+            await broker.publish([message(topic, b"x" * 1_100_000)])
+        assert caught.value.retriable is False
+        assert "max_request_size" in str(caught.value)
+        await broker.publish([message(topic, "after")])
+        assert values(await collect(consumer, 2)) == ["before", "after"]
+
 
 def test_parse_kafka_url_reads_servers_partitions_and_options() -> None:
     """A kafka:// URL gives the bootstrap servers, topic settings and typed aiokafka client options."""

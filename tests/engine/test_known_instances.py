@@ -17,7 +17,7 @@ import pytest
 from sagas.adapters.ports import BrokerMessage, OutboxMessage, UnitOfWork
 from sagas.adapters.sql import SqlStore
 from sagas.definitions.registry import DefinitionRegistry
-from sagas.engine.processor import OperatorItem, Processor, ReplyItem, StartItem
+from sagas.engine.processor import OperatorItem, Processor, ReplyItem, StartItem, TimerItem
 from sagas.engine.state import OperatorCommand, Outcome, SagaInstance, SagaStatus, StepStatus
 from sagas.engine.wire import decode_command, encode_reply
 from sagas.errors import ConcurrencyConflict, StoreError
@@ -63,16 +63,71 @@ def succeeded(command: OutboxMessage) -> BrokerMessage:
                         source="test", at=NOW)
 
 
-async def test_the_next_event_of_a_saga_is_decided_without_reading_the_store(store: CountingStore) -> None:
+async def test_the_next_events_of_a_saga_are_decided_without_reading_the_store(store: CountingStore) -> None:
     engine = processor(store)
     started = await engine.process([StartItem(three_steps(), "s-1", ORDER)], NOW)
     (reserve,) = started.published
-    replied = await engine.process([ReplyItem(succeeded(reserve))], NOW + 1)
+    (charge,) = (await engine.process([ReplyItem(succeeded(reserve))], NOW + 1)).published
+    replied = await engine.process([ReplyItem(succeeded(charge))], NOW + 2)
     assert replied.results[0].outcome == "applied"
-    assert store.loaded == []  # remembered from the start
+    assert store.loaded == []  # remembered from the start, at the version each commit gave it
     stored = (await store.load(["s-1"]))["s-1"]
-    assert stored.version == 2
-    assert stored.steps["reserve"].status == StepStatus.SUCCEEDED
+    assert stored.version == 3
+    assert stored.steps["charge"].status == StepStatus.SUCCEEDED
+    assert engine.remembered("s-1") == stored
+
+
+async def test_the_remembered_input_is_not_the_callers_object(store: CountingStore) -> None:
+    """The caller may change its input after the start; what the engine remembers (and sends) must not move."""
+    engine = processor(store)
+    order = {"id": "o-1"}
+    caller_input = {"order_id": order, "amount": 5}
+    (reserve,) = (await engine.process([StartItem(three_steps(), "s-1", caller_input)], NOW)).published
+    order["id"] = "o-999"
+    caller_input["amount"] = 7
+    (charge,) = (await engine.process([ReplyItem(succeeded(reserve))], NOW + 1)).published
+    assert decode_command(charge.message).data == {"order": {"id": "o-1"}, "amount": 5}
+    assert (await store.load(["s-1"]))["s-1"].input == {"order_id": {"id": "o-1"}, "amount": 5}
+
+
+async def test_a_timer_refused_on_a_stale_memory_is_fired_on_the_stored_instance(store: CountingStore) -> None:
+    """Engine A remembers s-1 running `reserve`; another writer moves it on to `charge`, whose timeout timer A
+    then fires. A's memory has no running `charge` and would drop the timer (it is consumed whatever the machine
+    decides): the write-back of the refusal must conflict, and the timer fire on what the store holds."""
+    engine_a, other = processor(store), processor(store)
+    (reserve,) = (await engine_a.process([StartItem(three_steps(), "s-1", ORDER)], NOW)).published
+    await other.process([ReplyItem(succeeded(reserve))], NOW + 1)
+    (timeout,) = [t for t in await store.timers_of("s-1") if t.step == "charge"]
+
+    result = await engine_a.process([TimerItem(timeout)], timeout.due_at)
+
+    assert result.results[0].outcome == "applied"
+    history = [(r.entry.type, r.entry.step) for r in await store.history("s-1")]
+    assert ("step.timed_out", "charge") in history
+
+
+async def test_operator_commands_read_the_store(store: CountingStore) -> None:
+    engine = processor(store)
+    await engine.process([StartItem(three_steps(), "s-1", ORDER)], NOW)
+    await engine.process([OperatorItem("s-1", OperatorCommand(action="abort", reason="test"))], NOW + 1)
+    assert store.loaded == ["s-1"]
+
+
+async def test_a_commit_that_fails_after_writing_leaves_nothing_remembered(store: CountingStore) -> None:
+    """A commit may fail after it reached the database (a connection lost during COMMIT): the processor cannot
+    know what the store holds, so it forgets, and the next event reads again."""
+    engine = processor(store)
+    await engine.process([StartItem(three_steps(), "s-1", ORDER)], NOW)
+    real_commit = store.commit
+
+    async def commit_then_fail(work: UnitOfWork) -> None:
+        await real_commit(work)
+        raise StoreError("connection lost during COMMIT", retriable=True)
+
+    store.commit = commit_then_fail  # type: ignore[method-assign]
+    with pytest.raises(StoreError):
+        await engine.process([StartItem(three_steps(), "s-2", ORDER)], NOW)
+    assert engine.remembered("s-1") is None
 
 
 async def test_a_remembered_instance_another_writer_moved_on_is_read_again(store: CountingStore) -> None:

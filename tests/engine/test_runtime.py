@@ -270,3 +270,21 @@ async def test_wait_notices_a_saga_settled_by_someone_else() -> None:
         waiting = asyncio.ensure_future(h.engine.wait(saga_id, timeout=10, poll=0.05))
         await SagaAdmin(h.store).operate(saga_id, OperatorCommand(action="skip", step="ship", reason="by hand"))
         assert (await waiting).status == SagaStatus.COMPLETED
+
+
+async def test_wait_on_a_saga_removed_meanwhile_raises_unknown_saga() -> None:
+    """The engine remembers the saga running, so `wait` starts polling without a read; when the saga is gone from
+    the store (settled elsewhere, then purged by retention), the poll says so instead of waiting for ever."""
+    import time
+
+    from sagas.engine.admin import SagaAdmin
+    from sagas.errors import UnknownSaga
+
+    async with SagaHarness([three_steps()], [inventory(), payment()]) as h:
+        saga_id = await h.start("order", ORDER)  # waits at "ship": no shipping participant
+        assert h.engine.processor.remembered(saga_id) is not None
+        await SagaAdmin(h.store).operate(saga_id, OperatorCommand(action="skip", step="ship", reason="by hand"))
+        removed = await h.store.purge(time.time() + 3600)  # SagaAdmin stamps the wall clock
+        assert removed.instances == 1
+        with pytest.raises(UnknownSaga):
+            await h.engine.wait(saga_id, timeout=5, poll=0.05)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
-import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -195,12 +194,6 @@ def _executemany(
     sql, order = _driver_sql(statement, columns, type(dialect).__name__, dialect)
     rows = params if order is None else [order(row) for row in params]
     if dialect.name != "sqlite":
-        if isinstance(statement, sa.Insert) and dialect.paramstyle == "numeric_dollar":
-            # asyncpg runs executemany as one Bind/Execute per row, each written to the socket on its own;
-            # multi-row statements send a few messages per commit instead.
-            for sql_rows, values in _row_groups(sql, rows):
-                connection.exec_driver_sql(sql_rows, values)
-            return -1
         return connection.exec_driver_sql(sql, rows).rowcount
     cursor = connection.connection.cursor()
     try:
@@ -239,42 +232,6 @@ def _insert_rows(cursor: DBAPICursor, sql: str, rows: list[tuple[Any, ...]]) -> 
             start += size
         size //= 2
     return len(rows)
-
-
-def _row_groups(sql: str, rows: list[tuple[Any, ...]]) -> Iterator[tuple[str, tuple[Any, ...]]]:
-    """`rows` for a one-row INSERT with ``$n`` parameters, as multi-row statements: 64 rows each, then the rest in
-    power-of-two groups, as `_insert_rows` does for SQLite."""
-    chained = itertools.chain.from_iterable
-    start, size = 0, ROWS_PER_INSERT
-    while start < len(rows):
-        if len(rows) - start >= size:
-            yield _multi_row_dollar(sql, size), tuple(chained(rows[start : start + size]))
-            start += size
-        else:
-            size //= 2
-
-
-_DOLLAR = re.compile(r"\$(\d+)")
-
-
-@functools.lru_cache(maxsize=256)
-def _multi_row_dollar(sql: str, rows: int) -> str:
-    """`sql`, an INSERT of one row with ``$1 ... $n`` parameters, made an INSERT of `rows` rows (without the
-    RETURNING clause SQLAlchemy adds for a serial key: nothing reads it)."""
-    head, values, rest = sql.partition(" VALUES ")
-    group = rest[: rest.index(")") + 1]
-    if not (values and group.startswith("(")):
-        raise ValueError(f"not a one-row INSERT: {sql}")
-    numbers = [int(n) for n in _DOLLAR.findall(group)]
-    width = len(numbers)
-    if numbers != list(range(1, width + 1)) or _DOLLAR.search(rest, len(group)):
-        raise ValueError(f"not a one-row INSERT with parameters $1..$n in its VALUES: {sql}")
-    tail = rest[len(group):].split(" RETURNING ")[0]
-
-    def shifted(row: int) -> str:
-        return _DOLLAR.sub(lambda m: f"${int(m.group(1)) + row * width}", group)
-
-    return f"{head}{values}{', '.join(shifted(row) for row in range(rows))}{tail}"
 
 
 @functools.lru_cache(maxsize=256)
