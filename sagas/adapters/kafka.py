@@ -14,6 +14,7 @@ Lost connections are retried with exponential backoff for `retry_for` seconds; t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import itertools
@@ -210,10 +211,24 @@ class KafkaBroker:
         self._admin = await self._started(
             lambda: AIOKafkaAdminClient(**self._options_for(AIOKafkaAdminClient)), "close"
         )
+        self._producer = await self._new_producer()
+
+    async def _new_producer(self) -> Any:
         producer_options = self._options_for(AIOKafkaProducer, linger_ms=0)
-        self._producer = await self._started(
+        return await self._started(
             lambda: AIOKafkaProducer(**producer_options, acks="all", enable_idempotence=True), "stop"
         )
+
+    async def _replace_producer(self, refused: Any) -> None:
+        """After Kafka refused a record for good: the idempotent producer has already counted it in the sequence
+        numbers of its partition, and every later batch there would be refused as out of order. A new producer
+        (a new producer id) starts them afresh; the old one is flushed and closed."""
+        if self._producer is not refused:
+            return  # another publish replaced it already
+        log.warning("%r: a record was refused; starting a new producer", self)
+        self._producer = await self._new_producer()
+        with contextlib.suppress(Exception):
+            await refused.stop()
 
     async def _started(self, make: Callable[[], Any], stop: str) -> Any:
         async def attempt() -> Any:
@@ -249,6 +264,14 @@ class KafkaBroker:
             raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
         await self.ensure_topics({message.topic for message in messages})
 
+        # `send` refuses a record over max_request_size; `send_batch` does not: check them all before sending any.
+        for message in messages:
+            key = message.key.encode() if message.key is not None else None
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, message.value, list(message.headers))
+            if size > self._max_request_size:
+                raise BrokerError(f"message of {size} bytes for {message.topic!r} exceeds max_request_size "
+                                  f"({self._max_request_size})", retriable=False)
+
         async def attempt() -> None:
             # One record batch per partition instead of one `send` per message: aiokafka's per-message path
             # (a future, a partitioner call, an accumulator lookup each) was a third of its cost on the loop.
@@ -265,14 +288,7 @@ class KafkaBroker:
                 builder = builders.get(where)
                 if builder is None:
                     builder = builders[where] = producer.create_batch()
-                headers = list(message.headers)
-                # `send` refuses a record over max_request_size; `send_batch` does not, and the broker's refusal
-                # would leave the idempotent producer's sequence numbers of that partition out of step.
-                size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, message.value, headers)
-                if size > self._max_request_size:
-                    raise BrokerError(f"message of {size} bytes for {topic!r} exceeds max_request_size "
-                                      f"({self._max_request_size})", retriable=False)
-                record = {"key": key, "value": message.value, "timestamp": None, "headers": headers}
+                record = {"key": key, "value": message.value, "timestamp": None, "headers": list(message.headers)}
                 if builder.append(**record) is None:  # full: send it; a fresh batch takes any one record
                     acks.append(await producer.send_batch(builder, topic, partition=where[1]))
                     builder = builders[where] = producer.create_batch()
@@ -281,7 +297,12 @@ class KafkaBroker:
                 acks.append(await producer.send_batch(builder, topic, partition=partition))
             await asyncio.gather(*acks)
 
-        await self._retrying("publish", attempt)
+        try:
+            await self._retrying("publish", attempt)
+        except BrokerError as exc:
+            if not exc.retriable and isinstance(exc.__cause__, KafkaError):
+                await self._replace_producer(producer)
+            raise
 
     async def ensure_topics(self, names: Iterable[str]) -> None:
         """Create the topics that do not exist yet, with this broker's partitions and replication factor."""

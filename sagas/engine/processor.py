@@ -42,7 +42,7 @@ from sagas.engine.state import (
     evolve,
 )
 from sagas.engine.wire import MalformedMessage, decode_reply, encode_command, reply_saga_id
-from sagas.errors import ConcurrencyConflict, OperatorError, UnknownDefinition, UnknownSaga
+from sagas.errors import ConcurrencyConflict, OperatorError, StoreError, UnknownDefinition, UnknownSaga
 
 log = structlog.get_logger("sagas.engine")
 
@@ -164,11 +164,19 @@ class Processor:
         results: list[ItemResult] = []
         published: list[OutboxMessage] = []
         settled: list[SagaInstance] = []
-        for index, item in enumerate(items):
-            one = await self.process([item], now, sent if index == 0 else ())
+        unmarked = list(sent)  # marked sent by the first item that commits
+        for item in items:
+            one = await self.process([item], now, unmarked)
+            if one.results[0].error is None:
+                unmarked = []
             results.extend(one.results)
             published.extend(one.published)
             settled.extend(one.settled)
+        if unmarked:  # every item kept conflicting: the marks still go in, on their own
+            try:
+                await self.store.commit(UnitOfWork(sent=unmarked))
+            except StoreError as exc:  # the relay publishes them again later; the inbox and dedup absorb that
+                log.warning("marking messages sent failed", error=str(exc), messages=len(unmarked))
         return BatchResult(results, published, settled)
 
     async def _commit(self, prepared: Prepared) -> None:

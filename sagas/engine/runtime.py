@@ -177,6 +177,7 @@ class Engine:
         # A restarted Engine object must not trust what it believed in flight before: the store is the truth.
         self._in_flight.clear()
         self._timers_in_flight.clear()
+        self.processor.forget()
         self._spawn(self._writer_loop(), "writer")
         self._spawn(self._publisher_loop(), "publisher")
         self._spawn(self._consumer_loop(), "consumer")

@@ -469,6 +469,30 @@ class TestKafkaBroker(BrokerContract, SharedTransportContract):
         await broker.publish([message(topic, "after")])
         assert values(await collect(consumer, 2)) == ["before", "after"]
 
+    async def test_a_record_kafka_refuses_does_not_block_its_partition(
+        self, kafka_url: str, broker: Broker, topic: str, group: str
+    ) -> None:
+        """Kafka itself refuses a record (here: over the topic's max.message.bytes, under the client's limit).
+        The idempotent producer has counted it in the partition's sequence numbers: without a new producer every
+        later publish to that partition would be refused as out of order."""
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        from sagas.adapters.kafka import parse_kafka_url
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=parse_kafka_url(kafka_url).bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, 1, 1, topic_configs={"max.message.bytes": "2000"})])
+        finally:
+            await admin.close()
+        consumer = await broker.subscribe([topic], group)
+        await broker.publish([message(topic, "before")])
+        with pytest.raises(BrokerError) as caught:
+            await broker.publish([message(topic, b"x" * 5000)])
+        assert caught.value.retriable is False
+        await broker.publish([message(topic, "after")])
+        assert values(await collect(consumer, 2)) == ["before", "after"]
+
 
 def test_parse_kafka_url_reads_servers_partitions_and_options() -> None:
     """A kafka:// URL gives the bootstrap servers, topic settings and typed aiokafka client options."""

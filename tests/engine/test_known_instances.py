@@ -209,3 +209,21 @@ async def test_settled_sagas_are_forgotten_and_memory_is_bounded(store: Counting
         reply = succeeded(published[0]) if published else reply
     assert (await store.load(["s-3"]))["s-3"].status == SagaStatus.COMPLETED
     assert "s-3" not in engine._known
+
+
+async def test_published_ids_are_marked_sent_even_when_every_item_keeps_conflicting(store: CountingStore) -> None:
+    engine = processor(store)
+    real_commit = store.commit
+    committed: list[UnitOfWork] = []
+
+    async def conflicting(work: UnitOfWork) -> None:
+        if work.inserts:
+            raise ConcurrencyConflict([i.id for i in work.inserts])
+        committed.append(work)
+        await real_commit(work)
+
+    store.commit = conflicting  # type: ignore[method-assign]
+    items = [StartItem(three_steps(), "s-1", ORDER), StartItem(three_steps(), "s-2", ORDER)]
+    result = await engine.process(items, NOW, sent=["s-0/reserve/command/1"])
+    assert [type(r.error) for r in result.results] == [ConcurrencyConflict, ConcurrencyConflict]
+    assert [w.sent for w in committed] == [["s-0/reserve/command/1"]]
