@@ -124,12 +124,22 @@ class Processor:
     """
 
     def __init__(
-        self, store: Store, registry: DefinitionRegistry, *, reply_topic: str, known_max: int = DEFAULT_KNOWN_MAX
+        self,
+        store: Store,
+        registry: DefinitionRegistry,
+        *,
+        reply_topic: str,
+        known_max: int = DEFAULT_KNOWN_MAX,
+        known_max_age: float | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.reply_topic = reply_topic
         self.known_max = known_max
+        self.known_max_age = known_max_age
+        """Seconds after which a remembered instance is read again: the retention period. A saga another engine
+        finished can be purged after it, and a new saga started under the same explicit id could then reach the
+        remembered version: the version check alone would not tell them apart."""
         self._known: OrderedDict[str, SagaInstance] = OrderedDict()
 
     def remembered(self, saga_id: str) -> SagaInstance | None:
@@ -226,8 +236,12 @@ class Processor:
                 operated.add(item.saga_id)
 
         known = self._known
+        oldest = -float("inf") if self.known_max_age is None else now - self.known_max_age
         # Operator commands are rare and must not be refused on a remembered state: they read the store.
-        instances = {saga_id: known[saga_id] for saga_id in saga_ids.difference(operated) if saga_id in known}
+        instances = {
+            saga_id: instance for saga_id in saga_ids.difference(operated)
+            if (instance := known.get(saga_id)) is not None and instance.updated_at >= oldest
+        }
         remembered = set(instances)
         missing = sorted(saga_ids.difference(instances))
         # Both reads queue on the store's reader at once: one wake-up of its thread instead of two in a row.

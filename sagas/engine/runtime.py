@@ -139,6 +139,7 @@ class Engine:
             self.registry,
             reply_topic=self.settings.reply_topic,
             known_max=self.settings.known_max,
+            known_max_age=self.settings.retention,
         )
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=20_000)
         self._publish_queue: asyncio.Queue[list[OutboxMessage]] = asyncio.Queue()

@@ -227,3 +227,15 @@ async def test_published_ids_are_marked_sent_even_when_every_item_keeps_conflict
     result = await engine.process(items, NOW, sent=["s-0/reserve/command/1"])
     assert [type(r.error) for r in result.results] == [ConcurrencyConflict, ConcurrencyConflict]
     assert [w.sent for w in committed] == [["s-0/reserve/command/1"]]
+
+
+async def test_an_instance_remembered_for_longer_than_the_retention_is_read_again(store: CountingStore) -> None:
+    """Retention may purge a saga another engine finished, and a new saga may then reuse its explicit id and reach
+    the remembered version: past the retention period, the memory is not trusted."""
+    engine = processor(store)
+    engine.known_max_age = 60.0
+    (reserve,) = (await engine.process([StartItem(three_steps(), "s-1", ORDER)], NOW)).published
+    (charge,) = (await engine.process([ReplyItem(succeeded(reserve))], NOW + 30)).published
+    assert store.loaded == []
+    await engine.process([ReplyItem(succeeded(charge))], NOW + 30 + 61)
+    assert store.loaded == ["s-1"]
