@@ -14,7 +14,6 @@ Lost connections are retried with exponential backoff for `retry_for` seconds; t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import itertools
@@ -32,11 +31,20 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     CommitFailedError,
     ConsumerStoppedError,
+    CorruptRecordException,
     IllegalStateError,
+    InvalidProducerEpoch,
+    InvalidTimestampError,
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerClosed,
+    RecordListTooLargeError,
+    RecordTooLargeError,
     TopicAlreadyExistsError,
+    UnknownProducerId,
     for_code,
 )
 from aiokafka.helpers import create_ssl_context
@@ -124,6 +132,38 @@ def _partition(key: bytes | None, partitions: list[int]) -> int:
     return partitions[_key_hash(key) % len(partitions)]
 
 
+# Refusals of a record that leave the idempotent producer's sequence numbers out of step for its partition; other
+# errors (authorization, a closed producer) say nothing about those numbers, and a new producer would not help.
+_REFUSED_RECORD = (
+    MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError, CorruptRecordException,
+    InvalidTimestampError, OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch,
+)
+# What the other records of a partition meet after one was refused, or on a producer that was just replaced.
+_AFTER_REPLACEMENT = (ProducerClosed, OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
+
+
+_RETIRE_SECONDS = 10.0
+
+
+class _ProducerReplaced(KafkaError):  # type: ignore[misc]  # aiokafka's errors are untyped
+    """The producer a publish was using was replaced under it: retried on the new one."""
+
+    retriable = True
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _stop_within(producer: Any, seconds: float) -> None:
+    """Stop a replaced producer; batches stuck behind a refused record may keep it from ever finishing."""
+    try:
+        await asyncio.wait_for(producer.stop(), seconds)
+    except TimeoutError:
+        log.warning("a replaced Kafka producer did not stop within %.0fs; abandoned", seconds)
+
+
 def _is_transient(exc: BaseException) -> bool:
     """True for errors that a later attempt may not meet: lost connections, timeouts, leader elections."""
     return isinstance(exc, KafkaConnectionError | KafkaTimeoutError | TimeoutError) or bool(
@@ -165,6 +205,11 @@ class KafkaBroker:
         self._options = self._check_options(dict(client_options or {}))
         self._max_request_size = int(self._options.get("max_request_size", _MAX_REQUEST_SIZE))
         self._producer: Any = None
+        self._replace_lock = asyncio.Lock()
+        self._replaced: asyncio.Future[None] | None = None
+        """Resolved when the current producer is replaced (created with it, in `start`)."""
+        self._retiring: set[asyncio.Future[Any]] = set()
+        self._closing = False
         self._admin: Any = None
         self._known_topics: set[str] = set()
         self._topic_lock = asyncio.Lock()
@@ -212,6 +257,7 @@ class KafkaBroker:
             lambda: AIOKafkaAdminClient(**self._options_for(AIOKafkaAdminClient)), "close"
         )
         self._producer = await self._new_producer()
+        self._replaced = asyncio.get_running_loop().create_future()
 
     async def _new_producer(self) -> Any:
         producer_options = self._options_for(AIOKafkaProducer, linger_ms=0)
@@ -222,13 +268,32 @@ class KafkaBroker:
     async def _replace_producer(self, refused: Any) -> None:
         """After Kafka refused a record for good: the idempotent producer has already counted it in the sequence
         numbers of its partition, and every later batch there would be refused as out of order. A new producer
-        (a new producer id) starts them afresh; the old one is flushed and closed."""
-        if self._producer is not refused:
-            return  # another publish replaced it already
-        log.warning("%r: a record was refused; starting a new producer", self)
-        self._producer = await self._new_producer()
-        with contextlib.suppress(Exception):
-            await refused.stop()
+        (a new producer id) starts them afresh. One replacement at a time; the old producer is flushed and closed
+        in the background (`close` waits for it), so the failing caller is not held up by it."""
+        async with self._replace_lock:
+            if self._producer is not refused or self._closing:
+                return  # replaced by another publish meanwhile, or the broker is closing
+            log.warning("%r: Kafka refused a record; starting a new producer", self)
+            try:
+                fresh = await self._new_producer()
+            except BrokerError as exc:  # keep the old one: the caller's own error is what it must hear
+                log.warning("%r: could not start a new producer: %s", self, exc)
+                return
+            if self._closing:
+                await fresh.stop()
+                return
+            self._producer = fresh
+            replaced, self._replaced = self._replaced, asyncio.get_running_loop().create_future()
+            if replaced is not None:
+                replaced.set_result(None)  # publishes waiting on the old producer's acknowledgements give up on it
+            retiring = asyncio.ensure_future(_stop_within(refused, _RETIRE_SECONDS))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Future[Any]) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("%r: closing a replaced producer failed: %r", self, task.exception())
 
     async def _started(self, make: Callable[[], Any], stop: str) -> Any:
         async def attempt() -> Any:
@@ -244,13 +309,20 @@ class KafkaBroker:
 
     async def close(self) -> None:
         """Close the consumers (they leave their groups), then flush and close the producer."""
-        for consumer in list(self._consumers):
-            await consumer.close()
-        producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
-        if producer is not None:
-            await producer.stop()
-        if admin is not None:
-            await admin.close()
+        self._closing = True
+        try:
+            for consumer in list(self._consumers):
+                await consumer.close()
+            async with self._replace_lock:  # no replacement half done
+                producer, admin, self._producer, self._admin = self._producer, self._admin, None, None
+            if producer is not None:
+                await producer.stop()
+            if self._retiring:
+                await asyncio.gather(*self._retiring, return_exceptions=True)
+            if admin is not None:
+                await admin.close()
+        finally:
+            self._closing = False
 
     async def publish(self, messages: Sequence[BrokerMessage]) -> None:
         """Send the messages in order and wait until Kafka acknowledged all of them (acks=all).
@@ -259,8 +331,7 @@ class KafkaBroker:
         """
         if not messages:
             return
-        producer = self._producer
-        if producer is None:
+        if self._producer is None:
             raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
         await self.ensure_topics({message.topic for message in messages})
 
@@ -272,7 +343,7 @@ class KafkaBroker:
                 raise BrokerError(f"message of {size} bytes for {message.topic!r} exceeds max_request_size "
                                   f"({self._max_request_size})", retriable=False)
 
-        async def attempt() -> None:
+        async def send_all(producer: Any) -> None:
             # One record batch per partition instead of one `send` per message: aiokafka's per-message path
             # (a future, a partitioner call, an accumulator lookup each) was a third of its cost on the loop.
             builders: dict[tuple[str, int], Any] = {}
@@ -297,12 +368,34 @@ class KafkaBroker:
                 acks.append(await producer.send_batch(builder, topic, partition=partition))
             await asyncio.gather(*acks)
 
-        try:
-            await self._retrying("publish", attempt)
-        except BrokerError as exc:
-            if not exc.retriable and isinstance(exc.__cause__, KafkaError):
-                await self._replace_producer(producer)
-            raise
+        used: list[Any] = []
+
+        async def attempt() -> None:
+            """On the current producer. Behind a record Kafka refused, the old producer may never accept nor
+            acknowledge another batch of that partition: when it is replaced meanwhile, try again on the new one."""
+            producer, replaced = self._producer, self._replaced
+            if producer is None or replaced is None:
+                raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
+            used.append(producer)
+            sending = asyncio.ensure_future(send_all(producer))
+            await asyncio.wait({sending, replaced}, return_when=asyncio.FIRST_COMPLETED)
+            if not sending.done():
+                sending.cancel()
+                sending.add_done_callback(_retrieve)
+                raise _ProducerReplaced()
+            sending.result()
+
+        for tries_left in (1, 0):
+            try:
+                await self._retrying("publish", attempt)
+                return
+            except BrokerError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, _REFUSED_RECORD) and used:
+                    await self._replace_producer(used[-1])
+                if tries_left and isinstance(cause, _AFTER_REPLACEMENT) and used and used[-1] is not self._producer:
+                    continue  # caught behind a refusal of another record: the new producer sends these
+                raise
 
     async def ensure_topics(self, names: Iterable[str]) -> None:
         """Create the topics that do not exist yet, with this broker's partitions and replication factor."""

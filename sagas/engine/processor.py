@@ -238,10 +238,15 @@ class Processor:
         known = self._known
         oldest = -float("inf") if self.known_max_age is None else now - self.known_max_age
         # Operator commands are rare and must not be refused on a remembered state: they read the store.
-        instances = {
-            saga_id: instance for saga_id in saga_ids.difference(operated)
-            if (instance := known.get(saga_id)) is not None and instance.updated_at >= oldest
-        }
+        instances: dict[str, SagaInstance] = {}
+        for saga_id in saga_ids.difference(operated):
+            instance = known.get(saga_id)
+            if instance is None:
+                continue
+            if instance.updated_at < oldest:
+                del known[saga_id]
+            else:
+                instances[saga_id] = instance
         remembered = set(instances)
         missing = sorted(saga_ids.difference(instances))
         # Both reads queue on the store's reader at once: one wake-up of its thread instead of two in a row.

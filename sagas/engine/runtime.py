@@ -139,7 +139,8 @@ class Engine:
             self.registry,
             reply_topic=self.settings.reply_topic,
             known_max=self.settings.known_max,
-            known_max_age=self.settings.retention,
+            # Half the retention: a margin for clocks that differ between the hosts of a group.
+            known_max_age=None if self.settings.retention is None else self.settings.retention / 2,
         )
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=20_000)
         self._publish_queue: asyncio.Queue[list[OutboxMessage]] = asyncio.Queue()

@@ -493,6 +493,26 @@ class TestKafkaBroker(BrokerContract, SharedTransportContract):
         await broker.publish([message(topic, "after")])
         assert values(await collect(consumer, 2)) == ["before", "after"]
 
+        # Refused while other publishes to the same partition are in flight: one new producer, and every other
+        # message still arrives (those caught behind the refused record are sent again by the new producer).
+        created = 0
+        new_producer = broker._new_producer  # type: ignore[attr-defined]
+
+        async def counting() -> object:
+            nonlocal created
+            created += 1
+            return await new_producer()
+
+        broker._new_producer = counting  # type: ignore[attr-defined]
+        small = [broker.publish([message(topic, f"m{i}")]) for i in range(8)]
+        outcomes = await asyncio.gather(broker.publish([message(topic, b"y" * 5000)]), *small,
+                                        return_exceptions=True)
+        assert isinstance(outcomes[0], BrokerError)
+        assert outcomes[1:] == [None] * 8
+        assert created == 1
+        got = values(await collect(consumer, 8))
+        assert sorted(set(got)) == sorted(f"m{i}" for i in range(8))  # at least once each
+
 
 def test_parse_kafka_url_reads_servers_partitions_and_options() -> None:
     """A kafka:// URL gives the bootstrap servers, topic settings and typed aiokafka client options."""
