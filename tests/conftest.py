@@ -11,14 +11,17 @@ import os
 
 import pytest
 
-IN_CI = os.environ.get("CI", "").lower() == "true"
+
+def in_ci() -> bool:
+    """CI=true (or 1/yes, any case), read at call time."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
 def service_url(variable: str) -> str:
     url = os.environ.get(variable)
     if not url:
         message = f"{variable} is not set: run `eval \"$(scripts/services.sh env)\"` after `scripts/services.sh start`"
-        if IN_CI:
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)
     return url
