@@ -304,8 +304,9 @@ class ParticipantWorker:
                     async with inline.executemany(_INSERT_DEDUP_SQL, rows):
                         pass
                 else:
-                    columns = ("key", "command_id", "outcome", "type", "data", "at")
-                    await tx.execute(_insert_dedup, [dict(zip(columns, record, strict=True)) for record in records])
+                    await tx.execute(
+                        _insert_dedup, [dict(zip(_DEDUP_INSERT_COLUMNS, record, strict=True)) for record in records]
+                    )
         now = time.time()
         return [
             encode_reply(command, outcome=a.outcome, type=a.type, data=a.data, source=self.participant.name, at=now,
@@ -385,8 +386,11 @@ class _Savepoint:
             await self._nested.commit()
 
 
-_DEDUP_COLUMNS = "key, outcome, type, data"
-_INSERT_DEDUP_SQL = "INSERT INTO participant_dedup (key, command_id, outcome, type, data, at) VALUES (?, ?, ?, ?, ?, ?)"
+_DEDUP_INSERT_COLUMNS = tuple(column.name for column in dedup_table.columns)  # the order of `handle`'s records
+_INSERT_DEDUP_SQL = (
+    f"INSERT INTO {dedup_table.name} ({', '.join(_DEDUP_INSERT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(_DEDUP_INSERT_COLUMNS))})"
+)
 _KEYS_PER_SELECT = 500
 
 
@@ -403,7 +407,7 @@ async def _recorded_inline(inline: _InlineConnection, keys: list[str]) -> dict[s
     for start in range(0, len(keys), _KEYS_PER_SELECT):
         chunk = keys[start : start + _KEYS_PER_SELECT]
         marks = ", ".join("?" * len(chunk))
-        sql = f"SELECT {_DEDUP_COLUMNS} FROM participant_dedup WHERE key IN ({marks})"
+        sql = f"SELECT key, outcome, type, data FROM {dedup_table.name} WHERE key IN ({marks})"
         async with inline.execute(sql, chunk) as cursor:
             for key, outcome, reply_type, data in await cursor.fetchall():
                 recorded[key] = _Answer(Outcome(outcome), reply_type, json.loads(data))

@@ -338,13 +338,17 @@ class KafkaBroker:
             raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
         await self.ensure_topics({message.topic for message in messages})
 
+        # Each message's record, built once: attempts after a lost connection or a new producer reuse them.
         # `send` refuses a record over max_request_size; `send_batch` does not: check them all before sending any.
+        records: list[tuple[str, dict[str, Any]]] = []
         for message in messages:
             key = message.key.encode() if message.key is not None else None
-            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, message.value, list(message.headers))
+            headers = list(message.headers)
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, message.value, headers)
             if size > self._max_request_size:
                 raise BrokerError(f"message of {size} bytes for {message.topic!r} exceeds max_request_size "
                                   f"({self._max_request_size})", retriable=False)
+            records.append((message.topic, {"key": key, "value": message.value, "timestamp": None, "headers": headers}))
 
         async def send_all(producer: Any) -> None:
             # One record batch per partition instead of one `send` per message: aiokafka's per-message path
@@ -352,17 +356,14 @@ class KafkaBroker:
             builders: dict[tuple[str, int], Any] = {}
             acks = []
             partitions: dict[str, list[int]] = {}
-            for message in messages:
-                topic = message.topic
+            for topic, record in records:
                 available = partitions.get(topic)
                 if available is None:
                     available = partitions[topic] = sorted(await producer.partitions_for(topic))
-                key = message.key.encode() if message.key is not None else None
-                where = (topic, _partition(key, available))
+                where = (topic, _partition(record["key"], available))
                 builder = builders.get(where)
                 if builder is None:
                     builder = builders[where] = producer.create_batch()
-                record = {"key": key, "value": message.value, "timestamp": None, "headers": list(message.headers)}
                 if builder.append(**record) is None:  # full: send it; a fresh batch takes any one record
                     acks.append(await producer.send_batch(builder, topic, partition=where[1]))
                     builder = builders[where] = producer.create_batch()

@@ -137,7 +137,8 @@ class Processor:
         self.reply_topic = reply_topic
         self.known_max = known_max
         self.known_max_age = known_max_age
-        """Seconds after which a remembered instance is read again: the retention period. A saga another engine
+        """Seconds after which a remembered instance is read again (the engine passes half its retention period:
+        a margin for clocks). A saga another engine
         finished can be purged after it, and a new saga started under the same explicit id could then reach the
         remembered version: the version check alone would not tell them apart."""
         self._known: OrderedDict[str, SagaInstance] = OrderedDict()

@@ -97,15 +97,20 @@ async def serve_until_stopped(
         await asyncio.to_thread(Path(args.stats).write_text, json.dumps({p.name: p.stats for p in participants}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--db", required=True, help="The engine's SQLite file (its db:// queue).")
+def add_participant_arguments(parser: argparse.ArgumentParser, *, transient: float) -> None:
+    """The options of `serve_until_stopped`'s processes (this script's and kafka_participants.py's)."""
     parser.add_argument("--ledger", required=True, help="This process's own SQLite file (ledger + dedup).")
     parser.add_argument("--names", required=True, help="Comma-separated: inventory, payment, shipping.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the transient-failure RNG.")
-    parser.add_argument("--transient", type=float, default=0.1, help="Probability a handler fails transiently.")
+    parser.add_argument("--transient", type=float, default=transient, help="Probability a handler fails transiently.")
     parser.add_argument("--ready", help="File written once every participant is consuming.")
     parser.add_argument("--stats", help="File the participants' stats are written to (JSON) on exit.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", required=True, help="The engine's SQLite file (its db:// queue).")
+    add_participant_arguments(parser, transient=0.1)
     asyncio.run(run(parser.parse_args()))
 
 

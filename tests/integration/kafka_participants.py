@@ -39,7 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from ruamel.yaml import YAML
 
 from sagas.adapters.kafka import KafkaBroker
-from tests.integration.crash_participants import COMMANDS, build, declined_by, serve_until_stopped
+from tests.integration.crash_participants import (
+    COMMANDS,
+    add_participant_arguments,
+    build,
+    declined_by,
+    serve_until_stopped,
+)
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "multi_saga.yaml"
@@ -73,12 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kafka", required=True, help="kafka://host:port")
     parser.add_argument("--prefix", required=True, help="Topic and group prefix of this test run.")
-    parser.add_argument("--ledger", required=True, help="This process's own SQLite file (ledger + dedup).")
-    parser.add_argument("--names", required=True, help="Comma-separated: inventory, payment, shipping.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the transient-failure RNG.")
-    parser.add_argument("--transient", type=float, default=0.05, help="Probability a handler fails transiently.")
-    parser.add_argument("--ready", help="File written once every participant is consuming.")
-    parser.add_argument("--stats", help="File the participants' stats are written to (JSON) on exit.")
+    add_participant_arguments(parser, transient=0.05)
     asyncio.run(run(parser.parse_args()))
 
 
