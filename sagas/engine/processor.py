@@ -9,11 +9,12 @@ timers + dead letters atomically.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pydantic_core
 import structlog
@@ -42,13 +43,19 @@ from sagas.engine.state import (
     evolve,
 )
 from sagas.engine.wire import MalformedMessage, decode_reply, encode_command, reply_saga_id
-from sagas.errors import ConcurrencyConflict, OperatorError, StoreError, UnknownDefinition, UnknownSaga
+from sagas.errors import ConcurrencyConflict, OperatorError, UnknownDefinition, UnknownSaga
 
 log = structlog.get_logger("sagas.engine")
 
 CONFLICT_RETRIES = 3
 
 T = TypeVar("T")
+
+
+class Retry(Protocol):
+    """How a caller retries a call that failed on the store (the engine: back off through an outage)."""
+
+    async def __call__(self, call: Callable[[], Awaitable[T]], /) -> T: ...
 
 
 @dataclass
@@ -94,6 +101,8 @@ class BatchResult:
     published: list[OutboxMessage] = field(default_factory=list)
     """Outbox rows committed by this batch, to publish now."""
     settled: list[SagaInstance] = field(default_factory=list)
+    unmarked: list[str] = field(default_factory=list)
+    """Ids of `sent` that were not marked (every item kept conflicting): mark them with a later commit."""
 
 
 @dataclass
@@ -159,36 +168,58 @@ class Processor:
             self.registry.register(definition)
             return definition
 
-    async def process(self, items: Sequence[Item], now: float, sent: Sequence[str] = ()) -> BatchResult:
-        """Apply `items` in one transaction, retrying on optimistic-concurrency conflicts."""
-        for _ in range(CONFLICT_RETRIES):
-            try:
-                prepared = await self._prepare(items, now, sent)
-                await self._commit(prepared)
-                return prepared.outcome()
-            except ConcurrencyConflict as conflict:
-                log.warning("batch conflicted; re-reading", saga_ids=list(conflict.saga_ids)[:10], items=len(items))
-                await asyncio.sleep(0)
+    async def process(
+        self,
+        items: Sequence[Item],
+        now: float | Callable[[], float],
+        sent: Sequence[str] = (),
+        *,
+        retry: Retry | None = None,
+    ) -> BatchResult:
+        """Apply `items` in one transaction, retrying on optimistic-concurrency conflicts.
+
+        `now` is the time of the decisions, or a clock read again at every attempt. `retry` wraps every call
+        that writes (the engine passes its outage policy: back off and call again). An item that keeps
+        conflicting is isolated: the batch is then committed item by item, and a store failure half-way retries
+        only the item it interrupted, never one already committed (a start committed and then tried again would
+        be reported as a conflict to its caller).
+        """
+        clock: Callable[[], float] = now if callable(now) else lambda: now
+        run: Retry = retry or _once
+        outcome = await run(lambda: self._attempts(items, clock, sent))
+        if outcome is not None:
+            return outcome
         if len(items) == 1:
             return BatchResult([ItemResult(error=ConcurrencyConflict([_saga_of(items[0]) or "?"]))])
-        # Isolate the item that keeps conflicting: every other item still goes through.
         results: list[ItemResult] = []
         published: list[OutboxMessage] = []
         settled: list[SagaInstance] = []
         unmarked = list(sent)  # marked sent by the first item that commits
         for item in items:
-            one = await self.process([item], now, unmarked)
-            if one.results[0].error is None:
-                unmarked = []
+            one = await run(functools.partial(self._attempts, [item], clock, unmarked))
+            if one is None:
+                results.append(ItemResult(error=ConcurrencyConflict([_saga_of(item) or "?"])))
+                continue
+            unmarked = []
             results.extend(one.results)
             published.extend(one.published)
             settled.extend(one.settled)
-        if unmarked:  # every item kept conflicting: the marks still go in, on their own
+        # Every item kept conflicting: the caller marks them with its next commit.
+        return BatchResult(results, published, settled, unmarked=unmarked)
+
+    async def _attempts(
+        self, items: Sequence[Item], clock: Callable[[], float], sent: Sequence[str]
+    ) -> BatchResult | None:
+        """Prepare and commit `items`, deciding again after each conflict; None when every attempt conflicted."""
+        for _ in range(CONFLICT_RETRIES):
             try:
-                await self.store.commit(UnitOfWork(sent=unmarked))
-            except StoreError as exc:  # the relay publishes them again later; the inbox and dedup absorb that
-                log.warning("marking messages sent failed", error=str(exc), messages=len(unmarked))
-        return BatchResult(results, published, settled)
+                prepared = await self._prepare(items, clock(), sent)
+                await self._commit(prepared)
+                return prepared.outcome()
+            except ConcurrencyConflict as conflict:
+                log.warning("batch conflicted; re-reading", saga_ids=list(conflict.saga_ids)[:10], items=len(items))
+                await asyncio.sleep(0)
+        return None
 
     async def _commit(self, prepared: Prepared) -> None:
         """Write a prepared unit and remember what it wrote. On a conflict, forget the sagas it names (the unit
@@ -450,6 +481,10 @@ class Processor:
 
 async def _nothing(value: T) -> T:
     return value
+
+
+async def _once(call: Callable[[], Awaitable[T]]) -> T:
+    return await call()
 
 
 def _saga_of(item: Item) -> str | None:

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 
@@ -34,7 +34,6 @@ from sagas.definitions.model import SagaDefinition
 from sagas.definitions.registry import DefinitionRegistry
 from sagas.engine.processor import (
     DEFAULT_KNOWN_MAX,
-    BatchResult,
     Item,
     ItemResult,
     OperatorItem,
@@ -47,6 +46,8 @@ from sagas.engine.state import OperatorCommand, SagaInstance
 from sagas.errors import BrokerError, SagaError, StoreError, UnknownSaga
 
 log = structlog.get_logger("sagas.engine")
+
+T = TypeVar("T")
 
 DEFAULT_REPLY_TOPIC = "sagas.replies"
 DEFAULT_GROUP = "sagas-engine"
@@ -399,16 +400,15 @@ class Engine:
         sent, self._sent = self._sent, []
         items = [p.item for p in batch]
         try:
-            outcome: BatchResult = await self._with_retry(
-                lambda: self.processor.process(items, self.clock.now(), sent)
-            )
+            outcome = await self.processor.process(items, self.clock.now, sent, retry=self._with_retry)
         except BaseException as exc:
             self._sent.extend(sent)
             for pending in batch:
                 if pending.future is not None and not pending.future.done():
                     pending.future.set_exception(exc if isinstance(exc, Exception) else SagaError(repr(exc)))
             raise
-        self._in_flight.difference_update(sent)
+        self._sent.extend(outcome.unmarked)
+        self._in_flight.difference_update(set(sent).difference(outcome.unmarked))
         self.stats["batches"] += 1
         self.stats["items"] += len(batch)
         if outcome.published:
@@ -442,7 +442,7 @@ class Engine:
                 if not waiter.done():
                     waiter.set_result(instance)
 
-    async def _with_retry(self, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _with_retry(self, call: Callable[[], Awaitable[T]]) -> T:
         """Retry store calls through an outage: log it once, back off, and carry on when it is back."""
         delay = 0.05
         while True:

@@ -211,7 +211,9 @@ async def test_settled_sagas_are_forgotten_and_memory_is_bounded(store: Counting
     assert "s-3" not in engine._known
 
 
-async def test_published_ids_are_marked_sent_even_when_every_item_keeps_conflicting(store: CountingStore) -> None:
+async def test_published_ids_go_back_to_the_caller_when_every_item_keeps_conflicting(store: CountingStore) -> None:
+    """The engine hands each batch the ids it published since its last commit, to mark them sent; when nothing of
+    the batch commits, they come back (`unmarked`) for the engine's next commit."""
     engine = processor(store)
     real_commit = store.commit
     committed: list[UnitOfWork] = []
@@ -226,7 +228,13 @@ async def test_published_ids_are_marked_sent_even_when_every_item_keeps_conflict
     items = [StartItem(three_steps(), "s-1", ORDER), StartItem(three_steps(), "s-2", ORDER)]
     result = await engine.process(items, NOW, sent=["s-0/reserve/command/1"])
     assert [type(r.error) for r in result.results] == [ConcurrencyConflict, ConcurrencyConflict]
-    assert [w.sent for w in committed] == [["s-0/reserve/command/1"]]
+    assert committed == []
+    assert result.unmarked == ["s-0/reserve/command/1"]
+
+    store.commit = real_commit  # type: ignore[method-assign]
+    items = [StartItem(three_steps(), "s-1", ORDER), StartItem(three_steps(), "s-2", ORDER)]
+    result = await engine.process(items, NOW, sent=["s-0/reserve/command/1"])
+    assert result.unmarked == []
 
 
 async def test_an_instance_remembered_for_longer_than_the_retention_is_read_again(store: CountingStore) -> None:
@@ -239,3 +247,42 @@ async def test_an_instance_remembered_for_longer_than_the_retention_is_read_agai
     assert store.loaded == []
     await engine.process([ReplyItem(succeeded(charge))], NOW + 30 + 61)
     assert store.loaded == ["s-1"]
+
+
+async def test_an_outage_while_a_conflicting_batch_is_split_does_not_undo_what_already_committed() -> None:
+    """A batch that keeps conflicting is committed item by item. If the store fails half-way, only the items not
+    yet committed are tried again: a saga already started must not be reported as a conflict to its caller."""
+    participants = [
+        ledger_participant("inventory", {"Reserve": None, "UndoReserve": None}),
+        ledger_participant("payment", {"Charge": None, "UndoCharge": None}),
+        ledger_participant("shipping", {"Ship": None, "UndoShip": None}),
+    ]
+    async with SagaHarness([three_steps()], participants) as h:
+        real_commit = h.store.commit
+        singles: list[str] = []
+        outages: list[str] = []
+
+        async def commit(work: UnitOfWork) -> None:
+            if len(work.inserts) > 1:  # a batch of starts always conflicts: it is split
+                raise ConcurrencyConflict([i.id for i in work.inserts])
+            if len(work.inserts) == 1:
+                singles.append(work.inserts[0].id)
+                if len(singles) == 2 and not outages:  # the second start on its own meets an outage
+                    outages.append(work.inserts[0].id)
+                    raise StoreError("connection lost", retriable=True)
+            await real_commit(work)
+
+        h.store.commit = commit  # type: ignore[method-assign]
+        saga_ids = [f"s-{n}" for n in range(4)]
+        started = await asyncio.gather(
+            *(h.engine.start_saga("order", {"order_id": f"o-{n}", "amount": 5}, saga_id=saga_id)
+              for n, saga_id in enumerate(saga_ids))
+        )
+        await h.settle()
+
+        assert outages, "the split path was not taken"
+        assert sorted(started) == saga_ids
+        assert singles.count(outages[0]) == 2  # the start that met the outage was tried again, on its own
+        for saga_id in saga_ids:
+            assert singles.count(saga_id) <= 2
+            assert (await h.instance(saga_id)).status == SagaStatus.COMPLETED
