@@ -258,7 +258,10 @@ class MemoryConsumer:
         return deliveries
 
     def _claim(self, name: str, topic: _Topic) -> _Ownership | None:
-        """This consumer's hold on `topic`, taking it over if no other member of the group has it."""
+        """This consumer's hold on `topic`, taking it over if no other member of the group has it (never once
+        closed: a fetch woken by `close` must not take back what `close` released)."""
+        if self._closed:
+            return None
         position = topic.groups[self.group]
         if position.owner is None:
             position.owner = self

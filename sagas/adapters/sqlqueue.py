@@ -386,10 +386,17 @@ class SqlQueueConsumer:
                 result = await conn.execute(
                     update(groups_table)
                     .where(g.group_name == self.group, g.topic == topic, g.holder == self.holder)
-                    .values(committed=committed, lease_until=until)
+                    .values(committed=committed)
                 )
                 if result.rowcount == 0:  # another member took over: it redoes these messages
                     self._claims.pop(topic, None)
+            # Renew every topic held, not only those committed: `_lease_until` stands for all of them, and a
+            # topic left to expire would be taken by another member while this one still reads it.
+            await conn.execute(
+                update(groups_table)
+                .where(g.group_name == self.group, g.holder == self.holder)
+                .values(lease_until=until)
+            )
             await self._broker._prune(conn, self.topics)
         self._lease_until = until
 
@@ -400,21 +407,30 @@ class SqlQueueConsumer:
         self._closed = True
         self._broker._consumers.discard(self)
         if self._claims:
-            self._claims.clear()
-            g = groups_table.c
-            try:
-                async with self._broker._transaction(write=True) as conn:
-                    await conn.execute(
-                        update(groups_table)
-                        .where(g.group_name == self.group, g.holder == self.holder)
-                        .values(holder=None, lease_until=0.0)
-                    )
-            except BrokerError:
-                pass  # the lease will expire instead
+            await self._release()
         self._broker._wake()
 
+    async def _release(self) -> None:
+        self._claims.clear()
+        g = groups_table.c
+        try:
+            async with self._broker._transaction(write=True) as conn:
+                await conn.execute(
+                    update(groups_table)
+                    .where(g.group_name == self.group, g.holder == self.holder)
+                    .values(holder=None, lease_until=0.0)
+                )
+        except BrokerError:
+            pass  # the lease will expire instead
+
     async def _poll(self, max_messages: int) -> list[Delivery]:
+        if self._closed:
+            return []
         await self._claim()
+        if self._closed:  # closed while claiming (a fetch woken by `close`): give back what the claim took
+            if self._claims:
+                await self._release()
+            return []
         if not self._claims:
             return []
         m = messages_table.c

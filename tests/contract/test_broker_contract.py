@@ -234,6 +234,21 @@ class BrokerContract:
         again = await broker.subscribe([topic], group)
         assert values(await collect(again, 2)) == ["1", "2"]
 
+    async def test_closing_a_consumer_while_its_fetch_waits_passes_its_topics_on(
+        self, broker: Broker, topic: str, group: str
+    ) -> None:
+        """A fetch waiting when its consumer is closed (a shutdown from another task) ends with nothing and does
+        not take the topic back: the group's next member gets the messages."""
+        old = await broker.subscribe([topic], group)
+        assert await old.fetch(10, timeout=0.05) == []  # joined; the next fetch really waits
+        waiting = asyncio.create_task(old.fetch(10, timeout=15.0))
+        await asyncio.sleep(0.1)
+        await old.close()
+        assert await asyncio.wait_for(waiting, 10.0) == []
+        successor = await broker.subscribe([topic], group)
+        await broker.publish([message(topic, "after")])
+        assert values(await collect(successor, 1, within=5.0)) == ["after"]
+
     async def test_fetch_after_close_raises(self, broker: Broker, topic: str, group: str) -> None:
         """Fetching from a closed consumer raises a BrokerError that is not retriable."""
         consumer = await broker.subscribe([topic], group)
@@ -335,6 +350,25 @@ class TestSqlQueueBroker(BrokerContract, SharedTransportContract):
             await successor.close()
             newcomer = await broker.subscribe([topic], group)
             assert values(await collect(newcomer, 3)) == ["2", "3", "4"]
+
+    async def test_a_consumer_of_several_topics_renews_them_all(self, url: str, group: str) -> None:
+        """Committing on one topic renews the lease of every topic the consumer holds: one it is not busy on
+        must not expire and pass to another member while this one still reads it."""
+        busy, quiet = unique("busy"), unique("quiet")
+        async with brokers(lambda: SqlQueueBroker(url, lease=1.0, prune_interval=0)) as open_broker:
+            first_broker, second_broker = await open_broker(), await open_broker()
+            first = await first_broker.subscribe([busy, quiet], group)
+            assert await first.fetch(10, timeout=0) == []  # holds both topics
+            second = await second_broker.subscribe([busy, quiet], group)
+            deadline = time.monotonic() + 2.0  # twice the lease
+            while time.monotonic() < deadline:
+                await first_broker.publish([message(busy, "b")])
+                await first.commit(await first.fetch(10, timeout=0.1))
+                assert await second.fetch(10, timeout=0) == []
+                await asyncio.sleep(0.2)
+            await first_broker.publish([message(quiet, str(i)) for i in range(3)])
+            assert await second.fetch(10, timeout=0.3) == []
+            assert values(await collect(first, 3)) == ["0", "1", "2"]
 
     @pytest.mark.slow
     async def test_sigkilled_consumer_process_is_replaced(self, url: str, topic: str, group: str) -> None:
