@@ -21,6 +21,11 @@ Guarantees:
   later, is answered with a failure and has no effect.
 - A declared business exception becomes a failure reply (recorded: it is a definite answer); any other exception
   rolls the effect back and becomes a retryable reply (not recorded, so the retry runs the handler again).
+- A compensation records only its success. The engine retries a failed compensation, and an operator's
+  `sagas retry` sends it again after fixing the cause: the handler must run again, not answer the old failure.
+- A batch is answered, replied and acknowledged as a whole; when any of it fails (the database, the broker), the
+  same batch is tried again with backoff until it goes through (the dedup records make the second run answer
+  what the first committed), so a reply is never left unsent while the worker runs.
 """
 
 from __future__ import annotations
@@ -45,9 +50,13 @@ from sqlalchemy.pool import StaticPool
 from sagas.adapters import normalize_db_url
 from sagas.adapters.ports import Broker, BrokerMessage, Consumer, Delivery
 from sagas.engine.state import MessageKind, Outcome
-from sagas.engine.wire import CommandMessage, MalformedMessage, decode_command, encode_reply
+from sagas.engine.wire import CommandMessage, MalformedMessage, decode_command, encode_body, encode_reply
 
 log = structlog.get_logger("sagas.participant")
+
+RETRY_BACKOFF_MIN = 0.1
+RETRY_BACKOFF_MAX = 5.0
+"""Seconds between tries of a batch that failed (doubling from the first to the second)."""
 
 Handler = Callable[[CommandMessage, AsyncConnection], Awaitable[dict[str, Any] | None]]
 
@@ -61,6 +70,7 @@ dedup_table = sa.Table(
     sa.Column("type", sa.String(200), nullable=False),
     sa.Column("data", sa.JSON, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=True),
 )
 
 _insert_dedup = dedup_table.insert()
@@ -229,6 +239,7 @@ class ParticipantWorker:
     async def start(self) -> None:
         async with self.db.begin() as conn:
             await conn.run_sync(_metadata.create_all)
+            await conn.run_sync(_add_missing_dedup_columns)
             if self.participant.metadata is not None:
                 await conn.run_sync(self.participant.metadata.create_all)
         await self.broker.start()
@@ -254,17 +265,34 @@ class ParticipantWorker:
                 log.exception("participant fetch failed; retrying", participant=self.participant.name)
                 await asyncio.sleep(0.5)
                 continue
-            if not deliveries:
-                continue
+            if deliveries:
+                await self._answer(self._consumer, deliveries)
+
+    async def _answer(self, consumer: Consumer, deliveries: Sequence[Delivery]) -> None:
+        """Handle, reply to and acknowledge one batch, trying again until it goes through.
+
+        A consumer does not deliver again what it handed out while it lives (only its group's next member does,
+        after a restart or a rebalance), so giving up on a batch would leave its replies unsent until the engine's
+        step timeout, or for ever. Handling again is safe: the dedup records answer what a committed run did.
+        Replies already published are not published again; an acknowledgement that fails is tried on its own.
+        """
+        delay = RETRY_BACKOFF_MIN
+        replies: list[BrokerMessage] | None = None
+        while True:
             try:
-                replies = await self.handle(deliveries)
-                if replies:
-                    await self.broker.publish(replies)
-                await self._consumer.commit(deliveries)
-            except Exception:
-                # Not acknowledged: the commands come back after a restart and the dedup records keep effects single.
-                log.exception("participant batch failed", participant=self.participant.name)
-                await asyncio.sleep(0.5)
+                if replies is None:
+                    answered = await self.handle(deliveries)
+                    if answered:
+                        await self.broker.publish(answered)
+                    replies = answered
+                await consumer.commit(deliveries)
+                return
+            except Exception as exc:
+                log.warning("participant batch failed; retrying", participant=self.participant.name,
+                            stage="acknowledge" if replies is not None else "handle and reply",
+                            commands=len(deliveries), error=repr(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX)
 
     async def handle(self, deliveries: Sequence[Delivery]) -> list[BrokerMessage]:
         """Handle a batch in one transaction (a savepoint per command); return the replies to publish."""
@@ -283,7 +311,7 @@ class ParticipantWorker:
             driver = (await tx.get_raw_connection()).driver_connection
             inline = driver if isinstance(driver, _InlineConnection) else None
             recorded = await (_recorded_inline(inline, keys) if inline is not None else _recorded(tx, keys))
-            records: list[tuple[str, str, str, str, Any, float]] = []
+            records: list[tuple[str, str, str, str, Any, float, str | None]] = []
             at = time.time()
             for command in commands:
                 answer = recorded.get(command.idempotency_key)
@@ -291,16 +319,18 @@ class ParticipantWorker:
                     self.participant.stats["deduplicated"] += 1
                 else:
                     answer = await self._run(command, tx, recorded, inline)
-                    if answer.outcome != Outcome.RETRY:
+                    if answer.outcome == Outcome.SUCCESS or (
+                        answer.outcome == Outcome.FAILURE and command.kind == MessageKind.COMMAND
+                    ):
                         recorded[command.idempotency_key] = answer
                         records.append((command.idempotency_key, command.id, str(answer.outcome), answer.type,
-                                        answer.data, at))
+                                        answer.data, at, answer.reason))
                 answers.append((command, answer))
             if records:
                 # One statement for the batch, still in the transaction of the effects (and `recorded` already
                 # answers repeats within the batch).
                 if inline is not None:
-                    rows = [(*record[:4], json.dumps(record[4]), record[5]) for record in records]
+                    rows = [(*record[:4], json.dumps(record[4]), *record[5:]) for record in records]
                     async with inline.executemany(_INSERT_DEDUP_SQL, rows):
                         pass
                 else:
@@ -331,7 +361,7 @@ class ParticipantWorker:
         savepoint = await _Savepoint.begin(tx, inline)
         try:
             data = await registration.handler(command, tx) or {}
-            json.dumps(data)  # a reply that cannot be sent must roll the effect back, not fail after the commit
+            encode_body(data)  # a reply that cannot be sent must roll the effect back, not fail after the commit
         except registration.business_errors as exc:
             await savepoint.rollback()
             self.participant.stats["failed"] += 1
@@ -396,7 +426,9 @@ _KEYS_PER_SELECT = 500
 
 async def _recorded(tx: AsyncConnection, keys: list[str]) -> dict[str, _Answer]:
     rows = (await tx.execute(sa.select(dedup_table).where(dedup_table.c.key.in_(keys)))).mappings().all()
-    return {row["key"]: _Answer(Outcome(row["outcome"]), row["type"], row["data"]) for row in rows}
+    return {
+        row["key"]: _Answer(Outcome(row["outcome"]), row["type"], row["data"], row["reason"]) for row in rows
+    }
 
 
 async def _recorded_inline(inline: _InlineConnection, keys: list[str]) -> dict[str, _Answer]:
@@ -407,11 +439,20 @@ async def _recorded_inline(inline: _InlineConnection, keys: list[str]) -> dict[s
     for start in range(0, len(keys), _KEYS_PER_SELECT):
         chunk = keys[start : start + _KEYS_PER_SELECT]
         marks = ", ".join("?" * len(chunk))
-        sql = f"SELECT key, outcome, type, data FROM {dedup_table.name} WHERE key IN ({marks})"
+        sql = f"SELECT key, outcome, type, data, reason FROM {dedup_table.name} WHERE key IN ({marks})"
         async with inline.execute(sql, chunk) as cursor:
-            for key, outcome, reply_type, data in await cursor.fetchall():
-                recorded[key] = _Answer(Outcome(outcome), reply_type, json.loads(data))
+            for key, outcome, reply_type, data, reason in await cursor.fetchall():
+                recorded[key] = _Answer(Outcome(outcome), reply_type, json.loads(data), reason)
     return recorded
+
+
+def _add_missing_dedup_columns(connection: sa.Connection) -> None:
+    """Bring a dedup table made by an earlier release up to date: its columns added since are all nullable."""
+    present = {column["name"] for column in sa.inspect(connection).get_columns(dedup_table.name)}
+    for column in dedup_table.columns:
+        if column.name not in present:
+            kind = column.type.compile(dialect=connection.dialect)
+            connection.exec_driver_sql(f"ALTER TABLE {dedup_table.name} ADD COLUMN {column.name} {kind}")
 
 
 def _compensation_key(command: CommandMessage) -> str:

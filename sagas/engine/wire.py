@@ -74,7 +74,11 @@ def _encoded(value: str) -> bytes:
     return value.encode()
 
 
-def _body(data: dict[str, Any]) -> bytes:
+def encode_body(data: dict[str, Any]) -> bytes:
+    """The JSON value of a message: `data` as the wire carries it (raises TypeError or ValueError when `data` is not
+    a JSON object this encoder can write: keys that are not strings, values JSON has no type for)."""
+    if not isinstance(data, dict):
+        raise TypeError(f"a message body must be a JSON object, not {type(data).__name__}")
     return _BODY_ENCODER.encode(data).encode()
 
 
@@ -101,7 +105,7 @@ def encode_command(command: OutgoingCommand, *, reply_topic: str, at: float) -> 
         _SCHEMA,
         _CONTENT_TYPE_HEADER,
     )
-    return BrokerMessage(topic=command.topic, key=command.saga_id, headers=headers, value=_body(command.payload))
+    return BrokerMessage(topic=command.topic, key=command.saga_id, headers=headers, value=encode_body(command.payload))
 
 
 def encode_reply(
@@ -131,7 +135,9 @@ def encode_reply(
     if reason:
         headers.append(("ce_sagareason", reason[:500].encode()))
     headers.append(_CONTENT_TYPE_HEADER)
-    return BrokerMessage(topic=command.reply_topic, key=command.saga_id, headers=tuple(headers), value=_body(data))
+    return BrokerMessage(
+        topic=command.reply_topic, key=command.saga_id, headers=tuple(headers), value=encode_body(data)
+    )
 
 
 _ATTRIBUTE_NAMES: dict[str, str] = {}
@@ -190,16 +196,14 @@ def _attempt(attrs: dict[str, str]) -> int:
 def decode_reply(message: BrokerMessage) -> ReplyReceived:
     """A reply from a participant, or MalformedMessage saying what is wrong with it."""
     attrs = _attrs(
-        message, ("specversion", "id", "type", "subject", "sagastep", "sagaattempt", "sagakind", "sagacausation",
-                  "sagaoutcome"),
+        message,
+        ("specversion", "id", "type", "subject", "sagastep", "sagaattempt", "sagakind", "sagacausation", "sagaoutcome"),
     )
     if attrs["sagakind"] != MessageKind.REPLY:
         raise MalformedMessage(f"ce_sagakind is {attrs['sagakind']!r}, expected 'reply'")
     outcome = _OUTCOMES.get(attrs["sagaoutcome"])
     if outcome is None:
-        raise MalformedMessage(
-            f"ce_sagaoutcome {attrs['sagaoutcome']!r} is not one of success, failure, retry"
-        )
+        raise MalformedMessage(f"ce_sagaoutcome {attrs['sagaoutcome']!r} is not one of success, failure, retry")
     causation = attrs["sagacausation"]
     parts = causation.rsplit("/", 3)
     kinds = (MessageKind.COMMAND, MessageKind.COMPENSATION)
@@ -228,7 +232,8 @@ def reply_saga_id(message: BrokerMessage) -> str | None:
 def decode_command(message: BrokerMessage) -> CommandMessage:
     """A command or compensation, as a participant receives it."""
     attrs = _attrs(
-        message, ("specversion", "id", "type", "subject", "sagastep", "sagaattempt", "sagakind", "sagareplyto"),
+        message,
+        ("specversion", "id", "type", "subject", "sagastep", "sagaattempt", "sagakind", "sagareplyto"),
     )
     if attrs["sagakind"] not in (MessageKind.COMMAND, MessageKind.COMPENSATION):
         raise MalformedMessage(f"ce_sagakind is {attrs['sagakind']!r}, expected 'command' or 'compensation'")

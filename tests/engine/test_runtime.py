@@ -11,6 +11,7 @@ import pytest
 from sagas.engine.state import OperatorCommand, SagaStatus, StepStatus
 from sagas.engine.wire import CommandMessage
 from sagas.errors import InvalidInput, OperatorError
+from sagas.participant import BusinessFailure
 from sagas.testing import SagaHarness
 from tests.engine.support import decline_if, ledger_participant, ledger_rows, three_steps
 
@@ -157,13 +158,15 @@ async def test_deadline_before_the_pivot_aborts_and_compensates() -> None:
         assert compensation_order(await h.history(saga_id)) == ["ship", "charge", "reserve"]
 
 
-async def test_compensation_that_keeps_failing_parks_then_operator_retry_resumes() -> None:
-    """A compensation failing past its retry policy parks the saga; an operator retry finishes compensating."""
+@pytest.mark.parametrize("error", [RuntimeError("ledger locked"), BusinessFailure("refund refused")])
+async def test_compensation_that_keeps_failing_parks_then_operator_retry_resumes(error: Exception) -> None:
+    """A compensation failing past its retry policy parks the saga; an operator retry finishes compensating. A
+    business failure of a compensation is not a final answer: the participant runs the handler again."""
     broken = {"on": True}
 
     def undo_charge(command: CommandMessage) -> dict[str, Any]:
         if broken["on"]:
-            raise RuntimeError("ledger locked")
+            raise error
         return {"refunded": True}
 
     async with SagaHarness([three_steps(comp_attempts=3)],
