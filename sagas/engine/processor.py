@@ -221,6 +221,13 @@ class Processor:
                 await asyncio.sleep(0)
         return None
 
+    async def dead_letter(self, message: BrokerMessage, reason: str, now: float) -> None:
+        """Put a message the engine failed to process in the dead letters, under the id a rejection would give it
+        (so a redelivery is kept once). No inbox record: `sagas dlq replay` must be able to apply it later."""
+        work = UnitOfWork()
+        self._dead_letter(work, message, reason, now, ItemResult(), record_id=message.header("ce_id"))
+        await self.store.commit(work)
+
     async def _commit(self, prepared: Prepared) -> None:
         """Write a prepared unit and remember what it wrote. On a conflict, forget the sagas it names (the unit
         wrote nothing: every other remembered saga is as it was); on any other failure (which may even have

@@ -377,15 +377,42 @@ class Engine:
                 while len(batch) < self.settings.batch_max and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
                 await self._run_batch(batch)
-            except Exception:
-                for pending in batch:  # fire them again at the next poll rather than never
-                    if isinstance(pending.item, TimerItem):
-                        self._timers_in_flight.discard(pending.item.spec.id)
-                # A batch that cannot be committed (a bug, not an outage: outages are retried inside) must not
-                # stop the engine; its unacknowledged replies are delivered again.
-                log.exception("batch failed", items=len(batch))
+            except Exception as exc:
+                # Not an outage (those are retried inside): something in the batch the engine cannot process.
+                # It must not stop the engine nor hold back the rest of the batch.
+                if len(batch) == 1:
+                    await self._failed(batch[0], exc)
+                else:
+                    log.exception("batch failed; processing its items one by one", items=len(batch))
+                    for pending in batch:
+                        try:
+                            await self._run_batch([pending])
+                        except Exception as one:
+                            await self._failed(pending, one)
             finally:
                 self._busy -= 1
+
+    async def _failed(self, pending: _Pending, exc: Exception) -> None:
+        """An item that failed on its own. A reply goes to the dead letters with the error, and is acknowledged:
+        a consumer does not deliver it again while it lives, and held back it would stall its partition
+        (`sagas dlq replay` sends it again once the cause is fixed); its saga carries on through the step's
+        timeout. A timer fires again at the next poll; a caller (start, operator command) gets the error."""
+        item = pending.item
+        log.error("item failed", item=type(item).__name__, error=repr(exc), exc_info=exc)
+        if isinstance(item, TimerItem):
+            self._timers_in_flight.discard(item.spec.id)
+        elif isinstance(item, ReplyItem):
+            reason = f"processing failed: {exc!r}"[:1000]
+            try:
+                await self._with_retry(lambda: self.processor.dead_letter(item.message, reason, self.clock.now()))
+            except Exception:
+                log.exception("dead-lettering a reply failed; it stays unacknowledged")
+            else:
+                if item.delivery is not None and self._consumer is not None:
+                    with contextlib.suppress(BrokerError):  # delivered again later: the dead letter is kept once
+                        await self._consumer.commit([item.delivery])
+        if pending.future is not None and not pending.future.done():
+            pending.future.set_exception(exc)
 
     async def _commit_sent(self) -> None:
         sent, self._sent = self._sent, []
@@ -401,11 +428,14 @@ class Engine:
         items = [p.item for p in batch]
         try:
             outcome = await self.processor.process(items, self.clock.now, sent, retry=self._with_retry)
+        except Exception:
+            self._sent.extend(sent)
+            raise  # the writer loop isolates the item that failed
         except BaseException as exc:
             self._sent.extend(sent)
             for pending in batch:
                 if pending.future is not None and not pending.future.done():
-                    pending.future.set_exception(exc if isinstance(exc, Exception) else SagaError(repr(exc)))
+                    pending.future.set_exception(SagaError(repr(exc)))
             raise
         self._sent.extend(outcome.unmarked)
         self._in_flight.difference_update(set(sent).difference(outcome.unmarked))

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 
 from sagas.adapters.ports import BrokerMessage
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
-from sagas.engine.state import SagaStatus
+from sagas.engine.state import ReplyReceived, SagaStatus
 from sagas.testing import SagaHarness
 from tests.engine.support import ledger_participant, three_steps
 
@@ -135,3 +135,52 @@ async def test_duplicate_reply_is_applied_once_and_the_engine_keeps_going() -> N
         await h.add_participant(ledger_participant("shipping", {"Ship": None, "UndoShip": None}))
         fresh = await h.start("order", {"order_id": "o-2", "amount": 5})
         assert (await h.instance(fresh)).status == SagaStatus.COMPLETED
+
+
+async def test_a_reply_the_engine_fails_on_is_dead_lettered_alone_and_the_rest_of_its_batch_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not a malformed message but one the engine itself fails on (a bug, a broken stored saga): the batch it came
+    in is processed item by item, the failing reply goes to the dead letters with the error, and its saga carries
+    on through the step's timeout and retry. `sagas dlq replay` can still apply it (no inbox record)."""
+    from sagas.engine import machine
+
+    real_decide = machine.decide
+    poisoned: list[str] = []
+
+    def decide(definition: Any, instance: Any, event: Any, *, now: float) -> Any:
+        if isinstance(event, ReplyReceived) and (instance.id, event.step, event.attempt) == ("s-2", "reserve", 1):
+            poisoned.append(event.message_id)
+            raise RuntimeError("boom")  # every time: in its batch, then on its own
+        return real_decide(definition, instance, event, now=now)
+
+    monkeypatch.setattr(machine, "decide", decide)
+    participants = [
+        ledger_participant("inventory", {"Reserve": None, "UndoReserve": None}),
+        ledger_participant("payment", {"Charge": None, "UndoCharge": None}),
+        ledger_participant("shipping", {"Ship": None, "UndoShip": None}),
+    ]
+    async with SagaHarness([three_steps()], participants) as h:
+        with capture_logs() as logs:
+            for n in range(5):  # all five reserve replies come back in one batch
+                await h.engine.start_saga("order", {"order_id": f"o-{n}", "amount": 5}, saga_id=f"s-{n}")
+            await h.settle()
+        assert len(set(poisoned)) == 1
+        assert len(poisoned) == 2
+        assert any(e["event"] == "item failed" and "boom" in e["error"] for e in logs)
+        for n in (0, 1, 3, 4):
+            instance = await h.instance(f"s-{n}")
+            assert instance.status == SagaStatus.COMPLETED
+            assert {s.attempt for s in instance.steps.values()} == {1}  # nothing waited for a timeout
+        (letter,) = await h.store.dead_letters()
+        assert letter.id == f"dl/{poisoned[0]}"
+        assert letter.saga_id == "s-2"
+        assert "RuntimeError('boom')" in letter.reason
+        assert await h.store.seen([poisoned[0]]) == set()
+        assert h.in_flight() == 0  # acknowledged
+
+        await h.advance(30)  # the reserve step times out and is retried
+        await h.advance(1)
+        instance = await h.instance("s-2")
+        assert instance.status == SagaStatus.COMPLETED, (instance.steps, await h.store.timers_of("s-2"))
+        assert instance.steps["reserve"].attempt == 2
