@@ -14,7 +14,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from ruamel.yaml import YAML
 
@@ -59,7 +59,7 @@ class SagasSettings(BaseSettings):
     timer_interval: float = Field(0.05, gt=0)
     relay_interval: float = Field(1.0, gt=0)
     retention: float | None = Field(
-        7 * 86400.0, description="Seconds to keep inbox ids, sent outbox rows and finished sagas; null keeps all."
+        7 * 86400.0, description="Seconds to keep inbox ids, sent outbox rows and finished sagas; off keeps all."
     )
     retention_interval: float = Field(600.0, gt=0, description="Seconds between retention clean-ups.")
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -73,8 +73,16 @@ class SagasSettings(BaseSettings):
             data = tomllib.loads(text) if file.suffix == ".toml" else dict(YAML(typ="safe").load(text) or {})
         env = cls()  # environment and defaults
         explicit_env = env.model_dump(exclude_unset=True)
-        merged = {**data, **explicit_env, **{k: v for k, v in overrides.items() if v is not None}}
+        merged = _merged(_merged(data, explicit_env), {k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(merged)
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention_off(cls, value: Any) -> Any:
+        """``off`` (or ``none``, ``null``, empty) keeps everything: environment variables and TOML have no null."""
+        if isinstance(value, str) and value.strip().lower() in ("", "off", "none", "null"):
+            return None
+        return value
 
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(
@@ -82,3 +90,13 @@ class SagasSettings(BaseSettings):
             timer_interval=self.timer_interval, relay_interval=self.relay_interval,
             retention=self.retention, retention_interval=self.retention_interval,
         )
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `top`, section by section: ``SAGAS_KAFKA__SASL_MECHANISM`` changes one field of a
+    file's ``[kafka]`` section instead of replacing the section."""
+    merged = dict(base)
+    for key, value in top.items():
+        below = merged.get(key)
+        merged[key] = _merged(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return merged

@@ -61,6 +61,8 @@ def open_broker(url: str, *, db_url: str | None = None, **options: Any) -> Broke
         if db_url is None:
             raise ValueError("broker 'db://' uses the store's database, but no database URL was given")
         url = db_url
+    elif not url.startswith(("sqlite", "postgresql")) and "://" in url:
+        raise ValueError(f"unsupported broker URL {url!r}: use memory://, db://, kafka://host:port, or a database URL")
     from sagas.adapters.sqlqueue import SqlQueueBroker
 
     return SqlQueueBroker(normalize_db_url(url))

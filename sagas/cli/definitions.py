@@ -11,7 +11,7 @@ import typer
 
 from sagas.cli.app import app
 from sagas.definitions import SagaDefinition, to_dot, to_json_schema, to_mermaid
-from sagas.definitions.loader import load_any
+from sagas.definitions.loader import expand, load_any
 from sagas.errors import DefinitionError, Problem
 
 
@@ -22,12 +22,16 @@ class GraphFormat(StrEnum):
 
 @app.command()
 def validate(
-    files: Annotated[list[Path], typer.Argument(help="YAML definitions (*.yaml, *.yml) or Python DSL modules (*.py).")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="YAML definitions (*.yaml, *.yml), Python DSL modules (*.py), or folders of them."),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document for scripts.")] = False,
 ) -> None:
     """Check definitions; print `OK name vN (digest)` or every problem as `file:line:col: path: message`."""
     report: list[dict[str, Any]] = []
     failed = 0
+    files = expand(paths)
     for file in files:
         definitions, problems = _check(file)
         if problems:

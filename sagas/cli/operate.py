@@ -15,7 +15,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape as _e
 from rich.table import Table
+from sqlalchemy.engine import make_url
 
 from sagas.adapters import normalize_db_url, open_broker, open_store
 from sagas.adapters.ports import DeadLetter, Store
@@ -41,7 +43,7 @@ app.add_typer(db, name="db")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]error:[/red] {_e(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -75,11 +77,28 @@ def _admin_call(db_url: str, call: Callable[[SagaAdmin], Awaitable[T]]) -> T:
     except ValidationError as exc:
         raise fail(f"settings from SAGAS_* environment variables: {exc.errors()[0]['msg']}") from None
 
+    missing = _missing_sqlite_file(db_url)
+    if missing is not None:  # a typo must not create an empty database and report "0 sagas"
+        raise fail(f"no database at {missing} (`sagas serve` or `sagas db upgrade` creates one)")
+
     async def go() -> T:
         async with _store(db_url) as store:
             return await call(SagaAdmin(store, reply_topic=reply_topic))
 
     return _run(go)
+
+
+def _missing_sqlite_file(db_url: str) -> str | None:
+    """The path of a SQLite database file that does not exist, or None (it exists, or it is not a file)."""
+    url = make_url(normalize_db_url(db_url))
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") or url.query:
+        return None
+    return None if Path(url.database).exists() else url.database
+
+
+def _shown(db_url: str) -> str:
+    """A database URL fit to print: without its password."""
+    return make_url(normalize_db_url(db_url)).render_as_string(hide_password=True)
 
 
 def _when(at: float | None) -> str:
@@ -112,7 +131,7 @@ def db_upgrade(db_url: DbOption = "sagas.db") -> None:
     from sagas.adapters.sql import upgrade
 
     _run(lambda: upgrade(normalize_db_url(db_url)))
-    out.print(f"schema up to date: {normalize_db_url(db_url)}")
+    out.print(f"schema up to date: {_e(_shown(db_url))}")
 
 
 @app.command()
@@ -181,7 +200,7 @@ def start(
     if as_json:
         out.print_json(data={"id": saga_id, "created": created})
     else:
-        out.print(f"{'started' if created else 'already started'} {saga_id}")
+        out.print(f"{'started' if created else 'already started'} {_e(saga_id)}")
 
 
 # ---- inspect ----------------------------------------------------------------------------------------
@@ -208,11 +227,13 @@ def list_sagas(
         return
     table = Table()
     table.add_column("id", no_wrap=True, min_width=36)  # ids are copied into `sagas show`: never cut them
-    for header in ("saga", "status", "stage", "created", "updated", "failure"):
+    table.add_column("saga")
+    table.add_column("status", no_wrap=True, min_width=len(SagaStatus.COMPENSATING))  # never "com…"
+    for header in ("stage", "created", "updated", "failure"):
         table.add_column(header)
     for inst in found:
-        table.add_row(inst.id, f"{inst.definition} v{inst.definition_version}", _status(inst.status),
-                      str(inst.stage), _when(inst.created_at), _when(inst.updated_at), inst.failure or "")
+        table.add_row(_e(inst.id), _e(f"{inst.definition} v{inst.definition_version}"), _status(inst.status),
+                      str(inst.stage), _when(inst.created_at), _when(inst.updated_at), _e(inst.failure or ""))
     out.print(table)
     out.print(f"{len(found)} saga(s)")
 
@@ -238,26 +259,26 @@ def show(
             "timers": [t.model_dump(mode="json") for t in report.timers],
         })
         return
-    out.print(f"[bold]{inst.id}[/bold]  {inst.definition} v{inst.definition_version}  {_status(inst.status)}")
+    out.print(f"[bold]{_e(inst.id)}[/bold]  {_e(inst.definition)} v{inst.definition_version}  {_status(inst.status)}")
     if inst.failure:
-        out.print(f"reason: {inst.failure}")
-    out.print(f"input: {json.dumps(inst.input)}")
+        out.print(f"reason: {_e(inst.failure)}")
+    out.print(f"input: {_e(json.dumps(inst.input))}")
     steps = Table("step", "status", "attempts", "compensations", "started", "finished", "output / error")
     for name, step in inst.steps.items():
-        steps.add_row(name, str(step.status), str(step.attempt), str(step.compensation_attempt),
+        steps.add_row(_e(name), str(step.status), str(step.attempt), str(step.compensation_attempt),
                       _when(step.started_at), _when(step.finished_at),
-                      step.error or (json.dumps(step.output) if step.output is not None else ""))
+                      _e(step.error or (json.dumps(step.output) if step.output is not None else "")))
     out.print(steps)
     if report.timers:
         timers = Table("pending timer", "step", "attempt", "due")
         for timer in report.timers:
-            timers.add_row(str(timer.timer), timer.step or "-", str(timer.attempt), _when(timer.due_at))
+            timers.add_row(str(timer.timer), _e(timer.step or "-"), str(timer.attempt), _when(timer.due_at))
         out.print(timers)
     timeline = Table("time", "event", "step", "attempt", "detail")
     for record in report.history:
         entry = record.entry
         detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items())
-        timeline.add_row(_when(entry.at), entry.type, entry.step or "", str(entry.attempt or ""), detail)
+        timeline.add_row(_when(entry.at), _e(entry.type), _e(entry.step or ""), str(entry.attempt or ""), _e(detail))
     out.print(timeline)
 
 
@@ -272,7 +293,7 @@ def _operate(db_url: str, saga_id: str, command: OperatorCommand, as_json: bool)
     if as_json:
         out.print_json(data=_instance_json(inst))
     else:
-        out.print(f"{command.action}: {inst.id} is now {_status(inst.status)}")
+        out.print(f"{command.action}: {_e(inst.id)} is now {_status(inst.status)}")
 
 
 @app.command()
@@ -319,7 +340,7 @@ def dlq_list(all_: Annotated[bool, typer.Option("--all", help="Include replayed 
         return
     table = Table("id", "at", "saga", "topic", "reason", "replayed")
     for dead in found:
-        table.add_row(dead.id, _when(dead.at), dead.saga_id or "-", dead.message.topic, dead.reason,
+        table.add_row(_e(dead.id), _when(dead.at), _e(dead.saga_id or "-"), _e(dead.message.topic), _e(dead.reason),
                       _when(dead.replayed_at))
     out.print(table)
     out.print(f"{len(found)} dead letter(s)")
@@ -336,7 +357,5 @@ def dlq_show(dead_letter_id: str, db_url: DbOption = "sagas.db") -> None:
 def dlq_replay(dead_letter_id: str, db_url: DbOption = "sagas.db") -> None:
     """Process a dead-lettered reply again (after fixing its cause)."""
     outcome = _admin_call(db_url, lambda admin: admin.replay(dead_letter_id))
-    out.print(f"replayed {dead_letter_id}: {outcome}")
-    if outcome == "rejected":
-        raise typer.Exit(1)
+    out.print(f"replayed {_e(dead_letter_id)}: {outcome}")
 

@@ -49,8 +49,8 @@ def load_file(path: str | Path) -> SagaDefinition:
 def load_python(target: str | Path) -> list[SagaDefinition]:
     """Import a DSL module (a .py path or a module name) and return its module-level definitions, in order."""
     path = Path(target)
-    is_file = path.suffix == ".py" or path.exists()
-    module = _import_path(path) if is_file else importlib.import_module(str(target))
+    is_file = path.suffix == ".py" or path.exists() or len(path.parts) > 1
+    module = _import_path(path) if is_file else _import_module(str(target))
     found: dict[str, SagaDefinition] = {}
     for value in vars(module).values():
         if isinstance(value, SagaDefinition):
@@ -58,10 +58,22 @@ def load_python(target: str | Path) -> list[SagaDefinition]:
     return list(found.values())
 
 
+def _import_module(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and name.startswith(exc.name):  # the module itself, not one it imports
+            raise DefinitionError([file_problem(name, "no such file, folder or Python module")]) from None
+        raise DefinitionError([file_problem(name, f"importing the module failed: {exc}")]) from exc
+    except Exception as exc:
+        problem = file_problem(name, f"importing the module failed: {type(exc).__name__}: {exc}")
+        raise DefinitionError([problem]) from exc
+
+
 def _import_path(path: Path) -> ModuleType:
     resolved = path.resolve()
     if not resolved.is_file():
-        raise DefinitionError([file_problem(str(path), "no such file")])
+        raise DefinitionError([file_problem(str(path), "no such file" if not resolved.exists() else "not a file")])
     # A private, path-derived name: the same file imports once, two files never clash.
     name = "_sagas_dsl_" + hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
     if name in sys.modules:
@@ -110,7 +122,7 @@ def discover(paths: Iterable[str | Path]) -> list[SagaDefinition]:
     """
     definitions: list[SagaDefinition] = []
     errors: list[Problem] = []
-    for path in _files(paths):
+    for path in expand(paths):
         try:
             definitions += load_any(path)
         except DefinitionError as exc:
@@ -120,7 +132,8 @@ def discover(paths: Iterable[str | Path]) -> list[SagaDefinition]:
     return definitions
 
 
-def _files(paths: Iterable[str | Path]) -> list[Path]:
+def expand(paths: Iterable[str | Path]) -> list[Path]:
+    """The definition files `paths` name: files as given, folders searched recursively for *.yaml, *.yml, *.py."""
     files: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():

@@ -11,6 +11,7 @@ import builtins
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sagas.adapters.ports import BrokerMessage, DeadLetter, HistoryRecord, Store
@@ -19,7 +20,11 @@ from sagas.definitions.registry import DefinitionRegistry
 from sagas.engine.processor import Item, ItemResult, OperatorItem, Processor, ReplyItem, StartItem
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
 from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus, TimerSpec
-from sagas.errors import UnknownSaga
+from sagas.errors import OperatorError, UnknownSaga
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="milliseconds")
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,17 @@ class SagaAdmin:
         return await self.store.dead_letter(dead_letter_id)
 
     async def replay(self, dead_letter_id: str) -> str:
-        """Feed a dead-lettered reply to the engine again (after the cause was fixed). Returns the outcome.
+        """Feed a dead-lettered reply to the engine again (after the cause was fixed). Returns the outcome:
+        "applied", or "ignored" (the saga had moved on: the reply was late).
 
         The message gets a new id (`<id>/replay/<n>`), so the inbox does not mistake it for a duplicate and the
-        history shows it was replayed.
+        history shows it was replayed. A dead letter replayed already is refused, so that its `replayed_at` keeps
+        the replay that counted. A replay that is rejected again raises `OperatorError` with the reason; the dead
+        letter stays in the list, not replayed (the rejected copy is kept as its own dead letter).
         """
         dead = await self.store.dead_letter(dead_letter_id)
+        if dead.replayed_at is not None:
+            raise OperatorError(f"dead letter {dead_letter_id!r} was replayed already, at {_iso(dead.replayed_at)}")
         now = time.time()
         original = dead.message.header("ce_id") or dead.id
         new_id = f"{original}/replay/{int(now * 1000)}"
@@ -95,5 +105,11 @@ class SagaAdmin:
         result = (await self.processor.process([ReplyItem(message)], now)).results[0]
         if result.error is not None:
             raise result.error  # not applied: it stays in the dead-letter list
+        if result.outcome == "rejected":
+            try:
+                copy = await self.store.dead_letter(f"dl/{new_id}")
+            except LookupError:  # malformed again: its copy is under an id of its own
+                raise OperatorError(f"replay of {dead_letter_id!r} rejected again; see `sagas dlq list`") from None
+            raise OperatorError(f"replay of {dead_letter_id!r} rejected: {copy.reason} (recorded as {copy.id!r})")
         await self.store.mark_replayed(dead_letter_id, now)
         return result.outcome

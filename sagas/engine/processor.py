@@ -370,9 +370,7 @@ class Processor:
                 definition = await self.definition(instance.definition, instance.definition_version)
                 decision = machine.decide(definition, instance, item.command, now=now)
                 if decision.outcome != "applied":
-                    result.error = OperatorError(
-                        f"saga {item.saga_id}: cannot {item.command.action}: {decision.reason}"
-                    )
+                    result.error = OperatorError(f"saga {item.saga_id}: {decision.reason}")  # "cannot <action>: ..."
                     continue
                 self._apply(work, decision, instances, created, dirty, timers, cancelled, result, debug)
 

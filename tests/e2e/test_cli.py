@@ -74,15 +74,19 @@ def test_show_tells_the_story_of_a_compensated_saga(demo_db: Path) -> None:
     assert "saga.compensated" in human
 
 
-def test_start_is_idempotent_and_repairs_are_recorded(tmp_path: Path) -> None:
-    """`start --key` twice gives one saga; abort and skip change it and leave their reason in the history."""
-    db = tmp_path / "ops.db"
-    sagas("validate", str(SAMPLE))
-    # Register the definition the way `sagas serve` does, without running an engine.
+def register(db: Path) -> None:
+    """Store the sample definition the way `sagas serve` does, without running an engine."""
     run(sys.executable, "-c", (
         "import asyncio;from sagas.adapters import open_store;from sagas.definitions import load_file\n"
         f"async def go():\n s=open_store('{db}');await s.initialize();await s.save_definition(load_file('{SAMPLE}'));"
         "await s.close()\nasyncio.run(go())"))
+
+
+def test_start_is_idempotent_and_repairs_are_recorded(tmp_path: Path) -> None:
+    """`start --key` twice gives one saga; abort and skip change it and leave their reason in the history."""
+    db = tmp_path / "ops.db"
+    sagas("validate", str(SAMPLE))
+    register(db)
     first = as_json(sagas("start", "order_payment", "--input", json.dumps(ORDER), "--key", "k-1",
                           "--db", str(db), "--json"))
     second = as_json(sagas("start", "order_payment", "--input", json.dumps(ORDER), "--key", "k-1",
@@ -116,11 +120,53 @@ def test_start_is_idempotent_and_repairs_are_recorded(tmp_path: Path) -> None:
 def test_bad_requests_get_one_clear_line_and_a_nonzero_exit(tmp_path: Path, args: tuple[str, ...],
                                                              message: str) -> None:
     """Unknown ids, unknown saga names and bad JSON print one line naming the problem, with no traceback."""
-    result = sagas(*args, "--db", str(tmp_path / "empty.db"), check=False)
+    db = tmp_path / "empty.db"
+    sagas("db", "upgrade", "--db", str(db))
+    one_clear_line(sagas(*args, "--db", str(db), check=False), message)
+
+
+def one_clear_line(result: subprocess.CompletedProcess[str], message: str) -> None:
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("list", "--db", "{tmp}/typo.db"), "no database at"),
+        (("serve", "--definitions", "{tmp}/missing", "--db", "{tmp}/typo.db"), "no such file"),
+        (("serve", "--definitions", str(SAMPLE), "--db", "{tmp}/typo.db", "--broker", "bogus://x"),
+         "unsupported broker URL"),
+    ],
+)
+def test_wrong_paths_and_urls_get_one_clear_line_and_create_nothing(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    one_clear_line(sagas(*(a.format(tmp=tmp_path) for a in args), check=False), message)
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_validate_reads_folders_and_names_a_missing_path(tmp_path: Path) -> None:
+    result = sagas("validate", str(SAMPLE.parent.parent / "travel_booking"), str(tmp_path / "missing"), check=False)
+    assert result.returncode == 1
+    assert "OK travel_booking v1" in result.stdout
+    assert f"{tmp_path / 'missing'}:1:1" in result.stdout
+    assert "no such file" in result.stdout
+
+
+def test_text_from_users_is_shown_as_it_is_never_read_as_markup(tmp_path: Path) -> None:
+    """Inputs, reasons and reply types are printed literally: brackets neither vanish nor crash the output."""
+    db = tmp_path / "markup.db"
+    register(db)
+    order = {**ORDER, "customer_id": "[bold]c-1[/bold] [/x]"}
+    saga_id = as_json(sagas("start", "order_payment", "--input", json.dumps(order), "--db", str(db), "--json"))["id"]
+    sagas("abort", saga_id, "--reason", "why [/ops] [red]", "--db", str(db))
+    shown = sagas("show", saga_id, "--db", str(db)).stdout
+    assert "[bold]c-1[/bold] [/x]" in shown
+    assert "why [/ops] [red]" in shown
+    assert "why [/ops] [red]" in sagas("list", "--db", str(db)).stdout
 
 
 def test_serve_shuts_down_gracefully_on_sigterm(tmp_path: Path) -> None:

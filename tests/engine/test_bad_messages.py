@@ -11,8 +11,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from sagas.adapters.ports import BrokerMessage
+from sagas.engine.admin import SagaAdmin
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
 from sagas.engine.state import ReplyReceived, SagaStatus
+from sagas.errors import OperatorError
 from sagas.testing import SagaHarness
 from tests.engine.support import ledger_participant, three_steps
 
@@ -184,3 +186,26 @@ async def test_a_reply_the_engine_fails_on_is_dead_lettered_alone_and_the_rest_o
         instance = await h.instance("s-2")
         assert instance.status == SagaStatus.COMPLETED, (instance.steps, await h.store.timers_of("s-2"))
         assert instance.steps["reserve"].attempt == 2
+
+
+async def test_a_replayed_dead_letter_is_applied_once_and_a_rejected_replay_leaves_it_in_the_list() -> None:
+    """`sagas dlq replay`: rejected again, the letter stays (not marked replayed); once its cause is gone it is
+    applied; replaying it a second time is refused, so `replayed_at` keeps the replay that counted."""
+    async with SagaHarness([three_steps()], participants()) as h:
+        await h.broker.publish([reply("late-1")])  # ship's success, before its saga exists
+        await h.settle()
+        (letter,) = await h.store.dead_letters()
+        admin = SagaAdmin(h.store)
+        with pytest.raises(OperatorError, match="rejected: unknown saga"):
+            await admin.replay(letter.id)
+        assert (await h.store.dead_letter(letter.id)).replayed_at is None
+
+        await h.engine.start_saga("order", {"order_id": "o-1", "amount": 5}, saga_id="late-1")
+        await h.settle()  # reserve and charge done; ship waits (no shipping participant)
+        assert await admin.replay(letter.id) == "applied"
+        assert (await h.instance("late-1")).status == SagaStatus.COMPLETED
+        replayed_at = (await h.store.dead_letter(letter.id)).replayed_at
+        assert replayed_at is not None
+        with pytest.raises(OperatorError, match="replayed already"):
+            await admin.replay(letter.id)
+        assert (await h.store.dead_letter(letter.id)).replayed_at == replayed_at

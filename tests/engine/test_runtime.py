@@ -178,7 +178,7 @@ async def test_compensation_that_keeps_failing_parks_then_operator_retry_resumes
         assert inst.status == SagaStatus.FAILED
         assert inst.steps["charge"].compensation_attempt == 3
         assert inst.steps["reserve"].status == StepStatus.SUCCEEDED  # not compensated before charge is undone
-        with pytest.raises(OperatorError):
+        with pytest.raises(OperatorError, match=rf"^saga {saga_id}: cannot abort: (?!cannot)"):
             await h.operate(saga_id, OperatorCommand(action="abort", reason="too late"))
         broken["on"] = False
         await h.operate(saga_id, OperatorCommand(action="retry", reason="ledger unlocked"))

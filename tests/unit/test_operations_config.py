@@ -82,3 +82,30 @@ def test_engine_tuning_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("SAGAS_BATCH_MAX", "64")
     engine = SagasSettings.load().engine_settings()
     assert (engine.known_max, engine.batch_max) == (123, 64)
+
+
+def test_an_environment_variable_changes_one_field_of_a_file_section(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`SAGAS_KAFKA__SECURITY_PROTOCOL` overrides that field of the file's [kafka] section, not the section."""
+    config = tmp_path / "sagas.toml"
+    config.write_text('reply_topic = "from-file"\n[kafka]\npartitions = 6\nsecurity_protocol = "SSL"\n')
+    monkeypatch.setenv("SAGAS_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    settings = SagasSettings.load(config)
+    assert (settings.kafka.partitions, settings.kafka.security_protocol) == (6, "SASL_SSL")
+    assert settings.reply_topic == "from-file"
+
+
+@pytest.mark.parametrize("value", ["off", "", "null", "None"])
+def test_retention_can_be_turned_off_from_the_environment(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("SAGAS_RETENTION", value)
+    assert SagasSettings.load(None).retention is None
+    assert SagasSettings.load(None).engine_settings().retention is None
+
+
+def test_database_urls_are_printed_without_their_password() -> None:
+    from sagas.cli.operate import _shown
+
+    shown = _shown("postgresql://sagas:s3cret@db.internal:5432/sagas")
+    assert "s3cret" not in shown
+    assert "sagas:***@db.internal:5432/sagas" in shown
