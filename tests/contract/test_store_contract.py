@@ -333,6 +333,26 @@ class StoreContract:
         clock.advance(3600)
         assert len(await store.due_timers(T0, 10)) == 1
 
+    async def test_polls_with_nothing_to_claim_write_nothing(self, store: Store, clock: FakeClock) -> None:
+        """Every idle engine polls timers and the outbox several times a second: with nothing due (or only rows
+        another engine holds) the polls are reads, so they never wait for nor take the write lock."""
+        runner = store._runner  # type: ignore[attr-defined]
+        real_write, written = runner.write, []
+
+        async def counting(work: Any) -> Any:
+            written.append(work)
+            return await real_write(work)
+
+        await store.commit(UnitOfWork(timers=[timer("s1", T0 + 60)]))
+        runner.write = counting
+        assert await store.due_timers(T0, 10) == []
+        assert await store.pending_outbox(10) == []
+        assert written == []
+        assert len(await store.due_timers(T0 + 60, 10)) == 1  # due: claimed (a write)
+        assert len(written) == 1
+        assert await store.due_timers(T0 + 60, 10) == []  # held by this claim: nothing to write
+        assert len(written) == 1
+
     async def test_setting_a_timer_id_again_replaces_it(self, store: Store) -> None:
         """A timer set again under the same id takes the new due time (and a fresh claim)."""
         await store.commit(UnitOfWork(timers=[timer("s1", T0 + 5)]))

@@ -136,12 +136,17 @@ class SqlStore:
     async def pending_outbox(self, limit: int, created_before: float | None = None) -> list[OutboxMessage]:
         if limit <= 0:
             return []
+        # Polled by every engine while idle: look before claiming (a read), claim only when there is something.
+        if not await self._runner.read(partial(writes.any_pending_outbox, before=created_before, now=self._clock())):
+            return []
         return await self._runner.write(
             lambda c: writes.claim_outbox(c, limit=limit, before=created_before, now=self._clock(), lease=self._lease)
         )
 
     async def due_timers(self, now: float, limit: int) -> list[TimerSpec]:
         if limit <= 0:
+            return []
+        if not await self._runner.read(partial(writes.any_due_timer, due=now, now=self._clock())):
             return []
         return await self._runner.write(
             lambda c: writes.claim_timers(c, due=now, limit=limit, now=self._clock(), lease=self._lease)

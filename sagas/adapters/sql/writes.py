@@ -62,6 +62,20 @@ _delete_timers = sa.delete(timers).where(timers.c.id.in_(_IDS))
 _mark_sent = sa.update(outbox).where(outbox.c.id.in_(_IDS)).values(sent_at=sa.bindparam("at"), claimed_until=None)
 
 
+_NOW: sa.BindParameter[float] = sa.bindparam("now")
+_PENDING = (  # outbox rows to relay: not sent, not claimed by a live engine, older than the grace period
+    outbox.c.sent_at.is_(None),
+    sa.or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until <= _NOW),
+    outbox.c.created_at < sa.bindparam("before"),
+)
+_DUE = (  # timers to fire: due, not claimed by a live engine
+    timers.c.due_at <= sa.bindparam("due"),
+    sa.or_(timers.c.claimed_until.is_(None), timers.c.claimed_until <= _NOW),
+)
+_any_pending = sa.select(outbox.c.seq).where(*_PENDING).limit(1)
+_any_due = sa.select(timers.c.id).where(*_DUE).limit(1)
+
+
 @dataclass(frozen=True)
 class _DialectStatements:
     insert_definition: sa.Executable
@@ -96,26 +110,18 @@ def _statements(dialect: str) -> _DialectStatements:
             return column == sa.any_(sa.func.array(pick.scalar_subquery()))
         return column.in_(pick)
 
-    now: sa.BindParameter[float] = sa.bindparam("now")
     until: sa.BindParameter[float] = sa.bindparam("until")
     limit: sa.BindParameter[int] = sa.bindparam("limit")
     pending = (
         sa.select(outbox.c.seq)
-        .where(
-            outbox.c.sent_at.is_(None),
-            sa.or_(outbox.c.claimed_until.is_(None), outbox.c.claimed_until <= now),
-            outbox.c.created_at < sa.bindparam("before"),
-        )
+        .where(*_PENDING)
         .order_by(outbox.c.created_at, outbox.c.seq)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     due = (
         sa.select(timers.c.id)
-        .where(
-            timers.c.due_at <= sa.bindparam("due"),
-            sa.or_(timers.c.claimed_until.is_(None), timers.c.claimed_until <= now),
-        )
+        .where(*_DUE)
         .order_by(timers.c.due_at, timers.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -313,6 +319,18 @@ def insert_definition(connection: Connection, *, row: dict[str, Any]) -> str:
 def mark_sent(connection: Connection, *, ids: Sequence[str], at: float) -> None:
     for chunk in chunks(sorted(set(ids))):
         connection.execute(_mark_sent, {"ids": chunk, "at": at})
+
+
+def any_pending_outbox(connection: Connection, *, before: float | None, now: float) -> bool:
+    """Whether `claim_outbox` would claim a row. A read: an idle engine's polls must not take the write lock
+    (SQLite) or lock rows (PostgreSQL)."""
+    params = {"now": now, "before": _INFINITY if before is None else before}
+    return connection.execute(_any_pending, params).first() is not None
+
+
+def any_due_timer(connection: Connection, *, due: float, now: float) -> bool:
+    """Whether `claim_timers` would claim a row (a read, as `any_pending_outbox`)."""
+    return connection.execute(_any_due, {"now": now, "due": due}).first() is not None
 
 
 def claim_outbox(
