@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from sagas.definitions.checks import check
 from sagas.definitions.model import SagaDefinition
-from sagas.errors import DefinitionConflict, UnknownDefinition
+from sagas.definitions.source import format_path
+from sagas.errors import DefinitionConflict, DefinitionError, Problem, UnknownDefinition
+
+
+def verify(definition: SagaDefinition) -> None:
+    """Run the whole-definition checks (unique step names, compensations where needed, the order of step kinds...)
+    on a definition however it was made; raise `DefinitionError` with every finding. The loaders and the DSL run
+    them on the source, with positions; a model built directly would otherwise reach the engine unchecked."""
+    findings = check(definition.model_dump(mode="json"))
+    if findings:
+        where = f"<{definition.name} v{definition.version}>"
+        raise DefinitionError([Problem(format_path(f.path), f.message, where) for f in findings])
 
 
 class DefinitionRegistry:
@@ -21,10 +33,13 @@ class DefinitionRegistry:
 
         Raises:
             DefinitionConflict: the name and version are taken by different content.
+            DefinitionError: `definition` fails the checks `sagas validate` runs (one built with
+                `SagaDefinition.model_validate` skips them).
         """
         versions = self._by_name.setdefault(definition.name, {})
         known = versions.get(definition.version)
         if known is None:
+            verify(definition)
             versions[definition.version] = definition
             return definition
         if known.digest != definition.digest:

@@ -281,10 +281,17 @@ def decide(definition: SagaDefinition, instance: SagaInstance, event: Event, *, 
 
 def _send_stage(txn: _Txn, index: int) -> None:
     txn.stage = index
+    _send_pending(txn)
+
+
+def _send_pending(txn: _Txn) -> None:
+    """Send the members of the current stage not sent yet. A member whose payload fails stops the others when
+    it turns or parks the saga; they go out once an operator resumes it (retry or skip)."""
     for step in txn.stage_steps():
-        if txn.status is not SagaStatus.RUNNING:  # an earlier member's payload failed and turned the saga
+        if txn.status is not SagaStatus.RUNNING:
             return
-        _send_step(txn, step, 1)
+        if txn.steps[step.name].status is StepStatus.PENDING:
+            _send_step(txn, step, 1)
 
 
 def _send_step(txn: _Txn, step: StepDefinition, attempt: int, **detail: Any) -> None:
@@ -306,8 +313,10 @@ def _send_step(txn: _Txn, step: StepDefinition, attempt: int, **detail: Any) -> 
 
 
 def _advance_forward(txn: _Txn) -> None:
-    """Once every member of the current stage is done, send the next stage or complete the saga."""
-    if any(txn.steps[s.name].status not in _DONE for s in txn.stage_steps()):
+    """Send what the current stage has not sent yet; once every member is done, send the next stage or complete
+    the saga."""
+    _send_pending(txn)
+    if txn.status is not SagaStatus.RUNNING or any(txn.steps[s.name].status not in _DONE for s in txn.stage_steps()):
         return
     if txn.stage + 1 < len(txn.definition.stages):
         _send_stage(txn, txn.stage + 1)
@@ -373,11 +382,16 @@ def _park(txn: _Txn, reason: str) -> None:
     txn.record("saga.parked", reason=reason, stage=txn.stage)
 
 
-def _pivot_passed(txn: _Txn) -> StepDefinition | None:
-    """The pivot that succeeded (or was skipped as done), if any: the saga can then only go forward."""
+def _no_way_back(txn: _Txn) -> tuple[StepDefinition, str] | None:
+    """The step past which the saga can only go forward, and why: its pivot succeeded (or was skipped as done),
+    or a retriable step was sent (retriable steps are never compensated, so going back would leave its effect;
+    this is the point of no return of a definition with no pivot)."""
     for step in txn.definition.iter_steps():
-        if step.kind is StepKind.PIVOT and txn.steps[step.name].status in _DONE:
-            return step
+        status = txn.steps[step.name].status
+        if step.kind is StepKind.PIVOT and status in _DONE:
+            return step, f"pivot {step.name!r} succeeded"
+        if step.kind is StepKind.RETRIABLE and status is not StepStatus.PENDING:
+            return step, f"retriable step {step.name!r} was sent"
     return None
 
 
@@ -392,9 +406,9 @@ def _pivot_in_flight(txn: _Txn) -> StepDefinition | None:
 
 
 def _begin_compensation(txn: _Txn, reason: str) -> None:
-    pivot = _pivot_passed(txn)
-    if pivot is not None:
-        _park(txn, f"{reason}; cannot compensate after pivot {pivot.name!r} succeeded")
+    passed = _no_way_back(txn)
+    if passed is not None:
+        _park(txn, f"{reason}; cannot compensate: {passed[1]}")
         return
     txn.status, txn.failure = SagaStatus.COMPENSATING, reason
     txn.record("saga.compensating", reason=reason, stage=txn.stage)
@@ -412,9 +426,9 @@ def _advance_compensation(txn: _Txn) -> None:
         states = [txn.steps[s.name] for s in txn.stage_steps()]
         if any(s.status in _IN_FLIGHT or s.status in _COMPENSATION_IN_FLIGHT for s in states):
             return
-        pivot = _pivot_passed(txn)
-        if pivot is not None:  # a pivot sibling succeeded while we waited for it: no way back any more
-            _park(txn, f"{txn.failure}; pivot {pivot.name!r} succeeded meanwhile, so it cannot compensate")
+        passed = _no_way_back(txn)
+        if passed is not None:  # a pivot succeeded while we waited for it: no way back any more
+            _park(txn, f"{txn.failure}; {passed[1]} meanwhile, so it cannot compensate")
             return
         targets = [s for s in txn.stage_steps() if _needs_compensation(s, txn.steps[s.name])]
         if targets:
@@ -561,10 +575,10 @@ def _on_deadline(txn: _Txn, event: TimerFired) -> Decision:
         return _ignored(instance, "stale timer: the saga has no deadline pending")
     if instance.status is not SagaStatus.RUNNING:
         return _ignored(instance, f"deadline passed while the saga is {instance.status}")
-    pivot = _pivot_passed(txn)
-    if pivot is not None:
-        entry = HistoryEntry(at=txn.now, type="deadline.ignored_after_pivot", step=pivot.name)
-        return _ignored(instance, f"deadline passed after pivot {pivot.name!r} succeeded", entry)
+    passed = _no_way_back(txn)
+    if passed is not None:
+        entry = HistoryEntry(at=txn.now, type="deadline.ignored_after_pivot", step=passed[0].name)
+        return _ignored(instance, f"deadline passed after {passed[1]}", entry)
     pivot = _pivot_in_flight(txn)
     if pivot is not None:  # its outcome decides the direction; its own retry policy bounds the wait
         entry = HistoryEntry(at=txn.now, type="deadline.ignored_pivot_in_flight", step=pivot.name)
@@ -604,9 +618,9 @@ def _operator_abort(txn: _Txn, event: OperatorCommand) -> str | None:
         return "saga is parked in compensation; retry or skip the stuck compensation"
     if txn.status not in (SagaStatus.RUNNING, SagaStatus.FAILED):
         return f"saga is {txn.status}"
-    pivot = _pivot_passed(txn)
-    if pivot is not None:
-        return f"pivot {pivot.name!r} succeeded; the saga can only go forward"
+    passed = _no_way_back(txn)
+    if passed is not None:
+        return f"{passed[1]}; the saga can only go forward"
     pivot = _pivot_in_flight(txn) if txn.status is SagaStatus.RUNNING else None
     if pivot is not None:
         return f"pivot {pivot.name!r} is in flight; wait for its outcome"
@@ -640,6 +654,7 @@ def _operator_retry(txn: _Txn, event: OperatorCommand) -> str | None:
         used = txn.steps[step.name].attempt
         txn.update(step.name, attempt_offset=used)
         _send_step(txn, step, used + 1, operator=event.operator)
+    _send_pending(txn)  # members an earlier member's failure kept from going out
     return None
 
 

@@ -360,6 +360,8 @@ class Processor:
                     result.outcome = decision.outcome
                     if spec.saga_id in remembered:
                         dirty.add(spec.saga_id)  # as for a refused reply
+                    # Why a timer changed nothing is worth keeping (a deadline ignored after the pivot).
+                    work.history.extend(HistoryRecord(spec.saga_id, entry) for entry in decision.history)
                     continue
                 self._apply(work, decision, instances, created, dirty, timers, cancelled, result, debug)
             else:

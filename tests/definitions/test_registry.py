@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from sagas.definitions import DefinitionRegistry, SagaDefinition, loads
-from sagas.errors import DefinitionConflict, UnknownDefinition
+from sagas.errors import DefinitionConflict, DefinitionError, UnknownDefinition
 from tests.definitions.support import VALID_YAML
 
 
@@ -58,3 +60,20 @@ def test_digest_ignores_source_formatting_but_not_content() -> None:
     )
     assert loads(reformatted).digest == loads(VALID_YAML).digest
     assert loads(VALID_YAML.replace("input.sku", "input.item")).digest != loads(VALID_YAML).digest
+
+
+@pytest.mark.parametrize(
+    ("steps", "fragment"),
+    [
+        ([{"name": "a", "participant": "s", "command": "a.do"},  # compensatable, with no compensation
+          {"name": "b", "participant": "s", "command": "b.do", "kind": "pivot"}], "needs a compensation"),
+        ([{"name": "a", "participant": "s", "command": "a.do", "kind": "pivot"},
+          {"name": "a", "participant": "t", "command": "other.do", "kind": "retriable"}], "'a'"),
+    ],
+)
+def test_a_model_built_without_the_checks_is_refused_when_registered(steps: list[Any], fragment: str) -> None:
+    """`SagaDefinition.model_validate` checks fields, not the definition as a whole; the registry (which the engine
+    and the store's readers go through) runs the checks `sagas validate` runs."""
+    definition = SagaDefinition.model_validate({"name": "x", "version": 1, "steps": steps})
+    with pytest.raises(DefinitionError, match=fragment):
+        DefinitionRegistry([definition])

@@ -649,3 +649,48 @@ def test_deciding_with_another_definition_version_is_an_error() -> None:
     other = saga(step("a")).model_copy(update={"version": 2})
     with pytest.raises(ValueError, match="test-saga v1"):
         decide(other, run.instance, TimerFired(timer_id="x", timer=TimerKind.DEADLINE), now=1.0)
+
+
+def test_a_group_member_whose_payload_fails_does_not_keep_its_siblings_from_ever_going_out() -> None:
+    """After the pivot, a member whose payload cannot be rendered parks the saga before its siblings are sent.
+    Once the operator skips it, the siblings go out; nothing is left PENDING with no timer and no command."""
+    definition = saga(
+        step("a"),
+        step("p", kind=StepKind.PIVOT),
+        group("finish", step("r1", kind=StepKind.RETRIABLE, payload={"n": "abs(input.name)"}),
+              step("r2", kind=StepKind.RETRIABLE)),
+    )
+    run = Run.start(definition, {"name": "text"})
+    run.reply("a")
+    run.reply("p")
+    assert run.status() is SagaStatus.FAILED
+    assert run.statuses()["r2"] is StepStatus.PENDING
+    assert run.operator("retry").outcome == "applied"  # r1 fails to render again: parked again
+    assert run.status() is SagaStatus.FAILED
+    decision = run.operator("skip", "r1")
+    assert [c.step for c in decision.commands] == ["r2"]
+    assert run.status() is SagaStatus.RUNNING
+    run.reply("r2")
+    assert run.status() is SagaStatus.COMPLETED
+
+
+@pytest.mark.parametrize("how", ["deadline", "abort"])
+def test_without_a_pivot_a_retriable_step_sent_is_the_point_of_no_return(how: str) -> None:
+    """Retriable steps are never compensated, so once one was sent the saga cannot go back, pivot or not."""
+    run = Run.start(saga(step("a"), step("r1", kind=StepKind.RETRIABLE), step("r2", kind=StepKind.RETRIABLE),
+                         deadline=60))
+    run.reply("a")
+    run.reply("r1")
+    if how == "deadline":
+        decision = run.fire(TimerKind.DEADLINE)
+        assert decision.outcome == "ignored"
+        assert "retriable step 'r1' was sent" in (decision.reason or "")
+        assert [h.type for h in decision.history] == ["deadline.ignored_after_pivot"]
+    else:
+        decision = run.operator("abort")
+        assert decision.outcome == "rejected"
+        assert "can only go forward" in (decision.reason or "")
+    assert run.status() is SagaStatus.RUNNING
+    assert run.sent_of(MessageKind.COMPENSATION) == []
+    run.reply("r2")
+    assert run.status() is SagaStatus.COMPLETED

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from sagas.definitions.model import SagaDefinition
 from sagas.engine.state import OperatorCommand, SagaStatus, StepStatus
 from sagas.engine.wire import CommandMessage
 from sagas.errors import InvalidInput, OperatorError
@@ -145,7 +146,7 @@ async def test_timeouts_exhaust_retries_then_unknown_step_is_compensated_and_par
 
 async def test_deadline_before_the_pivot_aborts_and_compensates() -> None:
     """When the saga deadline passes while a step is outstanding, the saga compensates what it did."""
-    async with SagaHarness([three_steps(timeout=600, deadline=60)], [inventory(), payment()]) as h:
+    async with SagaHarness([three_steps(timeout=60, deadline=60)], [inventory(), payment()]) as h:
         saga_id = await h.start("order", ORDER)
         await h.advance(59)
         assert (await h.instance(saga_id)).status == SagaStatus.RUNNING
@@ -291,3 +292,27 @@ async def test_wait_on_a_saga_removed_meanwhile_raises_unknown_saga() -> None:
         assert removed.instances == 1
         with pytest.raises(UnknownSaga):
             await h.engine.wait(saga_id, timeout=5, poll=0.05)
+
+
+async def test_a_deadline_ignored_past_the_point_of_no_return_is_recorded_in_the_history() -> None:
+    payload = {"order": "input.order_id", "amount": "input.amount"}
+    definition = SagaDefinition.model_validate({
+        "name": "order", "version": 1, "deadline": 60,
+        "steps": [
+            {"name": "reserve", "participant": "inventory", "command": "Reserve", "timeout": 30, "payload": payload,
+             "compensation": {"command": "UndoReserve"}},
+            {"name": "charge", "participant": "payment", "command": "Charge", "kind": "pivot", "timeout": 30,
+             "payload": payload},
+            {"name": "ship", "participant": "shipping", "command": "Ship", "kind": "retriable", "timeout": 30,
+             "payload": payload},
+        ],
+    })
+    async with SagaHarness([definition], [inventory(), payment()]) as h:  # nobody ships yet
+        saga_id = await h.start("order", ORDER)
+        await h.advance(60)
+        history = [r.entry for r in await h.history(saga_id)]
+        ignored = [e for e in history if e.type == "deadline.ignored_after_pivot"]
+        assert [e.step for e in ignored] == ["charge"]
+        await h.add_participant(shipping())
+        await h.advance(30)
+        assert (await h.instance(saga_id)).status == SagaStatus.COMPLETED
