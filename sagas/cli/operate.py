@@ -312,9 +312,21 @@ def abort(saga_id: str, reason: ReasonOption = "", operator: OperatorOption = "o
 
 @app.command()
 def skip(saga_id: str, step: str, reason: Annotated[str, typer.Option("--reason", help="Required: why.")],
+         output: Annotated[str | None, typer.Option(
+             "--output", help="The step's reply data as a JSON object, for later steps' payloads (steps.<step>).")
+         ] = None,
          operator: OperatorOption = "operator", db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
     """Mark a stuck step done (or its compensation done) by hand; recorded in the history with the reason."""
-    _operate(db_url, saga_id, OperatorCommand(action="skip", step=step, reason=reason, operator=operator), as_json)
+    data = None
+    if output is not None:
+        try:
+            data = json.loads(output)
+        except json.JSONDecodeError as exc:
+            raise fail(f"--output is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise fail("--output must be a JSON object")
+    command = OperatorCommand(action="skip", step=step, reason=reason, operator=operator, output=data)
+    _operate(db_url, saga_id, command, as_json)
 
 
 # ---- dead letters -----------------------------------------------------------------------------------

@@ -672,11 +672,16 @@ def _operator_skip(txn: _Txn, event: OperatorCommand) -> str | None:
         txn.update(
             step.name, status=StepStatus.SKIPPED, finished_at=txn.now, completed_order=txn.completions,
             error=f"skipped by {event.operator}",
+            output=dict(event.output) if event.output is not None else state.output,
         )  # fmt: skip
+        if event.output is not None:
+            who["output"] = event.output
         txn.record("operator.skip", step.name, state.attempt, direction="forward", **who)
         _resume_if_unstuck(txn, SagaStatus.RUNNING, _STUCK_FORWARD, txn.stage_steps())
         _continue(txn)
         return None
+    if backward and event.output is not None:
+        return "an output is only given when skipping a step forward"
     if backward and state.status in _COMPENSATION_IN_FLIGHT:
         txn.update(step.name, status=StepStatus.COMPENSATED, error=f"skipped by {event.operator}")
         txn.record("operator.skip", step.name, state.compensation_attempt, direction="compensation", **who)

@@ -201,6 +201,9 @@ class OperatorCommand(_Value):
     step: str | None = None
     reason: str = ""
     operator: str = "operator"
+    output: dict[str, Any] | None = Field(
+        None, description="skip: the step's reply data, as later steps' payloads read it (steps.<step>)."
+    )
 
 
 Event = Annotated[ReplyReceived | TimerFired | OperatorCommand, Field(discriminator="event")]

@@ -97,6 +97,8 @@ def test_start_is_idempotent_and_repairs_are_recorded(tmp_path: Path) -> None:
 
     aborted = as_json(sagas("abort", first["id"], "--reason", "customer cancelled", "--db", str(db), "--json"))
     assert aborted["status"] == "compensating"
+    bad = sagas("skip", first["id"], "create_order", "--reason", "x", "--output", "[1]", "--db", str(db), check=False)
+    one_clear_line(bad, "--output must be a JSON object")
     skipped = as_json(sagas("skip", first["id"], "create_order", "--reason", "rejected by hand", "--db", str(db),
                             "--json"))
     assert skipped["status"] == "compensated"

@@ -8,6 +8,7 @@ from sagas.definitions.model import RetryPolicy, StepKind
 from sagas.engine.machine import decide, jitter_unit, start
 from sagas.engine.state import (
     MessageKind,
+    OperatorCommand,
     Outcome,
     ReplyReceived,
     SagaStatus,
@@ -694,3 +695,18 @@ def test_without_a_pivot_a_retriable_step_sent_is_the_point_of_no_return(how: st
     assert run.sent_of(MessageKind.COMPENSATION) == []
     run.reply("r2")
     assert run.status() is SagaStatus.COMPLETED
+
+
+def test_a_skipped_step_can_be_given_the_output_later_steps_read() -> None:
+    """`sagas skip ... --output '{...}'`: the operator supplies what the participant would have answered, and the
+    next step's payload reads it; it is recorded in the history. A compensation skip takes no output."""
+    run = Run.start(saga(step("reserve"), step("charge", payload={"reservation": "steps.reserve.id"})))
+    decision = run.apply(OperatorCommand(action="skip", step="reserve", reason="reserved by hand", output={"id": 7}))
+    assert [(c.step, c.payload) for c in decision.commands] == [("charge", {"reservation": 7})]
+    assert run.state("reserve").output == {"id": 7}
+    (entry,) = [h for h in decision.history if h.type == "operator.skip"]
+    assert entry.detail["output"] == {"id": 7}
+    run.operator("abort")
+    refused = run.apply(OperatorCommand(action="skip", step="charge", reason="r", output={"x": 1}))
+    assert refused.outcome == "rejected"
+    assert "only given when skipping a step forward" in (refused.reason or "")
