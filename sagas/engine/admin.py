@@ -94,6 +94,12 @@ class SagaAdmin:
         letter stays in the list, not replayed (the rejected copy is kept as its own dead letter).
         """
         dead = await self.store.dead_letter(dead_letter_id)
+        kind = dead.message.header("ce_sagakind")
+        if kind in ("command", "compensation"):
+            raise OperatorError(
+                f"dead letter {dead_letter_id!r} is a {kind} the broker refused; it cannot be replayed (its saga's "
+                "step follows its timeout and retry policy)"
+            )
         if dead.replayed_at is not None:
             raise OperatorError(f"dead letter {dead_letter_id!r} was replayed already, at {_iso(dead.replayed_at)}")
         now = time.time()

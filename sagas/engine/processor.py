@@ -221,10 +221,13 @@ class Processor:
                 await asyncio.sleep(0)
         return None
 
-    async def dead_letter(self, message: BrokerMessage, reason: str, now: float) -> None:
-        """Put a message the engine failed to process in the dead letters, under the id a rejection would give it
-        (so a redelivery is kept once). No inbox record: `sagas dlq replay` must be able to apply it later."""
-        work = UnitOfWork()
+    async def dead_letter(
+        self, message: BrokerMessage, reason: str, now: float, *, sent: Sequence[str] = ()
+    ) -> None:
+        """Put a message the engine failed to process (or the broker refused) in the dead letters, under the id a
+        rejection would give it, so a redelivery is kept once; `sent`: outbox ids to mark sent with it. No inbox
+        record: a redelivery goes through processing again, and `sagas dlq replay` can apply it later."""
+        work = UnitOfWork(sent=list(sent))
         self._dead_letter(work, message, reason, now, ItemResult(), record_id=message.header("ce_id"))
         await self.store.commit(work)
 

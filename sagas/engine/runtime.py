@@ -527,12 +527,35 @@ class Engine:
             try:
                 await self._publish(messages)
             except Exception:
-                # A message the broker refuses for good (too large, topic not allowed) must not stop every saga:
-                # leave the rows unsent for the relay to try again later, and keep publishing the rest.
-                log.exception("publish failed; the relay will try again", messages=len(messages))
-                self._in_flight.difference_update(m.id for m in messages)
+                # One message the broker refuses for good (too large, topic not allowed) must not hold back the
+                # others of its batch: publish them one by one.
+                log.exception("publish failed; publishing the messages one by one", messages=len(messages))
+                for message in messages:
+                    await self._publish_alone(message)
             finally:
                 self._busy -= 1
+
+    async def _publish_alone(self, message: OutboxMessage) -> None:
+        """Publish one message. One the broker refuses for good goes to the dead letters with the refusal and is
+        marked sent in the same transaction: the relay would otherwise offer it again for ever, first in every
+        batch (its saga's step times out and follows its retry policy). Any other failure leaves the row to the
+        relay."""
+        try:
+            await self._publish([message])
+        except Exception as exc:
+            if not isinstance(exc, BrokerError) or exc.retriable:
+                log.exception("publish failed; the relay will try again", message_id=message.id)
+                return
+            reason = f"refused by the broker: {exc}"[:1000]
+            log.error("message refused by the broker; dead-lettered", message_id=message.id, reason=reason)
+            try:
+                await self._with_retry(
+                    lambda: self.processor.dead_letter(message.message, reason, self.clock.now(), sent=[message.id])
+                )
+            except Exception:
+                log.exception("dead-lettering a refused message failed; the relay will offer it again")
+        finally:
+            self._in_flight.discard(message.id)
 
     async def _publish(self, messages: list[OutboxMessage]) -> None:
         delay = 0.05

@@ -3,6 +3,7 @@ engine keeps running sagas."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -13,8 +14,8 @@ from structlog.testing import capture_logs
 from sagas.adapters.ports import BrokerMessage
 from sagas.engine.admin import SagaAdmin
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
-from sagas.engine.state import ReplyReceived, SagaStatus
-from sagas.errors import OperatorError
+from sagas.engine.state import ReplyReceived, SagaStatus, StepStatus
+from sagas.errors import BrokerError, OperatorError
 from sagas.testing import SagaHarness
 from tests.engine.support import ledger_participant, three_steps
 
@@ -209,3 +210,35 @@ async def test_a_replayed_dead_letter_is_applied_once_and_a_rejected_replay_leav
         with pytest.raises(OperatorError, match="replayed already"):
             await admin.replay(letter.id)
         assert (await h.store.dead_letter(letter.id)).replayed_at == replayed_at
+
+
+async def test_a_command_the_broker_refuses_for_good_is_dead_lettered_and_holds_back_nothing() -> None:
+    """A command the broker will never take (over its size limit) goes to the dead letters with the refusal and is
+    marked sent; the commands committed with it still go out, and the relay does not offer it again."""
+    async with SagaHarness([three_steps()], participants()) as h:
+        real_publish = h.broker.publish
+        refused: list[str] = []
+
+        async def publish(messages: Any) -> None:
+            if any(m.key == "big" for m in messages):
+                refused.extend(m.header("ce_id") or "" for m in messages if m.key == "big")
+                raise BrokerError("message too large for the topic", retriable=False)
+            await real_publish(messages)
+
+        h.broker.publish = publish  # type: ignore[method-assign]
+        await asyncio.gather(*(h.engine.start_saga("order", {"order_id": n, "amount": 5}, saga_id=n)
+                               for n in ("big", "small")))
+        await h.settle()
+        assert (await h.instance("small")).steps["charge"].status == StepStatus.SUCCEEDED
+        (letter,) = await h.store.dead_letters()
+        assert letter.id == "dl/big/reserve/command/1"
+        assert letter.saga_id == "big"
+        assert "refused by the broker: message too large" in letter.reason
+        pending = [m.id for m in await h.store.pending_outbox(10)]
+        assert "big/reserve/command/1" not in pending  # marked sent: nothing left for the relay
+        with pytest.raises(OperatorError, match="cannot be replayed"):
+            await SagaAdmin(h.store).replay(letter.id)
+        attempts = len(refused)
+        await h.engine.relay_once()
+        await h.settle()
+        assert len(refused) == attempts
