@@ -40,8 +40,11 @@ def validate_input(definition: SagaDefinition, data: Any) -> None:
     """Check a saga's input against the definition's input schema.
 
     Raises:
-        InvalidInput: listing where and why the input does not match (up to ten places).
+        InvalidInput: listing where and why the input does not match (up to ten places), or saying that it holds
+            a NUL character (PostgreSQL's JSONB cannot store one, so such a saga could never be saved there).
     """
+    if has_nul(data):
+        raise InvalidInput(f"input of {definition.name} v{definition.version} contains a NUL character (\\u0000)")
     if definition.input_schema is None:
         return
     validator = _validator(json.dumps(definition.input_schema, sort_keys=True))
@@ -51,6 +54,17 @@ def validate_input(definition: SagaDefinition, data: Any) -> None:
     details = "; ".join(f"{_where(e)}: {e.message}" for e in errors[:_MAX_REPORTED])
     more = f" (and {len(errors) - _MAX_REPORTED} more)" if len(errors) > _MAX_REPORTED else ""
     raise InvalidInput(f"input of {definition.name} v{definition.version} does not match its schema: {details}{more}")
+
+
+def has_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character in any of its strings (keys included)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(map(has_nul, value))
+    return False
 
 
 def _where(error: jsonschema.exceptions.ValidationError) -> str:

@@ -9,6 +9,7 @@ timers + dead letters atomically.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import uuid
 from collections import OrderedDict
@@ -48,6 +49,7 @@ from sagas.errors import ConcurrencyConflict, OperatorError, UnknownDefinition, 
 log = structlog.get_logger("sagas.engine")
 
 CONFLICT_RETRIES = 3
+_MAX_ID, _MAX_SAGA_ID = 300, 200  # the widths of the id and saga id columns of the dead letters
 
 T = TypeVar("T")
 
@@ -481,12 +483,17 @@ class Processor:
         saga_id: str | None = None,
     ) -> None:
         result.outcome = "rejected"
-        dead_id = f"dl/{record_id}" if record_id else f"dl/{uuid.uuid4()}"
-        work.dead_letters.append(
-            DeadLetter(dead_id, reason, message, now, saga_id=saga_id or reply_saga_id(message))
-        )
+        # Whatever a malformed message carries must fit the dead letters' columns, or it could not even be kept.
+        fits = record_id is not None and len(record_id) <= _MAX_ID - len("dl/")
+        dead_id = f"dl/{record_id}" if fits else f"dl/{uuid.uuid4()}"
+        saga_id = saga_id or reply_saga_id(message)
+        if saga_id is not None and len(saga_id) > _MAX_SAGA_ID:
+            saga_id = None
+        if message.key is not None and len(message.key) > _MAX_ID:
+            message = dataclasses.replace(message, key=None)
+        work.dead_letters.append(DeadLetter(dead_id, reason, message, now, saga_id=saga_id))
         log.warning("dead letter", reason=reason, topic=message.topic, message_id=message.header("ce_id"),
-                    saga_id=saga_id or reply_saga_id(message))
+                    saga_id=saga_id)
 
 
 async def _nothing(value: T) -> T:

@@ -13,12 +13,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sagas.adapters.ports import BrokerMessage
+from sagas.definitions.schema import has_nul
 from sagas.engine.state import MessageKind, Outcome, OutgoingCommand, ReplyReceived
 
 SPEC_VERSION = "1.0"
 SCHEMA_VERSION = "1"
 SOURCE = "sagas-engine"
 MAX_MESSAGE_BYTES = 1_000_000
+MAX_ATTRIBUTE_CHARS = 1_000
+_MAX_CHARS = {"id": 296, "subject": 200}
+"""What the store's columns hold: a reply's id is an inbox key and, after "dl/", a dead letter's; a saga id 200."""
 CONTENT_TYPE = "application/json"
 
 
@@ -162,6 +166,10 @@ def _attrs(message: BrokerMessage, required: tuple[str, ...]) -> dict[str, str]:
                 attrs[name] = value.decode()
             except UnicodeDecodeError:
                 attrs[name] = _decode(value)
+            if "\x00" in attrs[name]:
+                raise MalformedMessage(f"{key} contains a NUL character, which PostgreSQL cannot store")
+            if len(attrs[name]) > _MAX_CHARS.get(name, MAX_ATTRIBUTE_CHARS):
+                raise MalformedMessage(f"{key} is longer than {_MAX_CHARS.get(name, MAX_ATTRIBUTE_CHARS)} characters")
     missing = [name for name in required if not attrs.get(name)]
     if missing:
         raise MalformedMessage(f"missing attribute(s): {', '.join('ce_' + m for m in missing)}")
@@ -180,6 +188,9 @@ def _data(message: BrokerMessage) -> dict[str, Any]:
         raise MalformedMessage(f"value is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise MalformedMessage(f"value must be a JSON object, got {type(data).__name__}")
+    # NUL can only come as JSON's escape (a raw one is not valid JSON); look closer only when the escape is there.
+    if b"\\u0000" in message.value and has_nul(data):
+        raise MalformedMessage("value contains a NUL character (\\u0000), which PostgreSQL cannot store")
     return data
 
 

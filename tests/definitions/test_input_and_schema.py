@@ -60,3 +60,10 @@ def test_backoff_stays_within_the_jittered_cap(
     policy = RetryPolicy(initial_backoff=initial, max_backoff=initial + 50, multiplier=multiplier, jitter=jitter)
     delay = policy.backoff(attempt, unit)
     assert 0.0 <= delay <= policy.max_backoff * (1 + jitter) + 1e-9
+
+
+def test_an_input_holding_a_nul_character_is_refused() -> None:
+    """PostgreSQL's JSONB cannot store NUL: refused at the start on every store, not after the saga began."""
+    definition = load_file(SAMPLES["order_payment"] / "saga.yaml")
+    with pytest.raises(InvalidInput, match="NUL character"):
+        validate_input(definition, {"note": ["ok", {"deep": "a\x00b"}]})

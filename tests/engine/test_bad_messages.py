@@ -77,6 +77,11 @@ CASES: list[tuple[str, Any, str]] = [
     ("unknown step", lambda s: reply(s, step="teleport", type="Teleport.succeeded"), "unknown step"),
     ("unexpected reply type", lambda s: reply(s, type="Ship.exploded"), "unexpected reply type"),
     ("huge payload", lambda s: reply(s, value=json.dumps({"blob": "x" * 1_200_000}).encode()), "exceeds"),
+    # What PostgreSQL cannot store must be refused on every store, before it reaches one.
+    ("NUL in the data", lambda s: reply(s, value=b'{"note": "a\\u0000b"}'), "NUL character"),
+    ("NUL in an attribute", lambda s: reply(s, sagareason="a\x00b", outcome="failure"), "NUL character"),
+    ("id too long for the inbox", lambda s: reply(s, message_id="r" * 400), "ce_id is longer than 296"),
+    ("subject too long for a saga id", lambda s: reply("s" * 300, message_id="r-1"), "ce_subject is longer than 200"),
 ]
 
 IGNORED: list[tuple[str, Any, str]] = [
