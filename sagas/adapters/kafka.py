@@ -70,8 +70,9 @@ _FIXED = {
 }
 _MAX_REQUEST_SIZE = inspect.signature(AIOKafkaProducer.__init__).parameters["max_request_size"].default
 _SSL_FILES = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
-_PARAMS = {cls: set(inspect.signature(cls.__init__).parameters) for cls in
-           (AIOKafkaProducer, AIOKafkaConsumer, AIOKafkaAdminClient)}
+_DEFAULTS = {cls: inspect.signature(cls.__init__).parameters for cls in
+             (AIOKafkaProducer, AIOKafkaConsumer, AIOKafkaAdminClient)}
+_PARAMS = {cls: set(parameters) for cls, parameters in _DEFAULTS.items()}
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,25 @@ class KafkaSettings:
     client_options: dict[str, Any] = field(default_factory=dict)
 
 
-def _option_value(raw: str) -> Any:
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
+def _option_value(name: str, raw: str) -> Any:
+    """A URL query value as the option `name` takes it: a bool, int or float where aiokafka's default is one (and
+    for partitions and replication_factor), text otherwise (a password of digits stays text)."""
+    if name in ("partitions", "replication_factor"):
+        default: Any = 1
+    else:
+        default = next((p[name].default for p in _DEFAULTS.values() if name in p), None)
     try:
-        return int(raw)
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false"):
+                raise ValueError(raw)
+            return raw.lower() == "true"
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
     except ValueError:
-        return raw
+        raise ValueError(f"kafka:// URL option {name}={raw!r}: expected a {type(default).__name__}") from None
+    return raw
 
 
 def parse_kafka_url(url: str) -> KafkaSettings:
@@ -115,11 +128,9 @@ def parse_kafka_url(url: str) -> KafkaSettings:
     if not servers:
         raise ValueError(f"no bootstrap server in {url!r}")
     for name, raw in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)):
-        options[name] = _option_value(raw)
+        options[name] = _option_value(name, raw)
     partitions = options.pop("partitions", 3)
     replication_factor = options.pop("replication_factor", 1)
-    if not isinstance(partitions, int) or not isinstance(replication_factor, int):
-        raise ValueError(f"partitions and replication_factor must be integers in {url!r}")
     return KafkaSettings(servers, partitions, replication_factor, options)
 
 
@@ -243,7 +254,9 @@ class KafkaBroker:
         if unknown:
             raise ValueError(f"unknown aiokafka client option(s): {sorted(unknown)}")
         files = {name.removeprefix("ssl_"): options.pop(name) for name in _SSL_FILES if name in options}
-        if files and "ssl_context" not in options:
+        tls = options.get("security_protocol") in ("SSL", "SASL_SSL")
+        if (files or tls) and "ssl_context" not in options:
+            # Without CA files: the system's CAs, with hostname checks (aiokafka wants a context for TLS).
             options["ssl_context"] = create_ssl_context(**files)
         return options
 

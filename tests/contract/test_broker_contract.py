@@ -575,6 +575,39 @@ def test_parse_kafka_url_takes_credentials_from_userinfo() -> None:
     }
 
 
+def test_kafka_url_options_take_the_type_of_the_client_option() -> None:
+    """A password of digits stays text; a number where aiokafka takes a float is a float; bad values are named."""
+    from sagas.adapters.kafka import parse_kafka_url
+
+    options = parse_kafka_url(
+        "kafka://app:000123@broker:9092?sasl_plain_username=007&metadata_max_age_ms=300000"
+        "&enable_idempotence=false&client_id=42"
+    ).client_options
+    assert options["sasl_plain_password"] == "000123"
+    assert options["sasl_plain_username"] == "007"
+    assert options["client_id"] == "42"
+    assert options["metadata_max_age_ms"] == 300000
+    assert options["enable_idempotence"] is False
+    with pytest.raises(ValueError, match="request_timeout_ms='soon': expected a int"):
+        parse_kafka_url("kafka://broker:9092?request_timeout_ms=soon")
+    with pytest.raises(ValueError, match="partitions"):
+        parse_kafka_url("kafka://broker:9092?partitions=many")
+
+
+@pytest.mark.parametrize("url", ["kafka://app:secret@broker:9092", "kafka://broker:9092?security_protocol=SSL"])
+def test_tls_without_ca_files_uses_the_system_cas(url: str) -> None:
+    """SASL_SSL (the default with credentials) or SSL needs an SSL context: without CA files, the system's."""
+    import ssl
+
+    from sagas.adapters.kafka import KafkaBroker
+
+    broker = KafkaBroker.from_url(url)
+    context = broker._options["ssl_context"]
+    assert isinstance(context, ssl.SSLContext)
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
+
+
 def test_kafka_broker_refuses_options_that_would_change_its_semantics() -> None:
     """Client options that would break at-least-once delivery (auto-commit, acks) or that aiokafka does not
     know are refused when the broker is created."""
