@@ -120,6 +120,9 @@ class UnitOfWork:
     dead_letters: list[DeadLetter] = field(default_factory=list)
     sent: list[str] = field(default_factory=list)
     """Outbox ids published since the last commit, marked sent in this transaction."""
+    publishing: bool = False
+    """The committer publishes `outbox` itself right after the commit: the rows are stored claimed (for the
+    store's lease), so that another engine's relay does not publish them too while that publish is slow."""
 
     def __bool__(self) -> bool:
         return any(

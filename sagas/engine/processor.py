@@ -142,8 +142,12 @@ class Processor:
         reply_topic: str,
         known_max: int = DEFAULT_KNOWN_MAX,
         known_max_age: float | None = None,
+        publishing: bool = False,
     ) -> None:
+        """`publishing`: the caller publishes what a batch puts in the outbox right after the commit (the engine);
+        otherwise (the CLI) the rows wait for a serving engine's relay."""
         self.store = store
+        self.publishing = publishing
         self.registry = registry
         self.reply_topic = reply_topic
         self.known_max = known_max
@@ -257,7 +261,7 @@ class Processor:
 
     async def _prepare(self, items: Sequence[Item], now: float, sent: Sequence[str]) -> Prepared:
         """Read what `items` touch (remembered instances from memory), decide, and build the unit of work."""
-        work = UnitOfWork(sent=list(sent))
+        work = UnitOfWork(sent=list(sent), publishing=self.publishing)
         results = [ItemResult() for _ in items]
         decoded: dict[int, tuple[ReplyReceived, str]] = {}
         saga_ids: set[str] = set()

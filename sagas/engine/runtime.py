@@ -142,6 +142,7 @@ class Engine:
             known_max=self.settings.known_max,
             # Half the retention: a margin for clocks that differ between the hosts of a group.
             known_max_age=None if self.settings.retention is None else self.settings.retention / 2,
+            publishing=True,
         )
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=20_000)
         self._publish_queue: asyncio.Queue[list[OutboxMessage]] = asyncio.Queue()

@@ -305,6 +305,16 @@ class StoreContract:
         clock.advance(3600)
         assert [m.id for m in await store.pending_outbox(10)] == ["m1"]
 
+    async def test_rows_their_committer_publishes_are_stored_claimed(self, store: Store, clock: FakeClock) -> None:
+        """A `publishing` unit (the engine publishes its rows right after the commit) stores them under a lease,
+        so another engine's relay leaves them alone while that publish is slow; rows written by the CLI wait
+        for any relay at once."""
+        await store.commit(UnitOfWork(outbox=[message("fast", "s1")], publishing=True))
+        await store.commit(UnitOfWork(outbox=[message("cli", "s2")]))
+        assert [m.id for m in await store.pending_outbox(10)] == ["cli"]
+        clock.advance(3600)  # the publisher died without marking it sent: it comes back
+        assert [m.id for m in await store.pending_outbox(10)] == ["fast", "cli"]  # both leases ran out
+
     async def test_concurrent_claimers_never_get_the_same_outbox_rows(self, open_store: OpenStore) -> None:
         """Two stores claiming at once from one database get disjoint batches that cover the backlog."""
         first, second = await open_store(), await open_store()

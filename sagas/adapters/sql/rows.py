@@ -115,14 +115,14 @@ def _message(row: Row[Any]) -> BrokerMessage:
     return BrokerMessage(topic=row.topic, value=bytes(row.value), key=row.key, headers=decode_headers(row.headers))
 
 
-OUTBOX_COLUMNS = ("id", "saga_id", "topic", "key", "headers", "value", "created_at")
+OUTBOX_COLUMNS = ("id", "saga_id", "topic", "key", "headers", "value", "created_at", "claimed_until")
 
 
-def outbox_values(message: OutboxMessage) -> tuple[Any, ...]:
+def outbox_values(message: OutboxMessage, claimed_until: float | None) -> tuple[Any, ...]:
     broker_message = message.message
     return (
         message.id, message.saga_id, broker_message.topic, broker_message.key,
-        encode_headers(broker_message.headers), broker_message.value, message.created_at,
+        encode_headers(broker_message.headers), broker_message.value, message.created_at, claimed_until,
     )
 
 

@@ -92,7 +92,7 @@ class SqlStore:
         if not work:
             return
         try:
-            await self._runner.write(partial(writes.apply, work=work, now=self._clock()))
+            await self._runner.write(partial(writes.apply, work=work, now=self._clock(), lease=self._lease))
         except writes.VersionMismatch as error:
             stale = await self._runner.read(partial(writes.stale_updates, updates=work.updates))
             raise ConcurrencyConflict(stale or [u.id for u in work.updates]) from error

@@ -138,8 +138,9 @@ def _statements(dialect: str) -> _DialectStatements:
     )
 
 
-def apply(connection: Connection, *, work: UnitOfWork, now: float) -> None:
-    """Write `work`. `now` stamps the `sent` messages."""
+def apply(connection: Connection, *, work: UnitOfWork, now: float, lease: float) -> None:
+    """Write `work`. `now` stamps the `sent` messages; outbox rows of a `publishing` unit are claimed until
+    `now + lease`."""
     if work.inserts:
         inserted = [rows.instance_values(i, version=1) for i in work.inserts]
         _executemany(connection, _insert_instances, rows.INSTANCE_COLUMNS, inserted)
@@ -148,7 +149,9 @@ def apply(connection: Connection, *, work: UnitOfWork, now: float) -> None:
     if work.history:
         _executemany(connection, _insert_events, rows.HISTORY_COLUMNS, list(map(rows.history_values, work.history)))
     if work.outbox:
-        _executemany(connection, _insert_outbox, rows.OUTBOX_COLUMNS, list(map(rows.outbox_values, work.outbox)))
+        until = now + lease if work.publishing else None
+        outbox_rows = [rows.outbox_values(message, until) for message in work.outbox]
+        _executemany(connection, _insert_outbox, rows.OUTBOX_COLUMNS, outbox_rows)
     if work.inbox:
         _executemany(connection, _insert_inbox, rows.INBOX_COLUMNS, list(map(rows.inbox_values, work.inbox)))
     statements = _statements(connection.dialect.name)
