@@ -708,6 +708,32 @@ class TestPostgresStore(SqlContract):
         finally:
             await store.close()
 
+    async def test_a_role_that_may_not_create_schemas_starts_on_a_migrated_one(self, pg_url: str) -> None:
+        """The DBA migrates once; the application's role, without CREATE on the database, can still start (its
+        upgrade finds the schema and does not ask to create it)."""
+        import asyncpg
+
+        database = f"test_{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
+        try:
+            await admin.execute(f'CREATE DATABASE "{database}"')
+            url = sa.make_url(pg_url).set(database=database).render_as_string(hide_password=False)
+            await upgrade(url, schema="app")
+            owner = await asyncpg.connect(url.replace("+asyncpg", ""))
+            try:
+                await owner.execute(f'REVOKE CREATE ON DATABASE "{database}" FROM PUBLIC, CURRENT_USER')
+            finally:
+                await owner.close()
+            store = SqlStore(url, schema="app")
+            try:
+                await store.initialize()
+                assert sum((await store.count_by_status()).values()) == 0
+            finally:
+                await store.close()
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            await admin.close()
+
     async def test_concurrent_upgrades_of_a_fresh_schema_succeed(self, pg_url: str, schema: str) -> None:
         """Several processes upgrading one fresh schema at once all succeed (advisory lock)."""
         await asyncio.gather(*(upgrade(pg_url, schema=schema) for _ in range(4)))

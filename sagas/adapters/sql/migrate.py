@@ -46,9 +46,11 @@ def upgrade_connection(connection: Connection, *, schema: str | None = None, rev
     """Migrate through `connection`, inside the transaction the caller opened."""
     if connection.dialect.name == "postgresql":
         connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
-        if schema is not None:
+        # IF NOT EXISTS still needs CREATE on the database: a role that only owns its schema could not start.
+        exists = sa.text("SELECT 1 FROM pg_namespace WHERE nspname = :schema")
+        if schema is not None and connection.execute(exists, {"schema": schema}).first() is None:
             quoted = connection.dialect.identifier_preparer.quote_identifier(schema)
-            connection.execute(sa.text(f"CREATE SCHEMA IF NOT EXISTS {quoted}"))
+            connection.execute(sa.text(f"CREATE SCHEMA {quoted}"))
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, revision)
