@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -216,14 +216,22 @@ class Processor:
     async def _attempts(
         self, items: Sequence[Item], clock: Callable[[], float], sent: Sequence[str]
     ) -> BatchResult | None:
-        """Prepare and commit `items`, deciding again after each conflict; None when every attempt conflicted."""
+        """Prepare and commit `items`, deciding again after each conflict; None when every attempt conflicted.
+
+        A start that conflicts on its saga id is checked against the saga stored under it: when it is the same
+        start (definition, input, key), that is this start committed before, by an attempt whose COMMIT went
+        through but whose answer was lost (a connection cut during COMMIT, then retried), and it is reported as
+        started rather than as a conflict.
+        """
+        conflicted: set[str] = set()
         for _ in range(CONFLICT_RETRIES):
             try:
-                prepared = await self._prepare(items, clock(), sent)
+                prepared = await self._prepare(items, clock(), sent, conflicted)
                 await self._commit(prepared)
                 return prepared.outcome()
             except ConcurrencyConflict as conflict:
                 log.warning("batch conflicted; re-reading", saga_ids=list(conflict.saga_ids)[:10], items=len(items))
+                conflicted.update(conflict.saga_ids)
                 await asyncio.sleep(0)
         return None
 
@@ -259,7 +267,9 @@ class Processor:
         while len(known) > self.known_max:
             known.popitem(last=False)
 
-    async def _prepare(self, items: Sequence[Item], now: float, sent: Sequence[str]) -> Prepared:
+    async def _prepare(
+        self, items: Sequence[Item], now: float, sent: Sequence[str], conflicted: Set[str] = frozenset()
+    ) -> Prepared:
         """Read what `items` touch (remembered instances from memory), decide, and build the unit of work."""
         work = UnitOfWork(sent=list(sent), publishing=self.publishing)
         results = [ItemResult() for _ in items]
@@ -315,7 +325,7 @@ class Processor:
             if result.outcome == "rejected":
                 continue
             if isinstance(item, StartItem):
-                decision = await self._start(item, now, created, result)
+                decision = await self._start(item, now, created, result, recheck=item.saga_id in conflicted)
                 if decision is None:
                     continue
                 created[decision.instance.id] = decision.instance
@@ -396,8 +406,14 @@ class Processor:
         return Prepared(work, results, written)
 
     async def _start(
-        self, item: StartItem, now: float, created: dict[str, SagaInstance], result: ItemResult
+        self, item: StartItem, now: float, created: dict[str, SagaInstance], result: ItemResult, *, recheck: bool
     ) -> Decision | None:
+        if recheck:
+            stored = (await self.store.load([item.saga_id])).get(item.saga_id)
+            if stored is not None and _same_start(stored, item):
+                result.instance = stored
+                result.outcome = "ignored"
+                return None
         if item.key is not None:
             existing = await self.store.find_by_key(item.definition.name, item.key)
             if existing is None:
@@ -498,6 +514,16 @@ class Processor:
         work.dead_letters.append(DeadLetter(dead_id, reason, message, now, saga_id=saga_id))
         log.warning("dead letter", reason=reason, topic=message.topic, message_id=message.header("ce_id"),
                     saga_id=saga_id)
+
+
+def _same_start(stored: SagaInstance, item: StartItem) -> bool:
+    """Whether `stored` is what `item` starts (the input compared as stored: after a JSON round trip)."""
+    definition = item.definition
+    return (
+        (stored.definition, stored.definition_version, stored.idempotency_key)
+        == (definition.name, definition.version, item.key)
+        and stored.input == pydantic_core.from_json(pydantic_core.to_json(item.input))
+    )
 
 
 async def _nothing(value: T) -> T:

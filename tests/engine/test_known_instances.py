@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
@@ -286,3 +287,39 @@ async def test_an_outage_while_a_conflicting_batch_is_split_does_not_undo_what_a
         for saga_id in saga_ids:
             assert singles.count(saga_id) <= 2
             assert (await h.instance(saga_id)).status == SagaStatus.COMPLETED
+
+
+@pytest.mark.parametrize("key", [None, "order-1"])
+async def test_a_start_whose_commit_answer_was_lost_is_reported_started_not_conflicting(
+    store: CountingStore, key: str | None
+) -> None:
+    """The connection drops during COMMIT after the database committed: the engine retries the batch, the start
+    conflicts with its own row, and must be answered as started (a caller retrying would start a second saga)."""
+    engine = processor(store)
+    real_commit = store.commit
+    lost: list[int] = []
+
+    async def commit(work: UnitOfWork) -> None:
+        await real_commit(work)
+        if work.inserts and not lost:
+            lost.append(1)
+            raise StoreError("connection lost during COMMIT", retriable=True)
+
+    async def retry(call: Any) -> Any:  # the engine's outage policy: call again
+        while True:
+            try:
+                return await call()
+            except StoreError:
+                continue
+
+    store.commit = commit  # type: ignore[method-assign]
+    result = await engine.process([StartItem(three_steps(), "s-1", ORDER, key)], NOW, retry=retry)
+    assert lost
+    assert result.results[0].error is None
+    assert result.results[0].instance is not None
+    assert result.results[0].instance.id == "s-1"
+    other = await engine.process([StartItem(three_steps(), "s-1", {**ORDER, "amount": 6}, key)], NOW, retry=retry)
+    if key is None:  # the same id with another input is another saga: a conflict
+        assert isinstance(other.results[0].error, ConcurrencyConflict)
+    else:  # the same key: the saga it started
+        assert other.results[0].outcome == "ignored"
