@@ -16,11 +16,12 @@ for _module in ("sagas.cli.definitions", "sagas.cli.operate"):
 
 
 def main() -> None:
-    # Library log lines must never mix with what a command prints (`--json` output is parsed by scripts);
+    # Library log lines must never mix with what a command prints (`--json` output is parsed by scripts), and a
+    # command says itself what went wrong (a rejected replay, a refused retry): errors only;
     # `sagas serve` reconfigures logging for the engine.
     from sagas.logs import configure_logging
 
-    configure_logging(level="WARNING")
+    configure_logging(level="ERROR")
     app()
 
 
