@@ -73,6 +73,8 @@ _SSL_FILES = ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
 _DEFAULTS = {cls: inspect.signature(cls.__init__).parameters for cls in
              (AIOKafkaProducer, AIOKafkaConsumer, AIOKafkaAdminClient)}
 _PARAMS = {cls: set(parameters) for cls, parameters in _DEFAULTS.items()}
+_INT_WITHOUT_DEFAULT = ("max_poll_records", "rebalance_timeout_ms")
+"""Integer options whose aiokafka default is None (the others with None are text: ids, names, credentials)."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ class KafkaSettings:
 def _option_value(name: str, raw: str) -> Any:
     """A URL query value as the option `name` takes it: a bool, int or float where aiokafka's default is one (and
     for partitions and replication_factor), text otherwise (a password of digits stays text)."""
-    if name in ("partitions", "replication_factor"):
+    if name in ("partitions", "replication_factor", *_INT_WITHOUT_DEFAULT):
         default: Any = 1
     else:
         default = next((p[name].default for p in _DEFAULTS.values() if name in p), None)

@@ -581,8 +581,9 @@ def test_kafka_url_options_take_the_type_of_the_client_option() -> None:
 
     options = parse_kafka_url(
         "kafka://app:000123@broker:9092?sasl_plain_username=007&metadata_max_age_ms=300000"
-        "&enable_idempotence=false&client_id=42"
+        "&enable_idempotence=false&client_id=42&max_poll_records=100&rebalance_timeout_ms=30000"
     ).client_options
+    assert (options["max_poll_records"], options["rebalance_timeout_ms"]) == (100, 30000)
     assert options["sasl_plain_password"] == "000123"
     assert options["sasl_plain_username"] == "007"
     assert options["client_id"] == "42"
@@ -592,6 +593,20 @@ def test_kafka_url_options_take_the_type_of_the_client_option() -> None:
         parse_kafka_url("kafka://broker:9092?request_timeout_ms=soon")
     with pytest.raises(ValueError, match="partitions"):
         parse_kafka_url("kafka://broker:9092?partitions=many")
+
+
+def test_every_aiokafka_option_without_a_default_is_typed_on_purpose() -> None:
+    """URL values are typed by aiokafka's defaults; an option whose default is None is text unless listed as an
+    integer. A new aiokafka option of that kind must be looked at, not silently passed as text."""
+    from sagas.adapters import kafka
+
+    text = {"loop", "client_id", "api_version", "key_serializer", "value_serializer", "compression_type",
+            "ssl_context", "transactional_id", "sasl_plain_password", "sasl_plain_username",
+            "sasl_kerberos_domain_name", "sasl_oauth_token_provider", "group_id", "group_instance_id",
+            "key_deserializer", "value_deserializer", "client_rack"}
+    untyped = {name for parameters in kafka._DEFAULTS.values() for name, p in parameters.items()
+               if p.default is None}
+    assert untyped - text == set(kafka._INT_WITHOUT_DEFAULT)
 
 
 @pytest.mark.parametrize("url", ["kafka://app:secret@broker:9092", "kafka://broker:9092?security_protocol=SSL"])
