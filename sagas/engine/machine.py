@@ -387,10 +387,11 @@ def _no_way_back(txn: _Txn) -> tuple[StepDefinition, str] | None:
     or a retriable step was sent (retriable steps are never compensated, so going back would leave its effect;
     this is the point of no return of a definition with no pivot)."""
     for step in txn.definition.iter_steps():
-        status = txn.steps[step.name].status
-        if step.kind is StepKind.PIVOT and status in _DONE:
+        state = txn.steps[step.name]
+        if step.kind is StepKind.PIVOT and state.status in _DONE:
             return step, f"pivot {step.name!r} succeeded"
-        if step.kind is StepKind.RETRIABLE and status is not StepStatus.PENDING:
+        # `started_at` is set when a command goes out (a payload that failed to render sent nothing).
+        if step.kind is StepKind.RETRIABLE and (state.started_at is not None or state.status in _DONE):
             return step, f"retriable step {step.name!r} was sent"
     return None
 

@@ -196,7 +196,8 @@ class Processor:
         if outcome is not None:
             return outcome
         if len(items) == 1:
-            return BatchResult([ItemResult(error=ConcurrencyConflict([_saga_of(items[0]) or "?"]))])
+            error = ConcurrencyConflict([_saga_of(items[0]) or "?"])
+            return BatchResult([ItemResult(error=error)], unmarked=list(sent))
         results: list[ItemResult] = []
         published: list[OutboxMessage] = []
         settled: list[SagaInstance] = []

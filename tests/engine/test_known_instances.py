@@ -231,6 +231,9 @@ async def test_published_ids_go_back_to_the_caller_when_every_item_keeps_conflic
     assert [type(r.error) for r in result.results] == [ConcurrencyConflict, ConcurrencyConflict]
     assert committed == []
     assert result.unmarked == ["s-0/reserve/command/1"]
+    single = await engine.process([StartItem(three_steps(), "s-3", ORDER)], NOW, sent=["s-0/reserve/command/1"])
+    assert isinstance(single.results[0].error, ConcurrencyConflict)
+    assert single.unmarked == ["s-0/reserve/command/1"]
 
     store.commit = real_commit  # type: ignore[method-assign]
     items = [StartItem(three_steps(), "s-1", ORDER), StartItem(three_steps(), "s-2", ORDER)]

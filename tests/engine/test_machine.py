@@ -710,3 +710,15 @@ def test_a_skipped_step_can_be_given_the_output_later_steps_read() -> None:
     refused = run.apply(OperatorCommand(action="skip", step="charge", reason="r", output={"x": 1}))
     assert refused.outcome == "rejected"
     assert "only given when skipping a step forward" in (refused.reason or "")
+
+
+def test_a_retriable_step_whose_payload_failed_sent_nothing_so_the_saga_can_still_go_back() -> None:
+    """Without a pivot, a retriable step is the point of no return once its command went out; one whose payload
+    could not be rendered sent nothing, so an abort still compensates what came before."""
+    run = Run.start(saga(step("reserve"), step("notify", kind=StepKind.RETRIABLE, payload={"n": "abs(input.s)"})),
+                    {"s": "text"})
+    run.reply("reserve")
+    assert run.status() is SagaStatus.FAILED  # parked: a retriable step failed
+    assert run.operator("abort").outcome == "applied"
+    run.reply("reserve")  # the compensation it is waiting for
+    assert run.status() is SagaStatus.COMPENSATED
