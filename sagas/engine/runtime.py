@@ -379,19 +379,29 @@ class Engine:
                     batch.append(self._queue.get_nowait())
                 await self._run_batch(batch)
             except Exception as exc:
-                # Not an outage (those are retried inside): something in the batch the engine cannot process.
-                # It must not stop the engine nor hold back the rest of the batch.
-                if len(batch) == 1:
-                    await self._failed(batch[0], exc)
-                else:
-                    log.exception("batch failed; processing its items one by one", items=len(batch))
-                    for pending in batch:
-                        try:
-                            await self._run_batch([pending])
-                        except Exception as one:
-                            await self._failed(pending, one)
+                await self._isolate(batch, exc)
             finally:
                 self._busy -= 1
+
+    async def _isolate(self, batch: list[_Pending], exc: Exception) -> None:
+        """A batch failed, not on an outage (those are retried inside): something in it the engine cannot
+        process. It must neither stop the engine nor hold back the rest of the batch: run its items one by one.
+        Stopped half-way (the engine is stopping), every caller still waiting hears of it."""
+        try:
+            if len(batch) == 1:
+                await self._failed(batch[0], exc)
+                return
+            log.exception("batch failed; processing its items one by one", items=len(batch))
+            for pending in batch:
+                try:
+                    await self._run_batch([pending])
+                except Exception as one:
+                    await self._failed(pending, one)
+        except BaseException as stopped:
+            for pending in batch:
+                if pending.future is not None and not pending.future.done():
+                    pending.future.set_exception(SagaError(repr(stopped)))
+            raise
 
     async def _failed(self, pending: _Pending, exc: Exception) -> None:
         """An item that failed on its own. A reply goes to the dead letters with the error, and is acknowledged:

@@ -15,7 +15,7 @@ from sagas.adapters.ports import BrokerMessage
 from sagas.engine.admin import SagaAdmin
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
 from sagas.engine.state import ReplyReceived, SagaStatus, StepStatus
-from sagas.errors import BrokerError, OperatorError
+from sagas.errors import BrokerError, OperatorError, SagaError, StoreError
 from sagas.testing import SagaHarness
 from tests.engine.support import ledger_participant, three_steps
 
@@ -247,3 +247,31 @@ async def test_a_command_the_broker_refuses_for_good_is_dead_lettered_and_holds_
         await h.engine.relay_once()
         await h.settle()
         assert len(refused) == attempts
+
+
+async def test_callers_hear_of_a_stop_that_interrupts_a_batch_processed_item_by_item() -> None:
+    """The writer is processing a failed batch item by item, one item waits out an outage, and the engine stops:
+    every caller of that batch gets an error instead of waiting for ever."""
+    async with SagaHarness([three_steps()], []) as h:  # no participants: no reply queues up behind the writer
+        real_commit = h.store.commit
+
+        async def commit(work: Any) -> None:
+            ids = [i.id for i in work.inserts]
+            if len(ids) > 1:
+                raise RuntimeError("a bug in this batch")
+            if ids == ["s-2"]:
+                raise StoreError("connection lost", retriable=True)
+            await real_commit(work)
+
+        h.store.commit = commit  # type: ignore[method-assign]
+        starts = {n: asyncio.ensure_future(h.engine.start_saga("order", {"order_id": n, "amount": 1}, saga_id=n))
+                  for n in ("s-1", "s-2", "s-3")}
+        assert await asyncio.wait_for(starts["s-1"], 10) == "s-1"
+        await asyncio.sleep(0.2)  # s-2 is waiting out its outage
+        await h.engine._cancel("writer")
+        _, waiting = await asyncio.wait(starts.values(), timeout=5)
+        assert not waiting
+        assert starts["s-1"].result() == "s-1"
+        for n in ("s-2", "s-3"):
+            assert isinstance(starts[n].exception(), SagaError)
+        h.store.commit = real_commit  # type: ignore[method-assign]
