@@ -49,10 +49,15 @@ from sqlalchemy.pool import StaticPool
 
 from sagas.adapters import normalize_db_url
 from sagas.adapters.ports import Broker, BrokerMessage, Consumer, Delivery
+from sagas.definitions.schema import has_nul
 from sagas.engine.state import MessageKind, Outcome
 from sagas.engine.wire import CommandMessage, MalformedMessage, decode_command, encode_body, encode_reply
+from sagas.errors import SagaError
 
 log = structlog.get_logger("sagas.participant")
+
+_MAX_REPLY_TYPE = 200  # the dedup table's `type` column
+_MAX_REASON = 500  # what a reply carries of a reason (encode_reply)
 
 RETRY_BACKOFF_MIN = 0.1
 RETRY_BACKOFF_MAX = 5.0
@@ -275,24 +280,59 @@ class ParticipantWorker:
         after a restart or a rebalance), so giving up on a batch would leave its replies unsent until the engine's
         step timeout, or for ever. Handling again is safe: the dedup records answer what a committed run did.
         Replies already published are not published again; an acknowledgement that fails is tried on its own.
+        A failure that is not an outage (the database refusing a value, a bug) would fail every try: the batch is
+        then handled command by command, and a command that fails on its own is answered as retryable.
         """
         delay = RETRY_BACKOFF_MIN
         replies: list[BrokerMessage] | None = None
+        apart = False
         while True:
             try:
                 if replies is None:
-                    answered = await self.handle(deliveries)
+                    answered = await (self._handle_apart(deliveries) if apart else self.handle(deliveries))
                     if answered:
                         await self.broker.publish(answered)
                     replies = answered
                 await consumer.commit(deliveries)
                 return
             except Exception as exc:
+                if replies is None and not _transient(exc) and not apart:
+                    log.error("participant batch failed; handling its commands one by one",
+                              participant=self.participant.name, commands=len(deliveries), error=repr(exc))
+                    apart = True
+                    continue
                 log.warning("participant batch failed; retrying", participant=self.participant.name,
                             stage="acknowledge" if replies is not None else "handle and reply",
                             commands=len(deliveries), error=repr(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX)
+
+    async def _handle_apart(self, deliveries: Sequence[Delivery]) -> list[BrokerMessage]:
+        """Each command in its own transaction, its reply published on its own. One that fails on its own, not
+        for an outage (a value the database refuses, a reply the broker refuses, a bug), gets a retryable answer
+        instead (not recorded, its effect rolled back): the engine's retry policy decides what follows. Returns
+        nothing left to publish."""
+        for delivery in deliveries:
+            try:
+                replies = await self.handle([delivery])
+                if replies:
+                    await self.broker.publish(replies)
+            except Exception as exc:
+                if _transient(exc):
+                    raise
+                try:
+                    command = decode_command(delivery.message)
+                except MalformedMessage:
+                    continue  # handle() dropped it already
+                self.participant.stats["retryable"] += 1
+                log.error("command failed on its own; replying retryable", participant=self.participant.name,
+                          saga_id=command.saga_id, step=command.step, attempt=command.attempt,
+                          message_id=command.id, error=repr(exc))
+                await self.broker.publish([encode_reply(
+                    command, outcome=Outcome.RETRY, type=f"{command.type}.retry", data={},
+                    source=self.participant.name, at=time.time(), reason=f"participant failed: {exc!r}"[:300],
+                )])
+        return []
 
     async def handle(self, deliveries: Sequence[Delivery]) -> list[BrokerMessage]:
         """Handle a batch in one transaction (a savepoint per command); return the replies to publish."""
@@ -364,11 +404,16 @@ class ParticipantWorker:
             encode_body(data)  # a reply that cannot be sent must roll the effect back, not fail after the commit
         except registration.business_errors as exc:
             await savepoint.rollback()
-            self.participant.stats["failed"] += 1
             reason = exc.reason if isinstance(exc, BusinessFailure) else str(exc)
             extra = exc.data if isinstance(exc, BusinessFailure) else {}
             reply_type = (exc.type if isinstance(exc, BusinessFailure) else None) or f"{command.type}.failed"
-            return _Answer(Outcome.FAILURE, reply_type, extra, reason)
+            if len(reply_type) > _MAX_REPLY_TYPE or "\x00" in reply_type or has_nul(extra):
+                # Recorded, it could not be stored (PostgreSQL): a bug of the handler, not a business answer.
+                self.participant.stats["retryable"] += 1
+                return _Answer(Outcome.RETRY, f"{command.type}.retry", {},
+                               f"the handler's failure cannot be recorded (reply type {reply_type[:50]!r}...)")
+            self.participant.stats["failed"] += 1
+            return _Answer(Outcome.FAILURE, reply_type, extra, reason.replace("\x00", "\ufffd")[:_MAX_REASON])
         except Exception as exc:
             await savepoint.rollback()
             self.participant.stats["retryable"] += 1
@@ -447,12 +492,24 @@ async def _recorded_inline(inline: _InlineConnection, keys: list[str]) -> dict[s
 
 
 def _add_missing_dedup_columns(connection: sa.Connection) -> None:
-    """Bring a dedup table made by an earlier release up to date: its columns added since are all nullable."""
+    """Bring a dedup table made by an earlier release up to date: its columns added since are all nullable.
+    Replicas may start together: PostgreSQL's IF NOT EXISTS lets the second one through (SQLite's BEGIN IMMEDIATE
+    already runs them one after the other, and the second sees the column)."""
     present = {column["name"] for column in sa.inspect(connection).get_columns(dedup_table.name)}
+    guard = " IF NOT EXISTS" if connection.dialect.name == "postgresql" else ""
     for column in dedup_table.columns:
         if column.name not in present:
             kind = column.type.compile(dialect=connection.dialect)
-            connection.exec_driver_sql(f"ALTER TABLE {dedup_table.name} ADD COLUMN {column.name} {kind}")
+            connection.exec_driver_sql(f"ALTER TABLE {dedup_table.name} ADD COLUMN{guard} {column.name} {kind}")
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure that may pass by itself (the database or the broker unreachable, a lock): try the same again."""
+    if isinstance(exc, SagaError):
+        return bool(getattr(exc, "retriable", False))
+    if isinstance(exc, sa.exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+    return isinstance(exc, (OSError, TimeoutError))
 
 
 def _compensation_key(command: CommandMessage) -> str:

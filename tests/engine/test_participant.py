@@ -3,15 +3,17 @@ commands, its replies read from the replies topic."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from sagas.adapters.memory import MemoryBroker
 from sagas.adapters.ports import BrokerMessage, Consumer
@@ -175,3 +177,97 @@ async def test_a_dedup_table_from_an_earlier_release_gets_its_new_columns(
         assert db.execute("SELECT reason FROM participant_dedup WHERE key = 's-1/charge/command'").fetchone() == (
             "card expired",
         )
+
+
+async def test_a_command_that_fails_on_its_own_is_answered_retryable_and_holds_back_nothing(
+    broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure that is not an outage (here the database refusing a value) would fail every try of the batch:
+    its commands are handled one by one, the one that still fails gets a retryable reply (not recorded)."""
+    real_handle = ParticipantWorker.handle
+
+    async def handle(self: ParticipantWorker, deliveries: Sequence[Any]) -> list[BrokerMessage]:
+        if any(d.message.key == "s-bad" for d in deliveries):
+            raise sa.exc.DataError("INSERT ...", {}, Exception("value too long for type character varying(200)"))
+        return await real_handle(self, deliveries)
+
+    monkeypatch.setattr(ParticipantWorker, "handle", handle)
+    engine = await broker.subscribe(["replies"], "engine")
+    async with payment().serve(broker=broker) as worker:
+        await broker.publish([command("s-bad"), command("s-good")])
+        got = {r.causation_id.split("/")[0]: r for r in await replies(engine, 2)}
+        assert got["s-bad"].outcome == Outcome.RETRY
+        assert "value too long" in (got["s-bad"].reason or "")
+        assert got["s-good"].outcome == Outcome.SUCCESS
+        assert await effects(worker) == ["s-good"]
+        assert broker.lag(TOPIC, "payment-participant") == 0
+
+
+async def test_an_outage_is_waited_out_not_answered(broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The participant's database unreachable for a moment: the batch is tried again as it is (no retryable
+    replies, which would spend the engine's retries), and answered once the database is back."""
+    real_handle = ParticipantWorker.handle
+    outages: list[int] = []
+
+    async def handle(self: ParticipantWorker, deliveries: Sequence[Any]) -> list[BrokerMessage]:
+        if len(outages) < 3:
+            outages.append(len(deliveries))
+            raise sa.exc.OperationalError("BEGIN", {}, Exception("database is locked"))
+        return await real_handle(self, deliveries)
+
+    monkeypatch.setattr(ParticipantWorker, "handle", handle)
+    engine = await broker.subscribe(["replies"], "engine")
+    async with payment().serve(broker=broker):
+        await broker.publish([command("s-1"), command("s-2")])
+        got = await replies(engine, 2)
+    assert outages == [2, 2, 2]  # the same batch, whole, each time
+    assert [r.outcome for r in got] == [Outcome.SUCCESS, Outcome.SUCCESS]
+
+
+async def test_a_business_failure_that_could_not_be_recorded_is_not_recorded_as_one(broker: MemoryBroker) -> None:
+    """A reason with a NUL character is cleaned; a reply type longer than the dedup record holds is a handler bug
+    (answered retryable), not a definite answer."""
+    participant = Participant("payment")
+
+    @participant.command("Charge")
+    async def charge(message: CommandMessage, tx: AsyncConnection) -> dict[str, Any]:
+        if message.data.get("long"):
+            raise BusinessFailure("declined", type="Charge.declined." + "x" * 200)
+        raise BusinessFailure("holder 'A\x00B' rejected")
+
+    engine = await broker.subscribe(["replies"], "engine")
+    async with participant.serve(broker=broker):
+        await broker.publish([command("s-nul"), command("s-long", long=True)])
+        got = {r.causation_id.split("/")[0]: r for r in await replies(engine, 2)}
+    assert (got["s-nul"].outcome, got["s-nul"].reason) == (Outcome.FAILURE, "holder 'A\ufffdB' rejected")
+    assert got["s-long"].outcome == Outcome.RETRY
+    assert participant.stats["retryable"] == 1
+
+
+async def test_replicas_starting_together_on_an_old_dedup_table_both_start(pg_url: str) -> None:
+    """The column added since the first release is added once, whichever replica gets there first."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(pg_url)
+    async with admin.begin() as conn:
+        await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+        await conn.execute(sa.text(
+            f'CREATE TABLE "{schema}".participant_dedup (key VARCHAR(300) PRIMARY KEY, command_id VARCHAR(300) NOT '
+            "NULL, outcome VARCHAR(20) NOT NULL, type VARCHAR(200) NOT NULL, data JSON NOT NULL, at FLOAT NOT NULL)"
+        ))
+    broker = MemoryBroker()
+    await broker.start()
+    workers = [
+        ParticipantWorker(Participant("payment"), broker, create_async_engine(
+            pg_url, connect_args={"server_settings": {"search_path": schema}}), batch_max=10)
+        for _ in range(3)
+    ]
+    try:
+        results = await asyncio.gather(*(w.start() for w in workers), return_exceptions=True)
+        assert results == [None, None, None]
+    finally:
+        for worker in workers:
+            await worker.stop()
+        await broker.close()
+        async with admin.begin() as conn:
+            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await admin.dispose()
