@@ -34,24 +34,27 @@ policies = st.builds(
 
 
 @st.composite
-def definitions(draw: st.DrawFn) -> SagaDefinition:
-    """1-4 stages, some of them parallel groups; optionally a pivot followed by retriable steps only."""
+def definitions(draw: st.DrawFn, failing_payloads: bool = False) -> SagaDefinition:
+    """1-4 stages, some of them parallel groups; optionally a pivot followed by retriable steps only, or, without a
+    pivot, retriable steps after the compensatable ones. With `failing_payloads`, some payloads read
+    `length(steps.<previous>.v)`, which fails to render unless the previous step answered with a `v`."""
     count = draw(st.integers(1, 4))
     pivot_at = draw(st.none() | st.integers(0, count - 1))
+    retriable_from = pivot_at + 1 if pivot_at is not None else draw(st.integers(0, count))
     stages: list[StepDefinition | ParallelGroup] = []
     previous: str | None = None
     for index in range(count):
         if index == pivot_at:
             kind, size = StepKind.PIVOT, 1
         else:
-            after_pivot = pivot_at is not None and index > pivot_at
-            kind = StepKind.RETRIABLE if after_pivot else StepKind.COMPENSATABLE
+            kind = StepKind.RETRIABLE if index >= retriable_from else StepKind.COMPENSATABLE
             size = draw(st.sampled_from([1, 1, 2, 3]))
-        payload = {"n": "input.n"} | ({"prev": f"steps.{previous}.v"} if previous else {})
-        members = [
-            step(f"s{index}{'abc'[m]}", kind=kind, payload=payload, timeout=5.0, retry=draw(policies))
-            for m in range(size)
-        ]
+        members = []
+        for m in range(size):
+            payload = {"n": "input.n"} | ({"prev": f"steps.{previous}.v"} if previous else {})
+            if failing_payloads and previous and draw(st.booleans()):
+                payload["len"] = f"length(steps.{previous}.v)"
+            members.append(step(f"s{index}{'abc'[m]}", kind=kind, payload=payload, timeout=5.0, retry=draw(policies)))
         previous = members[0].name
         stages.append(members[0] if size == 1 else group(f"g{index}", *members))
     deadline = draw(st.sampled_from([None, 30.0]))
@@ -93,9 +96,13 @@ class Checker:
         assert step_timers == implied_timers(instance), "pending timers are exactly those the state implies"
         if instance.status.is_settled:
             assert run.timers == {}, "a settled saga has no live timer"
-        pivots = [s.name for s in self.definition.iter_steps() if s.kind is StepKind.PIVOT]
-        if any(instance.steps[p].status in (StepStatus.SUCCEEDED, StepStatus.SKIPPED) for p in pivots):
-            self.pivot_passed = True
+        done = (StepStatus.SUCCEEDED, StepStatus.SKIPPED)
+        for step_def in self.definition.iter_steps():
+            state = instance.steps[step_def.name]
+            if step_def.kind is StepKind.PIVOT and state.status in done:
+                self.pivot_passed = True  # the point of no return: a pivot done...
+            if step_def.kind is StepKind.RETRIABLE and (state.started_at is not None or state.status in done):
+                self.pivot_passed = True  # ...or a retriable step sent
 
     def apply(self, event: ReplyReceived | TimerFired | OperatorCommand) -> Decision:
         decision = self.run.apply(event)
@@ -111,7 +118,8 @@ class Checker:
         action = data.draw(ACTIONS, label="action")
         if action == "reply" and run.waiting():
             command = data.draw(st.sampled_from(run.waiting()), label="to")
-            self.apply(reply_to(command, data.draw(OUTCOMES, label="outcome")))
+            output = {"v": "abc"} if data.draw(st.booleans(), label="with v") else None
+            self.apply(reply_to(command, data.draw(OUTCOMES, label="outcome"), data=output))
         elif action == "duplicate" and self.applied_replies:
             reply = data.draw(st.sampled_from(self.applied_replies), label="duplicate")
             before = run.instance
@@ -138,6 +146,7 @@ class Checker:
                 action=data.draw(st.sampled_from(["retry", "abort", "skip"]), label="operator"),
                 step=data.draw(st.sampled_from(names), label="operator step"),
                 reason="property test",
+                output=data.draw(st.sampled_from([None, {"v": "abc"}]), label="skip output"),
             )
             self.apply(operator)
 
@@ -150,7 +159,7 @@ class Checker:
                 return
             waiting = self.run.waiting()
             if waiting:
-                self.apply(reply_to(waiting[0], Outcome.SUCCESS))
+                self.apply(reply_to(waiting[0], Outcome.SUCCESS, data={"v": "abc"}))
             else:
                 assert self.run.timers, f"stuck: {self.run.statuses()} while {self.run.status()}"
                 spec = min(self.run.timers.values(), key=lambda t: (t.due_at, t.id))
@@ -217,6 +226,39 @@ def test_operator_retries_finish_a_parked_saga(definition: SagaDefinition, data:
         checker.drain()
     checker.check_final()
     assert checker.run.status().is_final
+
+
+_STUCK = (StepStatus.FAILED, StepStatus.UNKNOWN, StepStatus.RUNNING, StepStatus.BACKOFF, StepStatus.COMPENSATING,
+          StepStatus.COMPENSATION_BACKOFF)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(definition=definitions(failing_payloads=True), data=st.data())
+def test_an_operator_can_always_finish_a_parked_saga(definition: SagaDefinition, data: st.DataObject) -> None:
+    """Even with payloads that cannot be rendered, a parked saga always ends final when an operator retries it,
+    or skips (with an output) what stays stuck: nothing is left that no command can move."""
+    checker = Checker(definition)
+    for _ in range(data.draw(st.integers(0, 40), label="length")):
+        if checker.run.status().is_final:
+            break
+        checker.random_step(data)
+    checker.drain()
+    for _ in range(20):
+        if checker.run.status().is_final:
+            break
+        decision = checker.apply(OperatorCommand(action="retry", reason="property test"))
+        if decision.outcome != "applied" or checker.run.status() is SagaStatus.FAILED:
+            backward = checker.run.status() is SagaStatus.COMPENSATING or any(
+                s.status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_BACKOFF)
+                for s in checker.run.instance.steps.values()
+            )
+            for name, state in checker.run.instance.steps.items():
+                if state.status in _STUCK:
+                    checker.apply(OperatorCommand(action="skip", step=name, reason="property test",
+                                                  output=None if backward else {"v": "abc"}))
+        checker.drain()
+    checker.check_final()
+    assert checker.run.status().is_final, (checker.run.statuses(), checker.run.instance.failure)
 
 
 def test_the_property_strategy_covers_pivots_groups_and_retriable_steps() -> None:
