@@ -19,8 +19,14 @@ def main() -> None:
     # Library log lines must never mix with what a command prints (`--json` output is parsed by scripts), and a
     # command says itself what went wrong (a rejected replay, a refused retry): errors only;
     # `sagas serve` reconfigures logging for the engine.
+    import sys
+
     from sagas.logs import configure_logging
 
+    # As `python -m` does, and uvicorn or celery: DSL modules given to `serve` / `validate` may import the packages
+    # of the directory the command runs in (`from samples.order_payment.participants import ...`).
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
     configure_logging(level="ERROR")
     app()
 

@@ -32,8 +32,11 @@ def validate(
     report: list[dict[str, Any]] = []
     failed = 0
     files = expand(paths)
+    named = {Path(path) for path in paths}
     for file in files:
         definitions, problems = _check(file)
+        if file not in named and [p.message for p in problems] == [_NOTHING_DEFINED]:
+            continue  # a helper module found in a folder (participants, a demo), not a definition
         if problems:
             failed += 1
             report.append({"file": str(file), "ok": False, "problems": [_problem_json(p) for p in problems]})
@@ -52,6 +55,9 @@ def validate(
         raise typer.Exit(1)
 
 
+_NOTHING_DEFINED = "no saga definitions found at module level"
+
+
 def _check(file: Path) -> tuple[list[SagaDefinition], list[Problem]]:
     try:
         definitions = load_any(file)
@@ -59,7 +65,7 @@ def _check(file: Path) -> tuple[list[SagaDefinition], list[Problem]]:
         return [], list(exc.problems)
     if not definitions:
         # A DSL file that defines nothing is almost always a forgotten `.build()` or a wrong path.
-        return [], [Problem("", "no saga definitions found at module level", str(file), 1, 1)]
+        return [], [Problem("", _NOTHING_DEFINED, str(file), 1, 1)]
     return definitions, []
 
 
