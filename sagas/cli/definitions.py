@@ -33,10 +33,20 @@ def validate(
     failed = 0
     files = expand(paths)
     named = {Path(path) for path in paths}
+    seen: dict[tuple[str, int], tuple[str, Path]] = {}  # (name, version) -> (digest, first file)
     for file in files:
         definitions, problems = _check(file)
         if file not in named and [p.message for p in problems] == [_NOTHING_DEFINED]:
             continue  # a helper module found in a folder (participants, a demo), not a definition
+        for definition in definitions:  # deployed together, these would be refused by the registry
+            first = seen.setdefault((definition.name, definition.version), (definition.digest, file))
+            if first[0] != definition.digest:
+                problems.append(Problem(
+                    "", f"{definition.name} v{definition.version} is also defined in {first[1]} with other content; "
+                    "a changed definition needs a new version", str(file), 1, 1,
+                ))
+        if problems:
+            definitions = []
         if problems:
             failed += 1
             report.append({"file": str(file), "ok": False, "problems": [_problem_json(p) for p in problems]})

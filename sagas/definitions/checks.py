@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
+import referencing
+import referencing.exceptions
+import referencing.jsonschema
 from jmespath.exceptions import JMESPathError
 
 from sagas.definitions.expressions import LITERAL_KEY, compile_expression, is_literal
@@ -23,6 +26,9 @@ from sagas.definitions.source import Finding, Path, format_path
 ROOTS = ("input", "steps", "saga")
 SAGA_FIELDS = ("id", "name", "version")
 # Nodes whose first child is evaluated against the current value and whose other children are not.
+MAX_EXPRESSION_CHARS = 1_000
+"""Payload expressions are short paths; a long one is a mistake (and deep nesting would exhaust the parser)."""
+
 _CHAINS = {
     "subexpression",
     "index_expression",
@@ -173,10 +179,13 @@ def _check_compensation(step: _Step) -> Iterator[Finding]:
 
 
 def _check_step(step: _Step, stages: list[list[_Step]]) -> Iterator[Finding]:
-    earlier = {s.name: s for stage in stages[: step.stage] for s in stage if s.name}
+    # By position in `steps`, not in `stages`: a malformed entry has no stage but still has its index.
+    earlier = {s.name: s for stage in stages for s in stage if s.name and s.stage < step.stage}
     known = {s.name: s for stage in stages for s in stage if s.name}
     payload = step.data.get("payload")
-    if isinstance(payload, dict):
+    if isinstance(payload, dict) and is_literal(payload) and not isinstance(payload[LITERAL_KEY], dict):
+        yield Finding((*step.path, "payload"), "a payload is a mapping of fields; put {literal: ...} inside it")
+    elif isinstance(payload, dict):
         yield from _check_payload(payload, (*step.path, "payload"), step, earlier, known, own_allowed=False)
     compensation = step.data.get("compensation")
     if isinstance(compensation, dict) and isinstance(compensation.get("payload"), dict):
@@ -246,12 +255,19 @@ def _check_expression(
     *,
     own_allowed: bool,
 ) -> Iterator[Finding]:
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        yield Finding(path, f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+        return
     try:
         parsed: dict[str, Any] = dict(compile_expression(expression).parsed)
+        chains = list(_root_chains(parsed))
     except JMESPathError as exc:
         yield Finding(path, f"invalid JMESPath {expression!r}: {_reason(exc)}")
         return
-    for chain in _root_chains(parsed):
+    except RecursionError:
+        yield Finding(path, "expression nested too deeply")
+        return
+    for chain in chains:
         message = _reference_problem(chain, step, earlier, known, own_allowed=own_allowed)
         if message:
             yield Finding(path, f"{expression!r}: {message}")
@@ -281,7 +297,7 @@ def _leading(node: dict[str, Any]) -> tuple[str, ...] | None:
     children: list[dict[str, Any]] = node.get("children", [])
     if kind == "field":
         return (node["value"],)
-    if kind == "current":
+    if kind in ("current", "identity"):  # `@`, and what `*` projects over: the whole context
         return ()
     if kind == "subexpression":
         chain: tuple[str, ...] = ()
@@ -372,6 +388,36 @@ def _check_input_schema(schema: Any) -> Iterator[Finding]:
     if not isinstance(schema, dict):
         return
     validator = jsonschema.validators.validator_for(schema)
-    for error in validator(validator.META_SCHEMA).iter_errors(schema):
+    meta = validator(validator.META_SCHEMA, format_checker=validator.FORMAT_CHECKER)  # patterns are regexes
+    found = False
+    for error in meta.iter_errors(schema):
+        found = True
         where: Path = ("input_schema", *(p for p in error.absolute_path))
         yield Finding(where, f"not a valid JSON Schema: {error.message}")
+    if found:
+        return
+    resource = referencing.Resource.from_contents(schema, default_specification=referencing.jsonschema.DRAFT202012)
+    resolver = referencing.Registry().with_resource(_INPUT, resource).resolver(base_uri=_INPUT)
+    for where, ref in _refs(schema, ("input_schema",)):
+        if not ref.startswith("#"):  # never fetched: a definition must not make the engine reach the network
+            yield Finding(where, f"$ref {ref!r}: only references inside the schema (#/...) are allowed")
+            continue
+        try:
+            resolver.lookup(ref)
+        except referencing.exceptions.Unresolvable as exc:
+            yield Finding(where, f"$ref {ref!r} does not resolve inside the schema ({type(exc).__name__})")
+
+
+_INPUT = "urn:sagas:input-schema"
+
+
+def _refs(value: Any, path: Path) -> Iterator[tuple[Path, str]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "$ref" and isinstance(item, str):
+                yield (*path, key), item
+            else:
+                yield from _refs(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _refs(item, (*path, index))

@@ -70,12 +70,13 @@ def render(mapping: Any, context: dict[str, Any]) -> Any:
         return mapping[LITERAL_KEY]
     if isinstance(mapping, dict):
         return {key: render(value, context) for key, value in mapping.items()}
-    if isinstance(mapping, list):
+    if isinstance(mapping, list | tuple):  # the DSL may write a tuple where YAML has a list
         return [render(item, context) for item in mapping]
     return mapping  # numbers, booleans, null
 
 
 def render_payload(mapping: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
     rendered = render(mapping, context)
-    assert isinstance(rendered, dict)
+    if not isinstance(rendered, dict):  # refused by the checks: only a model built without them gets here
+        raise TypeError(f"a payload must render to a mapping, not {type(rendered).__name__}")
     return rendered

@@ -14,6 +14,7 @@ from types import ModuleType
 
 from sagas.definitions.build import build_definition
 from sagas.definitions.model import SagaDefinition
+from sagas.definitions.registry import verify
 from sagas.definitions.source import file_problem
 from sagas.definitions.yaml_source import MAX_FILE_BYTES, read_yaml, too_big_problem
 from sagas.errors import DefinitionError, Problem
@@ -55,6 +56,15 @@ def load_python(target: str | Path) -> list[SagaDefinition]:
     for value in vars(module).values():
         if isinstance(value, SagaDefinition):
             found.setdefault(value.identity, value)
+    # `build()` ran the checks; a model made with SagaDefinition.model_validate did not.
+    problems: list[Problem] = []
+    for definition in found.values():
+        try:
+            verify(definition, where=str(target))
+        except DefinitionError as exc:
+            problems += exc.problems
+    if problems:
+        raise DefinitionError(problems)
     return list(found.values())
 
 

@@ -45,14 +45,22 @@ _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 def parse_duration(value: Any) -> Any:
     """Turn "250ms" / "30s" / "5m" / "1h" / 12 into seconds; leave anything else for pydantic to reject."""
     if isinstance(value, bool):
-        return value
+        raise ValueError(f"{value!r} is not a duration (use a number of seconds or e.g. '250ms', '30s', '5m', '1h')")
     if isinstance(value, str):
         match = _DURATION.match(value)
         if not match:
             raise ValueError(
                 f"{value!r} is not a duration (use a number of seconds or e.g. '250ms', '30s', '5m', '1h')"
             )
-        return float(match.group(1)) * _UNIT[match.group(2)]
+        # Rounded to the microsecond: "9ms" is then the same number as 0.009, and "1.1h" as "66m" (same digest).
+        return round(float(match.group(1)) * _UNIT[match.group(2)], 6)
+    return value
+
+
+def _not_bool(value: Any) -> Any:
+    """YAML's true/false are not numbers here (pydantic would read true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
     return value
 
 
@@ -83,6 +91,7 @@ Backoff = Annotated[
     Field(ge=0, le=_MAX_BACKOFF),
     _duration_schema({"minimum": 0}, _MAX_BACKOFF),
 ]
+Number = Annotated[float, BeforeValidator(_not_bool)]
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)]
 MessageType = Annotated[str, Field(pattern=TYPE_PATTERN, max_length=200)]
 
@@ -124,9 +133,9 @@ class RetryPolicy(_Frozen):
 
     max_attempts: StrictInt = Field(3, ge=1, le=1000)
     initial_backoff: Backoff = 1.0
-    multiplier: float = Field(2.0, ge=1.0, le=100.0)
+    multiplier: Number = Field(2.0, ge=1.0, le=100.0)
     max_backoff: Backoff = 60.0
-    jitter: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of the backoff added or removed at random.")
+    jitter: Number = Field(0.1, ge=0.0, le=1.0, description="Fraction of the backoff added or removed at random.")
 
     @model_validator(mode="after")
     def _max_not_below_initial(self) -> RetryPolicy:

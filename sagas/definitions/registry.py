@@ -10,14 +10,14 @@ from sagas.definitions.source import format_path
 from sagas.errors import DefinitionConflict, DefinitionError, Problem, UnknownDefinition
 
 
-def verify(definition: SagaDefinition) -> None:
+def verify(definition: SagaDefinition, *, where: str | None = None) -> None:
     """Run the whole-definition checks (unique step names, compensations where needed, the order of step kinds...)
     on a definition however it was made; raise `DefinitionError` with every finding. The loaders and the DSL run
     them on the source, with positions; a model built directly would otherwise reach the engine unchecked."""
     findings = check(definition.model_dump(mode="json"))
     if findings:
-        where = f"<{definition.name} v{definition.version}>"
-        raise DefinitionError([Problem(format_path(f.path), f.message, where) for f in findings])
+        file = where or f"<{definition.name} v{definition.version}>"
+        raise DefinitionError([Problem(format_path(f.path), f.message, file) for f in findings])
 
 
 class DefinitionRegistry:
@@ -36,11 +36,10 @@ class DefinitionRegistry:
             DefinitionError: `definition` fails the checks `sagas validate` runs (one built with
                 `SagaDefinition.model_validate` skips them).
         """
-        versions = self._by_name.setdefault(definition.name, {})
-        known = versions.get(definition.version)
+        known = self._by_name.get(definition.name, {}).get(definition.version)
         if known is None:
-            verify(definition)
-            versions[definition.version] = definition
+            verify(definition)  # before anything is recorded: a refused definition leaves no trace
+            self._by_name.setdefault(definition.name, {})[definition.version] = definition
             return definition
         if known.digest != definition.digest:
             raise DefinitionConflict(

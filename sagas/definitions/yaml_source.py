@@ -11,6 +11,7 @@ import re
 from typing import Any, cast
 
 from ruamel.yaml import YAML
+from ruamel.yaml.docinfo import DocInfo
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -25,8 +26,6 @@ MAX_DEPTH = 64
 MAX_INDENT = 256
 MAX_EVENTS = 10_000
 """Upper bound on YAML parser events (about two per value); the samples need about 250."""
-# Quoted scalars may hold brackets and '#' freely; the nesting pre-scan blanks them out.
-_QUOTED = re.compile(r"'[^'\n]*'|\"(?:[^\"\\\n]|\\.)*\"")
 
 _YAML = "tag:yaml.org,2002:"
 _SCALARS = {f"{_YAML}{name}" for name in ("str", "int", "float", "bool", "null", "timestamp")}
@@ -54,6 +53,7 @@ def _compose(text: str) -> Node | None:
     tiny list items keeps a process busy for a minute or more.
     """
     yaml = YAML(typ="rt")
+    yaml.doc_infos.append(DocInfo(requested_version=None))  # as YAML.compose does: a %YAML directive records here
     constructor, parser = yaml.get_constructor_parser(text)
     next_event = parser.get_event
     count = 0
@@ -74,19 +74,37 @@ def _compose(text: str) -> Node | None:
 
 
 def _nesting_problem(text: str, file: str | None) -> Problem | None:
-    """Refuse deep flow nesting before parsing: the scanner's cost grows with the square of the depth."""
+    """Refuse deep flow nesting before parsing: the scanner's cost grows with the square of the depth.
+
+    One pass over the characters: brackets inside a quoted scalar or a comment do not count. A quote runs to
+    its closing quote or the end of its line (a backslash escapes in double quotes, '' in single quotes).
+    """
     depth = 0
-    for number, line in enumerate(_QUOTED.sub(lambda m: "_" * len(m.group()), text).splitlines(), start=1):
-        for column, char in enumerate(line, start=1):
-            if char in "[{":
+    for number, line in enumerate(text.splitlines(), start=1):
+        quote = ""
+        index, length = 0, len(line)
+        while index < length:
+            char = line[index]
+            if quote:
+                if quote == '"' and char == "\\":
+                    index += 1
+                elif char == quote:
+                    if quote == "'" and line[index + 1 : index + 2] == "'":
+                        index += 1
+                    else:
+                        quote = ""
+            elif char in "'\"":
+                quote = char
+            elif char in "[{":
                 depth += 1
                 if depth > MAX_DEPTH:
-                    return Problem("", f"nested deeper than {MAX_DEPTH} levels", file, number, column)
+                    return Problem("", f"nested deeper than {MAX_DEPTH} levels", file, number, index + 1)
             elif char in "]}":
                 depth = max(0, depth - 1)
-            elif char == "#" and (column == 1 or line[column - 2] in " \t"):
+            elif char == "#" and (index == 0 or line[index - 1] in " \t"):
                 break
-        indent = len(line) - len(line.lstrip(" "))
+            index += 1
+        indent = length - len(line.lstrip(" "))
         if indent > MAX_INDENT:
             return Problem("", f"indented more than {MAX_INDENT} columns", file, number, indent + 1)
     return None
@@ -170,12 +188,17 @@ class _Converter:
             self.source.reported.add(path)
             self.findings.append(Finding(path, f"tag {_short(tag)} is not allowed: definitions are plain data"))
             return None
-        if tag.endswith(":int"):
-            return int(self._scalars.construct_yaml_int(node))
-        if tag.endswith(":float"):
-            return float(self._scalars.construct_yaml_float(node))
-        if tag.endswith(":bool"):
-            return bool(self._scalars.construct_yaml_bool(node))
+        try:
+            if tag.endswith(":int"):
+                return int(self._scalars.construct_yaml_int(node))
+            if tag.endswith(":float"):
+                return float(self._scalars.construct_yaml_float(node))
+            if tag.endswith(":bool"):
+                return bool(self._scalars.construct_yaml_bool(node))
+        except (ValueError, KeyError, IndexError):  # an explicit tag on text that is not one (`!!int one`)
+            self.source.reported.add(path)
+            self.findings.append(Finding(path, f"{node.value!r} is not a valid {_short(tag)}"))
+            return None
         if tag.endswith(":null"):
             return None
         return str(node.value)  # str, and timestamps kept as the text the author wrote
@@ -223,7 +246,10 @@ def read_yaml(text: str, file: str | None) -> tuple[Any, SourceMap, list[Problem
     except _TooManyEvents as exc:
         return None, source, [Problem("", str(exc), file, exc.line, exc.column)]
     except MarkedYAMLError as exc:
-        return None, source, _tab_problems(text, file) or [_syntax_problem(exc, file)]
+        syntax = _syntax_problem(exc, file)
+        tabs = _tab_problems(text, file)
+        # A tab inside a block scalar is text, not indentation: blame tabs only where the parser stopped.
+        return None, source, tabs if any(t.line == syntax.line for t in tabs) else [syntax]
     except YAMLError as exc:
         return None, source, [file_problem(file, f"YAML syntax error: {exc}")]
     except RecursionError:
