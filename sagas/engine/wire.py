@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from sagas.adapters.ports import BrokerMessage
 from sagas.definitions.schema import has_nul
 from sagas.engine.state import MessageKind, Outcome, OutgoingCommand, ReplyReceived
@@ -83,7 +85,10 @@ def encode_body(data: dict[str, Any]) -> bytes:
     a JSON object this encoder can write: keys that are not strings, values JSON has no type for)."""
     if not isinstance(data, dict):
         raise TypeError(f"a message body must be a JSON object, not {type(data).__name__}")
-    return _BODY_ENCODER.encode(data).encode()
+    try:
+        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)  # a tenth of the stdlib's cost
+    except TypeError:  # beyond orjson: integers over 64 bits, say; the stdlib writes those (or raises the same)
+        return _BODY_ENCODER.encode(data).encode()
 
 
 def _decode(value: bytes) -> str:
@@ -181,9 +186,18 @@ def _attrs(message: BrokerMessage, required: tuple[str, ...]) -> dict[str, str]:
     return attrs
 
 
+def _loads(value: bytes) -> Any:
+    """orjson's parser, a tenth of the stdlib's cost; what it refuses (integers over 64 bits, NaN) goes to the
+    stdlib, whose answer (a value or the error) is the one the protocol has always given."""
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return json.loads(value)
+
+
 def _data(message: BrokerMessage) -> dict[str, Any]:
     try:
-        data = json.loads(message.value) if message.value else {}
+        data = _loads(message.value) if message.value else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedMessage(f"value is not JSON: {exc}") from None
     if not isinstance(data, dict):
