@@ -609,6 +609,14 @@ def _on_operator(txn: _Txn, event: OperatorCommand) -> Decision:
     return txn.finish()
 
 
+def _who(event: OperatorCommand) -> dict[str, Any]:
+    """What the history keeps of an operator command: why, who, and its id (when it has one)."""
+    who: dict[str, Any] = {"reason": event.reason, "operator": event.operator}
+    if event.command_id is not None:
+        who["command_id"] = event.command_id
+    return who
+
+
 def _parked_in_compensation(txn: _Txn) -> bool:
     stuck = any(s.status in _COMPENSATION_IN_FLIGHT for s in txn.steps.values())
     return stuck and txn.status is SagaStatus.FAILED
@@ -625,7 +633,7 @@ def _operator_abort(txn: _Txn, event: OperatorCommand) -> str | None:
     pivot = _pivot_in_flight(txn) if txn.status is SagaStatus.RUNNING else None
     if pivot is not None:
         return f"pivot {pivot.name!r} is in flight; wait for its outcome"
-    txn.record("operator.abort", reason=event.reason, operator=event.operator)
+    txn.record("operator.abort", **_who(event))
     _abort(txn, f"aborted by {event.operator}: {event.reason or 'no reason given'}")
     return None
 
@@ -633,7 +641,7 @@ def _operator_abort(txn: _Txn, event: OperatorCommand) -> str | None:
 def _operator_retry(txn: _Txn, event: OperatorCommand) -> str | None:
     if txn.status is not SagaStatus.FAILED:
         return f"saga is {txn.status}; only a parked saga can be retried"
-    who: dict[str, Any] = {"reason": event.reason, "operator": event.operator}
+    who = _who(event)
     if _parked_in_compensation(txn):
         steps = txn.definition.iter_steps()
         stuck = [s for s in steps if txn.steps[s.name].status in _COMPENSATION_IN_FLIGHT]
@@ -664,7 +672,7 @@ def _operator_skip(txn: _Txn, event: OperatorCommand) -> str | None:
         return f"unknown step {event.step!r}"
     step = txn.definition.step(event.step)
     state = txn.steps[step.name]
-    who: dict[str, Any] = {"reason": event.reason, "operator": event.operator}
+    who = _who(event)
     parked_back = _parked_in_compensation(txn)
     forward = txn.status is SagaStatus.RUNNING or (txn.status is SagaStatus.FAILED and not parked_back)
     backward = txn.status is SagaStatus.COMPENSATING or parked_back

@@ -84,6 +84,10 @@ class OperatorItem:
     saga_id: str
     command: OperatorCommand
 
+    def __post_init__(self) -> None:
+        if self.command.command_id is None:  # one id for every attempt of this item: see `_already_applied`
+            self.command = evolve(self.command, {"command_id": uuid.uuid4().hex})
+
 
 Item = StartItem | ReplyItem | TimerItem | OperatorItem
 
@@ -392,6 +396,10 @@ class Processor:
                 definition = await self.definition(instance.definition, instance.definition_version)
                 decision = machine.decide(definition, instance, item.command, now=now)
                 if decision.outcome != "applied":
+                    if await self._already_applied(item):
+                        result.instance = instance
+                        result.outcome = "ignored"
+                        continue
                     result.error = OperatorError(f"saga {item.saga_id}: {decision.reason}")  # "cannot <action>: ..."
                     continue
                 self._apply(work, decision, instances, created, dirty, timers, cancelled, result, debug)
@@ -405,6 +413,14 @@ class Processor:
         for saga_id in dirty:
             written[saga_id] = evolve(instances[saga_id], {"version": read_version[saga_id] + 1})
         return Prepared(work, results, written)
+
+    async def _already_applied(self, item: OperatorItem) -> bool:
+        """Whether this very command is in the saga's history already: an earlier attempt of it committed, but
+        its COMMIT's answer was lost (a connection cut), and it was tried again. Read only when the machine
+        refuses an operator command, which is rare."""
+        history = await self.store.history(item.saga_id)
+        wanted = item.command.command_id
+        return any(record.entry.detail.get("command_id") == wanted for record in history)
 
     async def _start(
         self, item: StartItem, now: float, created: dict[str, SagaInstance], result: ItemResult, *, recheck: bool

@@ -204,6 +204,9 @@ class OperatorCommand(_Value):
     output: dict[str, Any] | None = Field(
         None, description="skip: the step's reply data, as later steps' payloads read it (steps.<step>)."
     )
+    command_id: str | None = Field(
+        None, description="Recorded with the command in the history: a retry after a lost COMMIT answer finds it."
+    )
 
 
 Event = Annotated[ReplyReceived | TimerFired | OperatorCommand, Field(discriminator="event")]

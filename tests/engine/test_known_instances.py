@@ -21,7 +21,7 @@ from sagas.definitions.registry import DefinitionRegistry
 from sagas.engine.processor import OperatorItem, Processor, ReplyItem, StartItem, TimerItem
 from sagas.engine.state import OperatorCommand, Outcome, SagaInstance, SagaStatus, StepStatus
 from sagas.engine.wire import decode_command, encode_reply
-from sagas.errors import ConcurrencyConflict, StoreError
+from sagas.errors import ConcurrencyConflict, OperatorError, StoreError
 from sagas.testing import SagaHarness
 from tests.engine.support import ledger_participant, ledger_rows, three_steps
 
@@ -326,3 +326,35 @@ async def test_a_start_whose_commit_answer_was_lost_is_reported_started_not_conf
         assert isinstance(other.results[0].error, ConcurrencyConflict)
     else:  # the same key: the saga it started
         assert other.results[0].outcome == "ignored"
+
+
+async def test_an_operator_command_whose_commit_answer_was_lost_is_reported_done(store: CountingStore) -> None:
+    """`sagas abort` whose COMMIT went through while the connection dropped: tried again, the machine refuses it
+    (the saga compensates already), but it is this very command, found in the history by its id."""
+    engine = processor(store)
+    await engine.process([StartItem(three_steps(), "s-1", ORDER)], NOW)
+    real_commit = store.commit
+    lost: list[int] = []
+
+    async def commit(work: UnitOfWork) -> None:
+        await real_commit(work)
+        if not lost:
+            lost.append(1)
+            raise StoreError("connection lost during COMMIT", retriable=True)
+
+    async def retry(call: Any) -> Any:
+        while True:
+            try:
+                return await call()
+            except StoreError:
+                continue
+
+    store.commit = commit  # type: ignore[method-assign]
+    abort = OperatorItem("s-1", OperatorCommand(action="abort", reason="customer cancelled"))
+    result = await engine.process([abort], NOW + 1, retry=retry)
+    assert lost
+    assert result.results[0].error is None
+    assert result.results[0].instance is not None
+    assert result.results[0].instance.status == SagaStatus.COMPENSATING
+    again = await engine.process([OperatorItem("s-1", OperatorCommand(action="abort", reason="twice"))], NOW + 2)
+    assert isinstance(again.results[0].error, OperatorError)  # another abort is refused as before
