@@ -109,6 +109,19 @@ class EngineSettings:
     """
 
 
+def _identify(item: Item) -> dict[str, Any]:
+    """What a log line says of the item it is about: its saga, and the message or timer."""
+    if isinstance(item, ReplyItem):
+        return {"saga_id": item.message.header("ce_subject"), "step": item.message.header("ce_sagastep"),
+                "attempt": item.message.header("ce_sagaattempt"), "message_id": item.message.header("ce_id")}
+    if isinstance(item, TimerItem):
+        spec = item.spec
+        return {"saga_id": spec.saga_id, "step": spec.step, "attempt": spec.attempt, "timer_id": spec.id}
+    if isinstance(item, StartItem):
+        return {"saga_id": item.saga_id}
+    return {"saga_id": item.saga_id, "action": item.command.action}
+
+
 @dataclass
 class _Pending:
     item: Item
@@ -407,9 +420,10 @@ class Engine:
         """An item that failed on its own. A reply goes to the dead letters with the error, and is acknowledged:
         a consumer does not deliver it again while it lives, and held back it would stall its partition
         (`sagas dlq replay` sends it again once the cause is fixed); its saga carries on through the step's
-        timeout. A timer fires again at the next poll; a caller (start, operator command) gets the error."""
+        timeout. A timer fires again once its claim's lease runs out; a caller (start, operator command) gets
+        the error."""
         item = pending.item
-        log.error("item failed", item=type(item).__name__, error=repr(exc), exc_info=exc)
+        log.error("item failed", item=type(item).__name__, error=repr(exc), exc_info=exc, **_identify(item))
         if isinstance(item, TimerItem):
             self._timers_in_flight.discard(item.spec.id)
         elif isinstance(item, ReplyItem):

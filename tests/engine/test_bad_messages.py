@@ -175,7 +175,10 @@ async def test_a_reply_the_engine_fails_on_is_dead_lettered_alone_and_the_rest_o
             await h.settle()
         assert len(set(poisoned)) == 1
         assert len(poisoned) == 2
-        assert any(e["event"] == "item failed" and "boom" in e["error"] for e in logs)
+        failed = [e for e in logs if e["event"] == "item failed"]
+        assert any("boom" in e["error"] for e in failed)
+        assert {(e["saga_id"], e["step"], e["attempt"]) for e in failed} == {("s-2", "reserve", "1")}
+        assert all(e["message_id"] == poisoned[0] for e in failed)
         for n in (0, 1, 3, 4):
             instance = await h.instance(f"s-{n}")
             assert instance.status == SagaStatus.COMPLETED

@@ -315,3 +315,62 @@ async def test_a_deadline_ignored_past_the_point_of_no_return_is_recorded_in_the
         await h.add_participant(shipping())
         await h.advance(30)
         assert (await h.instance(saga_id)).status == SagaStatus.COMPLETED
+
+
+async def test_small_clock_steps_reach_a_timer_due_exactly_then() -> None:
+    """Ten steps of 0.1 s reach a timeout of 1 s (float sums fell short by a microsecond and missed it)."""
+    async with SagaHarness([three_steps(timeout=1.0)], [inventory()]) as h:
+        saga_id = await h.start("order", ORDER)  # charge waits: no payment participant
+        fired = 0
+        for _ in range(10):
+            fired += await h.advance(0.1)
+        assert fired == 1
+        assert (await h.instance(saga_id)).steps["charge"].status == StepStatus.BACKOFF
+
+
+async def test_settle_fires_what_is_due_at_the_current_time() -> None:
+    """A retry with no backoff is due at once: settling runs it, as "nothing left to do now" promises."""
+    retry = {"max_attempts": 3, "initial_backoff": 0, "max_backoff": 0, "jitter": 0}
+    definition = SagaDefinition.model_validate({
+        "name": "order", "version": 1,
+        "steps": [{"name": "reserve", "participant": "inventory", "command": "Reserve", "retry": retry,
+                   "payload": {"order": "input.order_id"}, "compensation": {"command": "UndoReserve"}}],
+    })
+    failures = {"left": 1}
+
+    def flaky(command: CommandMessage) -> dict[str, Any]:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("busy")
+        return {"ok": True}
+
+    async with SagaHarness([definition], [ledger_participant("inventory", {"Reserve": flaky})]) as h:
+        saga_id = await h.start("order", ORDER)
+        instance = await h.instance(saga_id)
+        assert instance.status == SagaStatus.COMPLETED
+        assert instance.steps["reserve"].attempt == 2
+
+
+async def test_a_timer_that_failed_fires_again_once_its_claim_runs_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The harness's store leases on the virtual clock: a timer whose processing failed comes back when the clock
+    passes its lease, not after ten seconds of real time."""
+    from sagas.engine import machine
+    from sagas.engine.state import TimerFired
+
+    real_decide = machine.decide
+    broken = {"on": True}
+
+    def decide(definition: Any, instance: Any, event: Any, *, now: float) -> Any:
+        if isinstance(event, TimerFired) and broken["on"]:
+            raise RuntimeError("boom")
+        return real_decide(definition, instance, event, now=now)
+
+    monkeypatch.setattr(machine, "decide", decide)
+    async with SagaHarness([three_steps(timeout=5.0)], [inventory()]) as h:
+        saga_id = await h.start("order", ORDER)
+        assert await h.advance(5) == 1  # fired, failed
+        broken["on"] = False
+        assert await h.advance(0) == 0  # still claimed
+        assert await h.advance(60) == 1  # the lease ran out on the virtual clock
+        assert (await h.instance(saga_id)).steps["charge"].attempt == 1
+        assert (await h.instance(saga_id)).steps["charge"].status == StepStatus.BACKOFF
