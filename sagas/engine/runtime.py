@@ -377,7 +377,10 @@ class Engine:
     async def _writer_loop(self) -> None:
         while True:
             try:
-                first = await asyncio.wait_for(self._queue.get(), timeout=0.1)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as
+                # the queue hands over an item, and stop() would then wait for this task for ever.
+                async with asyncio.timeout(0.1):
+                    first = await self._queue.get()
             except TimeoutError:
                 if self._sent:
                     try:
