@@ -51,13 +51,17 @@ from sagas.adapters import normalize_db_url
 from sagas.adapters.ports import Broker, BrokerMessage, Consumer, Delivery
 from sagas.definitions.schema import has_nul
 from sagas.engine.state import MessageKind, Outcome
-from sagas.engine.wire import CommandMessage, MalformedMessage, decode_command, encode_body, encode_reply
+from sagas.engine.wire import (
+    MAX_REASON_CHARS,
+    CommandMessage,
+    MalformedMessage,
+    decode_command,
+    encode_body,
+    encode_reply,
+)
 from sagas.errors import SagaError
 
 log = structlog.get_logger("sagas.participant")
-
-_MAX_REPLY_TYPE = 200  # the dedup table's `type` column
-_MAX_REASON = 500  # what a reply carries of a reason (encode_reply)
 
 RETRY_BACKOFF_MIN = 0.1
 RETRY_BACKOFF_MAX = 5.0
@@ -79,6 +83,8 @@ dedup_table = sa.Table(
 )
 
 _insert_dedup = dedup_table.insert()
+_MAX_REPLY_TYPE: int = getattr(dedup_table.c.type.type, "length", None) or 0
+"""A failure's reply type must fit the dedup record to be recorded."""
 
 
 class BusinessFailure(Exception):
@@ -413,7 +419,7 @@ class ParticipantWorker:
                 return _Answer(Outcome.RETRY, f"{command.type}.retry", {},
                                f"the handler's failure cannot be recorded (reply type {reply_type[:50]!r}...)")
             self.participant.stats["failed"] += 1
-            return _Answer(Outcome.FAILURE, reply_type, extra, reason.replace("\x00", "\ufffd")[:_MAX_REASON])
+            return _Answer(Outcome.FAILURE, reply_type, extra, reason.replace("\x00", "\ufffd")[:MAX_REASON_CHARS])
         except Exception as exc:
             await savepoint.rollback()
             self.participant.stats["retryable"] += 1

@@ -101,6 +101,17 @@ def _shown(db_url: str) -> str:
     return make_url(normalize_db_url(db_url)).render_as_string(hide_password=True)
 
 
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    """An option's value that must be a JSON object, or one clear line naming the option."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise fail(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise fail(f"{option} must be a JSON object")
+    return data
+
+
 def _when(at: float | None) -> str:
     if at is None:
         return "-"
@@ -190,12 +201,7 @@ def start(
     as_json: JsonOption = False,
 ) -> None:
     """Start a saga (the serving engine publishes its first command)."""
-    try:
-        data = json.loads(input_json)
-    except json.JSONDecodeError as exc:
-        raise fail(f"--input is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise fail("--input must be a JSON object")
+    data = _json_object(input_json, "--input")
     saga_id, created = _admin_call(db_url, lambda admin: admin.start(name, data, key=key))
     if as_json:
         out.print_json(data={"id": saga_id, "created": created})
@@ -317,14 +323,7 @@ def skip(saga_id: str, step: str, reason: Annotated[str, typer.Option("--reason"
          ] = None,
          operator: OperatorOption = "operator", db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
     """Mark a stuck step done (or its compensation done) by hand; recorded in the history with the reason."""
-    data = None
-    if output is not None:
-        try:
-            data = json.loads(output)
-        except json.JSONDecodeError as exc:
-            raise fail(f"--output is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise fail("--output must be a JSON object")
+    data = None if output is None else _json_object(output, "--output")
     command = OperatorCommand(action="skip", step=step, reason=reason, operator=operator, output=data)
     _operate(db_url, saga_id, command, as_json)
 

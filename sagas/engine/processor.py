@@ -43,13 +43,20 @@ from sagas.engine.state import (
     TimerSpec,
     evolve,
 )
-from sagas.engine.wire import MalformedMessage, decode_reply, encode_command, reply_saga_id
+from sagas.engine.wire import (
+    DEAD_LETTER_PREFIX,
+    MAX_MESSAGE_ID_CHARS,
+    MAX_SAGA_ID_CHARS,
+    MalformedMessage,
+    decode_reply,
+    encode_command,
+    reply_saga_id,
+)
 from sagas.errors import ConcurrencyConflict, OperatorError, UnknownDefinition, UnknownSaga
 
 log = structlog.get_logger("sagas.engine")
 
 CONFLICT_RETRIES = 3
-_MAX_ID, _MAX_SAGA_ID = 300, 200  # the widths of the id and saga id columns of the dead letters
 
 T = TypeVar("T")
 
@@ -521,12 +528,12 @@ class Processor:
     ) -> None:
         result.outcome = "rejected"
         # Whatever a malformed message carries must fit the dead letters' columns, or it could not even be kept.
-        fits = record_id is not None and len(record_id) <= _MAX_ID - len("dl/")
-        dead_id = f"dl/{record_id}" if fits else f"dl/{uuid.uuid4()}"
+        fits = record_id is not None and len(record_id) <= MAX_MESSAGE_ID_CHARS - len(DEAD_LETTER_PREFIX)
+        dead_id = f"{DEAD_LETTER_PREFIX}{record_id if fits else uuid.uuid4()}"
         saga_id = saga_id or reply_saga_id(message)
-        if saga_id is not None and len(saga_id) > _MAX_SAGA_ID:
+        if saga_id is not None and len(saga_id) > MAX_SAGA_ID_CHARS:
             saga_id = None
-        if message.key is not None and len(message.key) > _MAX_ID:
+        if message.key is not None and len(message.key) > MAX_MESSAGE_ID_CHARS:
             message = dataclasses.replace(message, key=None)
         work.dead_letters.append(DeadLetter(dead_id, reason, message, now, saga_id=saga_id))
         log.warning("dead letter", reason=reason, topic=message.topic, message_id=message.header("ce_id"),

@@ -23,8 +23,16 @@ SCHEMA_VERSION = "1"
 SOURCE = "sagas-engine"
 MAX_MESSAGE_BYTES = 1_000_000
 MAX_ATTRIBUTE_CHARS = 1_000
-_MAX_CHARS = {"id": 296, "subject": 200}
-"""What the store's columns hold: a reply's id is an inbox key and, after "dl/", a dead letter's; a saga id 200."""
+MAX_MESSAGE_ID_CHARS = 300
+"""The store's message id columns (inbox, outbox, dead letters)."""
+MAX_SAGA_ID_CHARS = 200
+"""The store's saga id columns."""
+MAX_REASON_CHARS = 500
+"""What a reply carries of its reason."""
+DEAD_LETTER_PREFIX = "dl/"
+_MAX_CHARS = {"id": 296, "subject": MAX_SAGA_ID_CHARS}
+"""A reply's id is an inbox key and, after the prefix, a dead letter's (296 leaves room for it); its subject is a
+saga id."""
 CONTENT_TYPE = "application/json"
 
 
@@ -142,7 +150,7 @@ def encode_reply(
         _SCHEMA,
     ]
     if reason:
-        headers.append(("ce_sagareason", reason[:500].encode()))
+        headers.append(("ce_sagareason", reason[:MAX_REASON_CHARS].encode()))
     headers.append(_CONTENT_TYPE_HEADER)
     return BrokerMessage(
         topic=command.reply_topic, key=command.saga_id, headers=tuple(headers), value=encode_body(data)
@@ -173,8 +181,9 @@ def _attrs(message: BrokerMessage, required: tuple[str, ...]) -> dict[str, str]:
                 attrs[name] = _decode(value)
             if "\x00" in attrs[name]:
                 raise MalformedMessage(f"{key} contains a NUL character, which PostgreSQL cannot store")
-            if len(attrs[name]) > _MAX_CHARS.get(name, MAX_ATTRIBUTE_CHARS):
-                raise MalformedMessage(f"{key} is longer than {_MAX_CHARS.get(name, MAX_ATTRIBUTE_CHARS)} characters")
+            limit = _MAX_CHARS.get(name, MAX_ATTRIBUTE_CHARS)
+            if len(attrs[name]) > limit:
+                raise MalformedMessage(f"{key} is longer than {limit} characters")
     missing = [name for name in required if not attrs.get(name)]
     if missing:
         raise MalformedMessage(f"missing attribute(s): {', '.join('ce_' + m for m in missing)}")

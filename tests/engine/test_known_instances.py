@@ -57,6 +57,15 @@ def processor(store: SqlStore) -> Processor:
     return Processor(store, registry, reply_topic="replies")
 
 
+async def retry_through_outages(call: Any) -> Any:
+    """The engine's outage policy, without the wait: call again while the store fails."""
+    while True:
+        try:
+            return await call()
+        except StoreError:
+            continue
+
+
 def succeeded(command: OutboxMessage) -> BrokerMessage:
     """The participant's success reply to `command`, as the wire protocol has it."""
     decoded = decode_command(command.message)
@@ -308,20 +317,14 @@ async def test_a_start_whose_commit_answer_was_lost_is_reported_started_not_conf
             lost.append(1)
             raise StoreError("connection lost during COMMIT", retriable=True)
 
-    async def retry(call: Any) -> Any:  # the engine's outage policy: call again
-        while True:
-            try:
-                return await call()
-            except StoreError:
-                continue
-
     store.commit = commit  # type: ignore[method-assign]
-    result = await engine.process([StartItem(three_steps(), "s-1", ORDER, key)], NOW, retry=retry)
+    result = await engine.process([StartItem(three_steps(), "s-1", ORDER, key)], NOW, retry=retry_through_outages)
     assert lost
     assert result.results[0].error is None
     assert result.results[0].instance is not None
     assert result.results[0].instance.id == "s-1"
-    other = await engine.process([StartItem(three_steps(), "s-1", {**ORDER, "amount": 6}, key)], NOW, retry=retry)
+    other_input = {**ORDER, "amount": 6}
+    other = await engine.process([StartItem(three_steps(), "s-1", other_input, key)], NOW, retry=retry_through_outages)
     if key is None:  # the same id with another input is another saga: a conflict
         assert isinstance(other.results[0].error, ConcurrencyConflict)
     else:  # the same key: the saga it started
@@ -342,16 +345,9 @@ async def test_an_operator_command_whose_commit_answer_was_lost_is_reported_done
             lost.append(1)
             raise StoreError("connection lost during COMMIT", retriable=True)
 
-    async def retry(call: Any) -> Any:
-        while True:
-            try:
-                return await call()
-            except StoreError:
-                continue
-
     store.commit = commit  # type: ignore[method-assign]
     abort = OperatorItem("s-1", OperatorCommand(action="abort", reason="customer cancelled"))
-    result = await engine.process([abort], NOW + 1, retry=retry)
+    result = await engine.process([abort], NOW + 1, retry=retry_through_outages)
     assert lost
     assert result.results[0].error is None
     assert result.results[0].instance is not None

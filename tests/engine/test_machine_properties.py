@@ -113,6 +113,13 @@ class Checker:
 
     # ---- random phase ----
 
+    def random_phase(self, data: st.DataObject) -> None:
+        """Up to 40 random events, stopping early when the saga is final."""
+        for _ in range(data.draw(st.integers(0, 40), label="length")):
+            if self.run.status().is_final:
+                break
+            self.random_step(data)
+
     def random_step(self, data: st.DataObject) -> None:
         run = self.run
         action = data.draw(ACTIONS, label="action")
@@ -200,10 +207,7 @@ class Checker:
 def test_any_event_sequence_settles_consistently(definition: SagaDefinition, data: st.DataObject) -> None:
     """Any mix of replies, duplicates, stale messages, timers and operator commands settles consistently."""
     checker = Checker(definition)
-    for _ in range(data.draw(st.integers(0, 40), label="length")):
-        if checker.run.status().is_final:
-            break
-        checker.random_step(data)
+    checker.random_phase(data)
     checker.drain()
     checker.check_final()
 
@@ -213,10 +217,7 @@ def test_any_event_sequence_settles_consistently(definition: SagaDefinition, dat
 def test_operator_retries_finish_a_parked_saga(definition: SagaDefinition, data: st.DataObject) -> None:
     """A parked saga ends COMPLETED or COMPENSATED once an operator retries it and participants succeed."""
     checker = Checker(definition)
-    for _ in range(data.draw(st.integers(0, 40), label="length")):
-        if checker.run.status().is_final:
-            break
-        checker.random_step(data)
+    checker.random_phase(data)
     checker.drain()
     for _ in range(5):
         if checker.run.status().is_final:
@@ -238,10 +239,7 @@ def test_an_operator_can_always_finish_a_parked_saga(definition: SagaDefinition,
     """Even with payloads that cannot be rendered, a parked saga always ends final when an operator retries it,
     or skips (with an output) what stays stuck: nothing is left that no command can move."""
     checker = Checker(definition)
-    for _ in range(data.draw(st.integers(0, 40), label="length")):
-        if checker.run.status().is_final:
-            break
-        checker.random_step(data)
+    checker.random_phase(data)
     checker.drain()
     for _ in range(20):
         if checker.run.status().is_final:

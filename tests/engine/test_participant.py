@@ -244,6 +244,7 @@ async def test_a_business_failure_that_could_not_be_recorded_is_not_recorded_as_
     assert participant.stats["retryable"] == 1
 
 
+@pytest.mark.postgres
 async def test_replicas_starting_together_on_an_old_dedup_table_both_start(pg_url: str) -> None:
     """The column added since the first release is added once, whichever replica gets there first."""
     schema = f"test_{uuid.uuid4().hex[:12]}"
