@@ -163,6 +163,21 @@ class StoreContract:
         await store.commit(UnitOfWork(updates=[changed]))
         assert (await store.load(["s1"]))["s1"] == changed.model_copy(update={"version": 2})
 
+    async def test_an_update_moves_the_columns_queries_use_and_keeps_the_fixed_ones(self, store: Store) -> None:
+        """The status a listing filters on follows an update; the key and start time set at the start stay."""
+        await store.commit(UnitOfWork(inserts=[instance("s1", key="k1", at=T0 + 1)]))
+        current = (await store.load(["s1"]))["s1"]
+        done = current.model_copy(update={"status": SagaStatus.COMPLETED, "stage": 1, "updated_at": T0 + 9})
+        await store.commit(UnitOfWork(updates=[done]))
+        assert [s.id for s in await store.list_instances(status=SagaStatus.COMPLETED)] == ["s1"]
+        assert await store.list_instances(status=SagaStatus.RUNNING) == []
+        assert (await store.count_by_status())[SagaStatus.COMPLETED] == 1
+        assert [s.id for s in await store.list_instances(since=T0 + 1)] == ["s1"]
+        assert await store.list_instances(since=T0 + 2) == []
+        found = await store.find_by_key("order", "k1")
+        assert found is not None
+        assert (found.id, found.version, found.status) == ("s1", 2, SagaStatus.COMPLETED)
+
     async def test_successive_versions_of_one_saga_in_one_unit_apply_in_order(self, store: Store) -> None:
         """A unit may carry an instance at version v and then at v + 1; both apply, ending at v + 2."""
         await store.commit(UnitOfWork(inserts=[instance("s1")]))

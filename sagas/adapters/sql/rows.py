@@ -48,17 +48,20 @@ def instance_values(instance: SagaInstance, *, version: int) -> tuple[Any, ...]:
     )
 
 
-UPDATE_COLUMNS = (*INSTANCE_COLUMNS[1:], "b_id", "b_expected")
+UPDATED_COLUMNS = ("status", "stage", "version", "updated_at", "snapshot")
+"""What an update sets: a saga's id, definition, definition version, idempotency key and start time are fixed when
+it starts (`machine.start`). Setting only these keeps SQLite from rewriting the entries of the indexes on the fixed
+columns on every update (it rewrites an index whenever the SET names one of its columns, changed or not)."""
+UPDATE_COLUMNS = (*UPDATED_COLUMNS, "b_id", "b_expected")
 
 
 def update_values(instance: SagaInstance) -> tuple[Any, ...]:
-    """The row updating `instance`, which carries the version it was read at, to the next version: the columns but
-    the id, then the id and the version it was read at (the WHERE clause's `b_id` and `b_expected`)."""
+    """The row updating `instance`, which carries the version it was read at, to the next version: the
+    `UPDATED_COLUMNS`, then the id and the version it was read at (the WHERE clause's `b_id` and `b_expected`)."""
     version = instance.version
     stored = evolve(instance, {"version": version + 1})
     return (
-        instance.definition, instance.definition_version, str(instance.status), instance.stage,
-        instance.idempotency_key, version + 1, instance.created_at, instance.updated_at,
+        str(instance.status), instance.stage, version + 1, instance.updated_at,
         Encoded(_instance_json(stored).decode()), instance.id, version,
     )
 

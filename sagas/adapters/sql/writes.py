@@ -53,7 +53,7 @@ _instance_versions_locked = _instance_versions.order_by(saga_instances.c.id).wit
 _update_instance = (
     sa.update(saga_instances)
     .where(saga_instances.c.id == sa.bindparam("b_id"), saga_instances.c.version == sa.bindparam("b_expected"))
-    .values({c.name: sa.bindparam(c.name) for c in saga_instances.c if c.name != "id"})
+    .values({name: sa.bindparam(name) for name in rows.UPDATED_COLUMNS})
 )
 _insert_events = saga_events.insert()
 _insert_outbox = outbox.insert()
