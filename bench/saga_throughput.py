@@ -44,6 +44,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.broker_floor import FloorRun, ServerClock, broker_floor, floor_topics
 from bench.store_commit import bench_trivial as raw_commit_rate  # the same floor, measured the same way
 from sagas.adapters.kafka import KafkaBroker, parse_kafka_url
 from sagas.adapters.memory import MemoryBroker
@@ -171,6 +172,8 @@ class SagaRun:
     """CPU seconds per thread role."""
     machine: float
     """CPU seconds the whole machine was busy during the run (every process)."""
+    servers: dict[str, float]
+    """CPU seconds of the Kafka JVM and of PostgreSQL's processes during the run (those running)."""
     gc: GcTimer
 
 
@@ -254,7 +257,7 @@ async def run_sagas(
         completed = 0
         collector = GcTimer()
         gc.callbacks.append(collector)
-        threads = ThreadClock()
+        threads, servers = ThreadClock(), ServerClock()
         busy, started, cpu, loop_cpu = machine_busy(), time.perf_counter(), time.process_time(), time.thread_time()
         first_start = started
         try:
@@ -264,7 +267,8 @@ async def run_sagas(
         seconds = time.perf_counter() - started
         cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
         spent, busy = threads.spent(), machine_busy() - busy
-        return SagaRun(sagas, seconds, latencies, completed, dict(engine.stats), cpu, loop_cpu, spent, busy, collector)
+        return SagaRun(sagas, seconds, latencies, completed, dict(engine.stats), cpu, loop_cpu, spent, busy,
+                       servers.spent(), collector)
 
 
 def _asyncpg_dsn(url: str) -> str:
@@ -324,7 +328,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def report(run: SagaRun, raw: float, raw_label: str) -> None:
+def report(run: SagaRun, raw: float, raw_label: str, floor: FloorRun) -> None:
     rate = run.completed / run.seconds
     batches = max(run.stats["batches"], 1)
     print(f"sagas: {run.sagas} (3 steps each), completed {run.completed} in {run.seconds:.2f}s")
@@ -341,12 +345,17 @@ def report(run: SagaRun, raw: float, raw_label: str) -> None:
     print(f"machine CPU (all processes: database server, broker, anything else running): {run.machine:.2f}s, "
           f"{run.machine / run.sagas * 1000:.2f} ms per saga, {run.machine / run.seconds / (os.cpu_count() or 1):.0%} "
           f"of {os.cpu_count()} CPUs")
+    if run.servers:
+        print("servers' CPU per saga:  " + ", ".join(f"{kind} {seconds / run.sagas * 1000:.2f} ms"
+                                                    for kind, seconds in run.servers.items()))
     print(f"garbage collector:      {run.gc.seconds:.2f}s in {sum(run.gc.collections):,} collections at thresholds "
           f"{'/'.join(str(n) for n in run.gc.threshold)} "
           f"(gen0/1/2: {'/'.join(str(n) for n in run.gc.collections)}, taking "
           f"{'/'.join(f'{t:.2f}' for t in run.gc.by_generation)}s)")
     print(f"raw commits/s:          {raw:,.0f} ({raw_label})")
     print(f"sagas/s ÷ raw commits/s: {rate / raw:.3f}  (one commit per event would cap it at 0.25)")
+    print(f"broker floor:           {floor.describe()}")
+    print(f"sagas/s ÷ broker floor: {rate / floor.rate:.3f}")
 
 
 def main() -> None:
@@ -360,6 +369,8 @@ def main() -> None:
                         "(default: the engine's)")
     parser.add_argument("--rate", type=float, help="open loop: start sagas at this many per second, whatever "
                         "is in flight (--concurrency still caps it); default: closed loop, a new saga as one ends")
+    parser.add_argument("--floor-sagas", type=int, default=3000, help="saga-shaped exchanges for the broker's "
+                        "floor (bench/broker_floor.py), measured before the sagas on the same kind of broker")
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="time spent measuring the raw commit rate")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the engine is up, so that "
                         "full collections skip everything allocated at start-up")
@@ -402,6 +413,11 @@ def main() -> None:
         else:
             print("broker: in-memory")
         print(f"participants: in-process, dedup records in SQLite files in {directory}")
+        floor_prefix = f"{setup.prefix}floor." if args.broker else ""
+        if args.broker:
+            stack.callback(lambda: asyncio.run(delete_topics(args.broker, floor_topics(floor_prefix))))
+        floor = asyncio.run(broker_floor(setup.broker(), sagas=args.floor_sagas, concurrency=args.concurrency,
+                                         prefix=floor_prefix))
         profiler = cProfile.Profile() if args.profile else None
         if profiler is not None:
             profiler.enable()
@@ -410,7 +426,7 @@ def main() -> None:
         run = asyncio.run(run_sagas(setup, args.sagas, args.concurrency, gc_freeze=args.gc_freeze, rate=args.rate))
         if profiler is not None:
             profiler.disable()
-        report(run, raw, raw_label)
+        report(run, raw, raw_label, floor)
         if profiler is not None:
             for key in ("tottime", "cumulative"):
                 out = io.StringIO()
