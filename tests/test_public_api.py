@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
+
+import pytest
+
 import sagas
 
 
@@ -26,3 +32,32 @@ def test_every_library_error_is_a_saga_error() -> None:
               and issubclass(getattr(sagas, n), Exception) and n != "BusinessFailure"]
     assert errors
     assert all(issubclass(e, sagas.SagaError) for e in errors)
+
+
+def test_every_exported_name_is_public_and_defined_where_the_map_says() -> None:
+    """The lazy map names exactly the public names of `sagas` and `sagas.definitions`, each found in its module."""
+    import sagas.definitions
+
+    for package in (sagas, sagas.definitions):
+        exports = package._EXPORTS  # type: ignore[attr-defined]
+        assert sorted(exports) == sorted(package.__all__)
+        for name, module in exports.items():
+            assert getattr(package, name) is getattr(importlib.import_module(module), name)
+        assert set(package.__all__) <= set(dir(package))
+    with pytest.raises(AttributeError, match="no attribute 'Engin'"):
+        sagas.Engin  # type: ignore[attr-defined]  # noqa: B018
+
+
+def _imported_by(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter has imported after running `code`."""
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True).stdout
+    return {name.partition(".")[0] for name in out.split()}
+
+
+def test_importing_the_package_or_the_cli_imports_only_what_it_uses() -> None:
+    """`import sagas` loads no dependency; the CLI (`sagas list` and the rest) loads no migration tool, no Kafka or
+    PostgreSQL driver: they are imported when a command needs them (a new database, a kafka:// URL)."""
+    assert _imported_by("import sagas").isdisjoint({"sqlalchemy", "pydantic", "structlog", "jsonschema"})
+    assert _imported_by("import sagas.cli").isdisjoint({"alembic", "aiokafka", "asyncpg"})
+    assert "alembic" not in _imported_by("import sagas.engine.runtime, sagas.adapters.sql")

@@ -30,7 +30,8 @@ from sagas.adapters.ports import (
     Store,
     UnitOfWork,
 )
-from sagas.adapters.sql import SqlStore, connection, upgrade
+from sagas.adapters.sql import SqlStore, connection, migrate, upgrade
+from sagas.adapters.sql import store as store_module
 from sagas.adapters.sql.migrate import current_revision, head_revision
 from sagas.adapters.sql.tables import metadata
 from sagas.definitions.model import CompensationDefinition, SagaDefinition, StepDefinition
@@ -557,7 +558,27 @@ class SqlContract(StoreContract):
             return [d for d in compare_metadata(context, metadata) if "sagas_schema_version" not in repr(d)]
 
         assert await store._runner.read(compare) == []
-        assert await store._runner.read(current_revision) == head_revision()
+        assert await store._runner.read(current_revision) == head_revision() == migrate.HEAD
+
+    async def test_a_database_at_head_is_recognised_without_migrating(
+        self, store: Store, bare_store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`initialize` of a migrated database reads the version and runs no migration; a new one is not at head,
+        and a version table at another revision is not either."""
+        assert isinstance(store, SqlStore)
+        assert isinstance(bare_store, SqlStore)
+        assert await bare_store._runner.read(migrate.at_head) is False
+        assert await store._runner.read(migrate.at_head) is True
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("migrated again")
+
+        monkeypatch.setattr(store_module, "upgrade_connection", refuse)
+        await store.initialize()
+        monkeypatch.setattr(migrate, "HEAD", "9999")
+        assert await store._runner.read(migrate.at_head) is False
+        with pytest.raises(AssertionError, match="migrated again"):
+            await store.initialize()
 
     async def test_initialize_is_idempotent(self, store: Store) -> None:
         """Initializing a store at head again changes nothing and keeps the data."""

@@ -1,36 +1,64 @@
 """Schema migrations, run programmatically with alembic (no alembic.ini).
 
-`upgrade(url)` is what `sagas db upgrade` and `SqlStore.initialize()` call. It runs in one transaction that
-also serializes concurrent upgrades: ``BEGIN IMMEDIATE`` on SQLite, a transaction-level advisory lock on
-PostgreSQL, so several engine processes may start at once against a fresh database.
+`upgrade(url)` is what `sagas db upgrade` calls, and `SqlStore.initialize()` when the database is not at
+`HEAD` yet. It runs in one transaction that also serializes concurrent upgrades: ``BEGIN IMMEDIATE`` on SQLite, a
+transaction-level advisory lock on PostgreSQL, so several engine processes may start at once against a fresh
+database.
+
+alembic is imported only to migrate: a database already at `HEAD` (every start but the first, and every CLI
+command) is recognised by one read of the version table, without alembic's import (a few hundred milliseconds)
+and without a write transaction (on SQLite, the write lock an engine's writer would wait for).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from sagas.adapters.sql.connection import open_runner
 from sagas.adapters.sql.tables import VERSION_TABLE
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 MIGRATIONS = Path(__file__).parent / "migrations"
+HEAD = "0001"
+"""The newest migration's revision: a test checks it against the scripts in `migrations/versions/`."""
 _UPGRADE_LOCK = 0x5A6A5_0001  # arbitrary constant key of pg_advisory_xact_lock
 
 
 def alembic_config() -> Config:
     """An alembic `Config` pointing at the packaged migrations (for `command.revision` when adding one)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     return config
 
 
+def at_head(connection: Connection) -> bool:
+    """Whether the database is at `HEAD`, by plain reads that cannot fail on a new database (where the version
+    table does not exist yet, and a failed statement would abort a PostgreSQL transaction)."""
+    if connection.dialect.name == "postgresql":
+        exists = connection.execute(sa.text("SELECT to_regclass(:table) IS NOT NULL"), {"table": VERSION_TABLE})
+    else:
+        exists = connection.execute(
+            sa.text("SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = :table"),
+            {"table": VERSION_TABLE},
+        )
+    if not exists.scalar():
+        return False
+    versions = connection.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars().all()
+    return list(versions) == [HEAD]
+
+
 def head_revision() -> str:
+    """The newest revision, as alembic reads it from the scripts."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None, "the sagas migrations have no head"
     return head
@@ -38,6 +66,8 @@ def head_revision() -> str:
 
 def current_revision(connection: Connection) -> str | None:
     """The revision the database is at; None before the first upgrade."""
+    from alembic.runtime.migration import MigrationContext
+
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
     return context.get_current_revision()
 
@@ -51,6 +81,8 @@ def upgrade_connection(connection: Connection, *, schema: str | None = None, rev
         if schema is not None and connection.execute(exists, {"schema": schema}).first() is None:
             quoted = connection.dialect.identifier_preparer.quote_identifier(schema)
             connection.execute(sa.text(f"CREATE SCHEMA {quoted}"))
+    from alembic import command
+
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, revision)

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection
 from sagas.adapters.ports import DeadLetter, HistoryRecord, OutboxMessage, RetentionResult, UnitOfWork
 from sagas.adapters.sql import rows, writes
 from sagas.adapters.sql.connection import Runner, open_runner
-from sagas.adapters.sql.migrate import upgrade_connection
+from sagas.adapters.sql.migrate import at_head, upgrade_connection
 from sagas.adapters.sql.tables import dead_letters, definitions, inbox, saga_events, saga_instances, timers
 from sagas.definitions.model import SagaDefinition
 from sagas.engine.state import SagaInstance, SagaStatus, TimerSpec
@@ -74,7 +74,9 @@ class SqlStore:
         return self._runner.dialect
 
     async def initialize(self) -> None:
-        await self._runner.write(partial(upgrade_connection, schema=self._schema))
+        """Migrate the database to the latest schema, unless one read shows it is there already."""
+        if not await self._runner.read(at_head):
+            await self._runner.write(partial(upgrade_connection, schema=self._schema))
 
     async def close(self) -> None:
         await self._runner.close()
