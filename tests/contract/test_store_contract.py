@@ -214,6 +214,25 @@ class StoreContract:
         assert await store.timers_of("s1") == []
         assert await store.dead_letters() == []
 
+    async def test_many_updates_in_one_unit_apply_each_and_one_stale_among_them_is_named(self, store: Store) -> None:
+        """Updates beyond one statement's worth (SQLite writes 64 a statement) all apply, each to its own row; one
+        stale update in the second statement fails the whole unit and is the one named."""
+        ids = [f"s{i:03d}" for i in range(150)]
+        await store.commit(UnitOfWork(inserts=[instance(i) for i in ids]))
+        loaded = await store.load(ids)
+        moved = [loaded[i].model_copy(update={"stage": n % 5, "updated_at": T0 + n}) for n, i in enumerate(ids)]
+        await store.commit(UnitOfWork(updates=moved))
+        after = await store.load(ids)
+        assert [(after[i].version, after[i].stage, after[i].updated_at) for i in ids] == [
+            (2, n % 5, T0 + n) for n in range(len(ids))
+        ]
+        stale = [after[i].model_copy(update={"stage": 9}) for i in ids]
+        stale[100] = stale[100].model_copy(update={"version": 1})
+        with pytest.raises(ConcurrencyConflict) as caught:
+            await store.commit(UnitOfWork(updates=stale))
+        assert caught.value.saga_ids == ("s100",)
+        assert {s.stage for s in (await store.load(ids)).values()} == {0, 1, 2, 3, 4}
+
     async def test_update_of_a_missing_instance_is_a_conflict(self, store: Store) -> None:
         """Updating an instance that was never inserted raises ConcurrencyConflict."""
         with pytest.raises(ConcurrencyConflict):

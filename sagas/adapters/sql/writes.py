@@ -43,6 +43,12 @@ from sagas.errors import ConcurrencyConflict
 CHUNK = 500
 """Ids per ``IN (...)`` list: far below SQLite's and asyncpg's bound-parameter limits."""
 
+_UPDATE_FROM = sqlite3.sqlite_version_info >= (3, 33, 0)
+"""SQLite has ``UPDATE ... FROM`` since 3.33.0; older libraries update row by row."""
+
+ROWS_PER_INSERT = 64
+"""Rows per multi-row INSERT or UPDATE on SQLite (at most 10 columns each: far below its 32,766 bound parameters)."""
+
 _FINAL = (SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value)
 _IDS: sa.BindParameter[list[str]] = sa.bindparam("ids", expanding=True)
 
@@ -173,10 +179,14 @@ def apply(connection: Connection, *, work: UnitOfWork, now: float, lease: float)
 
 def _update_instances(connection: Connection, updates: Sequence[SagaInstance]) -> None:
     params = list(map(rows.update_values, updates))
-    if connection.dialect.supports_sane_multi_rowcount:
-        # SQLite: BEGIN IMMEDIATE excludes other writers and executemany's rowcount is exact, so the guarded
-        # updates alone tell whether every version matched; which ones did not is worked out after rollback.
-        if _executemany(connection, _update_instance, rows.UPDATE_COLUMNS, params) != len(params):
+    if connection.dialect.name == "sqlite":
+        # BEGIN IMMEDIATE excludes other writers and the rowcount is exact, so the guarded updates alone tell
+        # whether every version matched; which ones did not is worked out after rollback.
+        if _UPDATE_FROM and len({row[-2] for row in params}) == len(params):
+            changed = _update_rows(connection, params)
+        else:  # successive versions of one saga: one statement each, in order
+            changed = _executemany(connection, _update_instance, rows.UPDATE_COLUMNS, params)
+        if changed != len(params):
             raise VersionMismatch
         return
     # PostgreSQL (asyncpg reports no rowcount for executemany): read the versions under row locks first.
@@ -184,6 +194,38 @@ def _update_instances(connection: Connection, updates: Sequence[SagaInstance]) -
     if stale:
         raise ConcurrencyConflict(stale)
     _executemany(connection, _update_instance, rows.UPDATE_COLUMNS, params)
+
+
+def _update_rows(connection: Connection, params: list[tuple[Any, ...]]) -> int:
+    """SQLite: update instances (distinct ids) with ``UPDATE ... FROM (VALUES ...)``, 64 rows a statement, as
+    `_insert_rows` inserts; the number of rows changed. One statement step per 64 rows instead of one per row:
+    each step gives the GIL back and waits for it again (see `_insert_rows`)."""
+    cursor = connection.connection.cursor()
+    changed = 0
+    try:
+        for start in range(0, len(params), ROWS_PER_INSERT):
+            group = params[start : start + ROWS_PER_INSERT]
+            cursor.execute(_update_sql(len(group)), tuple(itertools.chain.from_iterable(group)))
+            changed += cursor.rowcount
+    except sqlite3.Error as error:
+        raise exc.DBAPIError.instance(_update_sql(1), None, error, sqlite3.Error) from error
+    finally:
+        cursor.close()
+    return changed
+
+
+@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _update_sql(count: int) -> str:
+    """The update of `count` instances in one statement: parameters in the order of `rows.UPDATE_COLUMNS`, row
+    after row. It starts with UPDATE (no WITH clause), or Python's sqlite3 does not count the rows it changed; the
+    VALUES columns are SQLite's ``column1``, ``column2``..."""
+    position = {name: f"v.column{i}" for i, name in enumerate(rows.UPDATE_COLUMNS, start=1)}
+    group = "(" + ", ".join(["?"] * len(position)) + ")"
+    sets = ", ".join(f"{name} = {position[name]}" for name in rows.UPDATED_COLUMNS)
+    return (
+        f"UPDATE saga_instances SET {sets} FROM (VALUES {', '.join([group] * count)}) AS v "
+        f"WHERE saga_instances.id = {position['b_id']} AND saga_instances.version = {position['b_expected']}"
+    )
 
 
 def _executemany(
@@ -215,9 +257,6 @@ def _executemany(
     finally:
         cursor.close()
 
-
-ROWS_PER_INSERT = 64
-"""Rows per multi-row INSERT on SQLite (at most 10 columns each: far below its 32,766 bound parameters)."""
 
 
 def _insert_rows(cursor: DBAPICursor, sql: str, rows: list[tuple[Any, ...]]) -> int:
