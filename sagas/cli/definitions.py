@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sagas.cli.app import app
-from sagas.definitions import SagaDefinition, to_dot, to_json_schema, to_mermaid
-from sagas.definitions.loader import expand, load_any
 from sagas.errors import DefinitionError, Problem
+
+if TYPE_CHECKING:
+    from sagas.definitions import SagaDefinition
+
+# The YAML reader, the DSL and the graph writers are imported by the commands that use them: the other commands
+# (`sagas list`, `show`...) start without them.
 
 
 class GraphFormat(StrEnum):
@@ -29,6 +33,8 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document for scripts.")] = False,
 ) -> None:
     """Check definitions; print `OK name vN (digest)` or every problem as `file:line:col: path: message`."""
+    from sagas.definitions.loader import expand
+
     report: list[dict[str, Any]] = []
     failed = 0
     files = expand(paths)
@@ -69,6 +75,8 @@ _NOTHING_DEFINED = "no saga definitions found at module level"
 
 
 def _check(file: Path) -> tuple[list[SagaDefinition], list[Problem]]:
+    from sagas.definitions.loader import load_any
+
     try:
         definitions = load_any(file)
     except DefinitionError as exc:
@@ -92,6 +100,8 @@ def _problem_json(problem: Problem) -> dict[str, Any]:
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the YAML definition format."""
+    from sagas.definitions import to_json_schema
+
     typer.echo(json.dumps(to_json_schema(), indent=2))
 
 
@@ -102,6 +112,9 @@ def graph(
     name: Annotated[str | None, typer.Option(help="Which definition, when the file holds several.")] = None,
 ) -> None:
     """Draw the steps, their compensations, the pivot and parallel groups."""
+    from sagas.definitions import to_dot, to_mermaid
+    from sagas.definitions.loader import load_any
+
     try:
         definitions = load_any(file)
     except DefinitionError as exc:
