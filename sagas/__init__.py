@@ -8,8 +8,10 @@ The names below are the supported public API; everything else may change without
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Mapping
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -80,13 +82,24 @@ _EXPORTS: dict[str, str] = {
 
 def lazy_export(package: str, exports: Mapping[str, str], name: str) -> Any:
     """The public name `name` of `package`, imported from its module (`exports`: name -> module) and kept in the
-    package's namespace; AttributeError for a name that is not public."""
+    package's namespace. A submodule's name imports the submodule (``import sagas; sagas.testing`` worked when
+    the package imported everything); anything else is an AttributeError."""
     defining = exports.get(name)
-    if defining is None:
+    if defining is not None:
+        value = getattr(importlib.import_module(defining), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
+        value = importlib.import_module(f"{package}.{name}")
+    else:
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(defining), name)
     setattr(sys.modules[package], name, value)
     return value
+
+
+def public_dir(namespace: Mapping[str, Any], exports: Mapping[str, str]) -> list[str]:
+    """`dir()` of a package with lazy names: its public names, submodules already imported, and dunders (not the
+    helpers the package itself imports)."""
+    submodules = (n for n, v in namespace.items() if isinstance(v, ModuleType) and v.__name__.startswith("sagas."))
+    return sorted({*exports, *submodules, *(n for n in namespace if n.startswith("__"))})
 
 
 if not TYPE_CHECKING:  # type checkers read the imports above, which also catch misspelt names
@@ -95,7 +108,7 @@ if not TYPE_CHECKING:  # type checkers read the imports above, which also catch 
         return lazy_export(__name__, _EXPORTS, name)
 
     def __dir__() -> list[str]:
-        return sorted({*globals(), *_EXPORTS})
+        return public_dir(globals(), _EXPORTS)
 
 
 __all__ = [  # noqa: RUF022 - grouped by topic under comment headings, on purpose

@@ -46,6 +46,16 @@ def test_every_exported_name_is_public_and_defined_where_the_map_says() -> None:
         assert set(package.__all__) <= set(dir(package))
     with pytest.raises(AttributeError, match="no attribute 'Engin'"):
         sagas.Engin  # type: ignore[attr-defined]  # noqa: B018
+    assert "importlib" not in dir(sagas)
+
+
+def test_a_submodule_is_reachable_from_the_package_as_before() -> None:
+    """`import sagas` then `sagas.testing...` keeps working now that the package imports its parts on first use."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import sagas; print(sagas.testing.SagaHarness.__name__, sagas.errors.__name__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert out == ["SagaHarness", "sagas.errors"]
 
 
 def _imported_by(code: str) -> set[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sagas import lazy_export
+from sagas import lazy_export, public_dir
 
 if TYPE_CHECKING:
     from sagas.definitions.dsl import SagaBuilder, literal, saga
@@ -43,7 +43,7 @@ if not TYPE_CHECKING:
         return lazy_export(__name__, _EXPORTS, name)
 
     def __dir__() -> list[str]:
-        return sorted({*globals(), *_EXPORTS})
+        return public_dir(globals(), _EXPORTS)
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The SQL store: SQLite and PostgreSQL through SQLAlchemy Core, one schema, alembic migrations.
 
 store = SqlStore("sqlite+aiosqlite:///sagas.db")      # or postgresql+asyncpg://user:pw@host/db
-await store.initialize()                              # = await upgrade(url): migrate to the latest schema
+await store.initialize()                              # migrate to the latest schema, as upgrade(url) does
 """
 
 from sagas.adapters.sql.migrate import upgrade

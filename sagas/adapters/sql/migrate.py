@@ -1,9 +1,9 @@
 """Schema migrations, run programmatically with alembic (no alembic.ini).
 
-`upgrade(url)` is what `sagas db upgrade` calls, and `SqlStore.initialize()` when the database is not at
-`HEAD` yet. It runs in one transaction that also serializes concurrent upgrades: ``BEGIN IMMEDIATE`` on SQLite, a
-transaction-level advisory lock on PostgreSQL, so several engine processes may start at once against a fresh
-database.
+`upgrade(url)` is what `sagas db upgrade` calls; `SqlStore.initialize()` runs the same migration
+(`upgrade_connection`) on its own connection when the database is not at `HEAD` yet. A migration runs in one
+transaction that also serializes concurrent upgrades: ``BEGIN IMMEDIATE`` on SQLite, a transaction-level advisory
+lock on PostgreSQL, so several engine processes may start at once against a fresh database.
 
 alembic is imported only to migrate: a database already at `HEAD` (every start but the first, and every CLI
 command) is recognised by one read of the version table, without alembic's import (a few hundred milliseconds)

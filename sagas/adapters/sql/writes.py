@@ -4,10 +4,11 @@ Each function runs inside the transaction its runner opened, so raising rolls ev
 built once (per dialect where they differ) rather than per call: building and cache-keying a Core statement
 costs more than SQLite takes to run it.
 
-A unit of work is a handful of statements whatever its size: each kind of row is written by one executemany.
-Optimistic concurrency: the versions of the updated instances are read first (``FOR UPDATE`` on PostgreSQL;
-SQLite's ``BEGIN IMMEDIATE`` already excludes other writers) and every update is also guarded by
-``WHERE version = :expected``; a mismatch raises `ConcurrencyConflict`.
+A unit of work is a handful of statements whatever its size: each kind of row is written by one executemany (on
+SQLite, multi-row statements of up to 64 rows each). Optimistic concurrency: every update is guarded by
+``WHERE version = :expected``. On PostgreSQL the versions of the updated instances are read first ``FOR UPDATE``
+(asyncpg's executemany reports no row count); on SQLite, whose ``BEGIN IMMEDIATE`` already excludes other writers,
+the count of updated rows tells. A mismatch raises `ConcurrencyConflict`.
 """
 
 from __future__ import annotations
@@ -197,24 +198,37 @@ def _update_instances(connection: Connection, updates: Sequence[SagaInstance]) -
 
 
 def _update_rows(connection: Connection, params: list[tuple[Any, ...]]) -> int:
-    """SQLite: update instances (distinct ids) with ``UPDATE ... FROM (VALUES ...)``, 64 rows a statement, as
-    `_insert_rows` inserts; the number of rows changed. One statement step per 64 rows instead of one per row:
-    each step gives the GIL back and waits for it again (see `_insert_rows`)."""
+    """SQLite: update instances (distinct ids) with ``UPDATE ... FROM (VALUES ...)``, in the groups `_insert_rows`
+    inserts in; the number of rows changed. One statement step per group instead of one per row: each step gives
+    the GIL back and waits for it again (see `_insert_rows`)."""
     cursor = connection.connection.cursor()
-    changed = 0
+    changed, start, sql = 0, 0, ""
     try:
-        for start in range(0, len(params), ROWS_PER_INSERT):
-            group = params[start : start + ROWS_PER_INSERT]
-            cursor.execute(_update_sql(len(group)), tuple(itertools.chain.from_iterable(group)))
+        for size in _group_sizes(len(params)):
+            sql = _update_sql(size)
+            cursor.execute(sql, tuple(itertools.chain.from_iterable(params[start : start + size])))
             changed += cursor.rowcount
+            start += size
     except sqlite3.Error as error:
-        raise exc.DBAPIError.instance(_update_sql(1), None, error, sqlite3.Error) from error
+        raise exc.DBAPIError.instance(sql, None, error, sqlite3.Error) from error
     finally:
         cursor.close()
     return changed
 
 
-@functools.lru_cache(maxsize=ROWS_PER_INSERT)
+def _group_sizes(count: int) -> Iterator[int]:
+    """`count` rows split as multi-row statements take them: 64 at a time, then the rest in power-of-two groups (so
+    a handful of distinct statements, which sqlite3's statement cache keeps)."""
+    yield from [ROWS_PER_INSERT] * (count // ROWS_PER_INSERT)
+    rest, size = count % ROWS_PER_INSERT, ROWS_PER_INSERT // 2
+    while rest:
+        if rest >= size:
+            yield size
+            rest -= size
+        size //= 2
+
+
+@functools.lru_cache(maxsize=16)
 def _update_sql(count: int) -> str:
     """The update of `count` instances in one statement: parameters in the order of `rows.UPDATE_COLUMNS`, row
     after row. It starts with UPDATE (no WITH clause), or Python's sqlite3 does not count the rows it changed; the
@@ -273,12 +287,10 @@ def _insert_rows(cursor: DBAPICursor, sql: str, rows: list[tuple[Any, ...]]) -> 
     if full:
         groups = [tuple(chained(rows[i : i + ROWS_PER_INSERT])) for i in range(0, full, ROWS_PER_INSERT)]
         cursor.executemany(_multi_row(sql, ROWS_PER_INSERT), groups)
-    start, size = full, ROWS_PER_INSERT // 2
-    while start < len(rows):
-        if len(rows) - start >= size:
-            cursor.execute(_multi_row(sql, size), tuple(chained(rows[start : start + size])))
-            start += size
-        size //= 2
+    start = full
+    for size in _group_sizes(len(rows) - full):
+        cursor.execute(_multi_row(sql, size), tuple(chained(rows[start : start + size])))
+        start += size
     return len(rows)
 
 
