@@ -599,6 +599,23 @@ class SqlContract(StoreContract):
         with pytest.raises(AssertionError, match="migrated again"):
             await store.initialize()
 
+    async def test_a_schema_migrated_by_a_newer_version_is_refused_in_one_clear_error(self, store: Store) -> None:
+        """A database at a revision this version does not know (a newer sagas migrated it) is refused with a
+        permanent StoreError saying so, not alembic's traceback."""
+        assert isinstance(store, SqlStore)
+
+        def set_version(revision: str) -> Callable[[sa.Connection], None]:
+            return lambda c: c.execute(sa.text(f"UPDATE sagas_schema_version SET version_num = '{revision}'")) and None
+
+        await store._runner.write(set_version("9999"))
+        try:
+            with pytest.raises(StoreError, match=r"revision '9999'.*newer sagas") as caught:
+                await store.initialize()
+            assert caught.value.retriable is False
+        finally:
+            await store._runner.write(set_version(migrate.HEAD))
+        await store.initialize()
+
     async def test_initialize_is_idempotent(self, store: Store) -> None:
         """Initializing a store at head again changes nothing and keeps the data."""
         await store.commit(UnitOfWork(inserts=[instance("s1")]))

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 
 from sagas.adapters.sql.connection import open_runner
 from sagas.adapters.sql.tables import VERSION_TABLE
+from sagas.errors import StoreError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -82,8 +83,17 @@ def upgrade_connection(connection: Connection, *, schema: str | None = None, rev
             quoted = connection.dialect.identifier_preparer.quote_identifier(schema)
             connection.execute(sa.text(f"CREATE SCHEMA {quoted}"))
     from alembic import command
+    from alembic.script import ScriptDirectory
 
     config = alembic_config()
+    current = current_revision(connection)
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    if current is not None and current not in known:
+        raise StoreError(
+            f"the database schema is at revision {current!r}, which this version of sagas does not know (its newest"
+            f" is {HEAD!r}): a newer sagas migrated it. Run that version, or restore a backup from before then.",
+            retriable=False,
+        )
     config.attributes["connection"] = connection
     command.upgrade(config, revision)
 
