@@ -170,8 +170,11 @@ async def test_a_reply_the_engine_fails_on_is_dead_lettered_alone_and_the_rest_o
     ]
     async with SagaHarness([three_steps()], participants) as h:
         with capture_logs() as logs:
-            for n in range(5):  # all five reserve replies come back in one batch
-                await h.engine.start_saga("order", {"order_id": f"o-{n}", "amount": 5}, saga_id=f"s-{n}")
+            # Started together, the five sagas are one batch: their commands go out in one publish, the inventory
+            # participant answers them in one batch, and the five reserve replies come back in one batch.
+            await asyncio.gather(*(
+                h.engine.start_saga("order", {"order_id": f"o-{n}", "amount": 5}, saga_id=f"s-{n}") for n in range(5)
+            ))
             await h.settle()
         assert len(set(poisoned)) == 1
         assert len(poisoned) == 2
