@@ -49,6 +49,7 @@ from sqlalchemy.pool import StaticPool
 
 from sagas.adapters import normalize_db_url
 from sagas.adapters.ports import Broker, BrokerMessage, Consumer, Delivery
+from sagas.adapters.sql.connection import is_retriable
 from sagas.definitions.schema import has_nul
 from sagas.engine.state import MessageKind, Outcome
 from sagas.engine.wire import (
@@ -510,12 +511,11 @@ def _add_missing_dedup_columns(connection: sa.Connection) -> None:
 
 
 def _transient(exc: BaseException) -> bool:
-    """A failure that may pass by itself (the database or the broker unreachable, a lock): try the same again."""
+    """A failure that may pass by itself (the database or the broker unreachable, a lock): try the same again.
+    The database's errors are told apart as the engine's store tells them (`is_retriable`)."""
     if isinstance(exc, SagaError):
         return bool(getattr(exc, "retriable", False))
-    if isinstance(exc, sa.exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
-    return isinstance(exc, (OSError, TimeoutError))
+    return is_retriable(exc)
 
 
 def _compensation_key(command: CommandMessage) -> str:

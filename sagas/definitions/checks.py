@@ -25,10 +25,10 @@ from sagas.definitions.source import Finding, Path, format_path
 
 ROOTS = ("input", "steps", "saga")
 SAGA_FIELDS = ("id", "name", "version")
-# Nodes whose first child is evaluated against the current value and whose other children are not.
 MAX_EXPRESSION_CHARS = 1_000
 """Payload expressions are short paths; a long one is a mistake (and deep nesting would exhaust the parser)."""
 
+# Nodes whose first child is evaluated against the current value and whose other children are not.
 _CHAINS = {
     "subexpression",
     "index_expression",
