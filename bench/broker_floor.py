@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sagas.adapters.kafka import KafkaBroker
 from sagas.adapters.memory import MemoryBroker
-from sagas.adapters.ports import Broker, BrokerMessage, Consumer
+from sagas.engine.ports import Broker, BrokerMessage, Consumer
 from sagas.engine.state import MessageKind, Outcome, OutgoingCommand
 from sagas.engine.wire import decode_command, encode_command, encode_reply
 

@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.store_commit import saga
-from sagas.adapters.ports import UnitOfWork
 from sagas.adapters.sql import SqlStore, writes
+from sagas.engine.ports import UnitOfWork
 
 
 async def commit_rate(directory: Path, *, multi_row: bool, busy: bool, updates: int, seconds: float) -> float:

@@ -48,9 +48,9 @@ from bench.broker_floor import FloorRun, ServerClock, broker_floor, floor_topics
 from bench.store_commit import bench_trivial as raw_commit_rate  # the same floor, measured the same way
 from sagas.adapters.kafka import KafkaBroker, parse_kafka_url
 from sagas.adapters.memory import MemoryBroker
-from sagas.adapters.ports import Broker
 from sagas.adapters.sql import SqlStore
 from sagas.definitions.model import SagaDefinition
+from sagas.engine.ports import Broker
 from sagas.engine.runtime import Engine, EngineSettings
 from sagas.engine.state import SagaStatus
 from sagas.engine.wire import CommandMessage

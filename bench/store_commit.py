@@ -29,8 +29,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from sagas.adapters.ports import BrokerMessage, HistoryRecord, InboxRecord, OutboxMessage, UnitOfWork
 from sagas.adapters.sql import SqlStore, upgrade
+from sagas.engine.ports import BrokerMessage, HistoryRecord, InboxRecord, OutboxMessage, UnitOfWork
 from sagas.engine.state import HistoryEntry, SagaInstance, StepState
 
 T = TypeVar("T")

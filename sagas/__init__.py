@@ -7,16 +7,12 @@ The names below are the supported public API; everything else may change without
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-from collections.abc import Mapping
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+from sagas._lazy import lazy_export, public_dir
 
 if TYPE_CHECKING:
     from sagas.adapters import open_broker, open_store
-    from sagas.adapters.ports import Broker, BrokerMessage, Consumer, Delivery, Store
     from sagas.definitions import (
         DefinitionRegistry,
         SagaDefinition,
@@ -31,6 +27,7 @@ if TYPE_CHECKING:
         validate_input,
     )
     from sagas.engine.admin import SagaAdmin, SagaReport
+    from sagas.engine.ports import Broker, BrokerMessage, Consumer, Delivery, Store
     from sagas.engine.runtime import Engine, EngineSettings
     from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus, StepStatus
     from sagas.engine.wire import CommandMessage
@@ -53,7 +50,7 @@ if TYPE_CHECKING:
 
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("open_broker", "open_store"), "sagas.adapters"),
-    **dict.fromkeys(("Broker", "BrokerMessage", "Consumer", "Delivery", "Store"), "sagas.adapters.ports"),
+    **dict.fromkeys(("Broker", "BrokerMessage", "Consumer", "Delivery", "Store"), "sagas.engine.ports"),
     **dict.fromkeys(
         (
             "DefinitionRegistry", "SagaDefinition", "StepDefinition", "StepKind", "discover", "literal", "load_file",
@@ -78,28 +75,6 @@ _EXPORTS: dict[str, str] = {
 }
 """Public name -> the module defining it. Each is imported when first read (PEP 562), so that `import sagas.cli` or
 `import sagas.engine.state` does not import every part of the package: the CLI starts in a fraction of the time."""
-
-
-def lazy_export(package: str, exports: Mapping[str, str], name: str) -> Any:
-    """The public name `name` of `package`, imported from its module (`exports`: name -> module) and kept in the
-    package's namespace. A submodule's name imports the submodule (``import sagas; sagas.testing`` worked when
-    the package imported everything); anything else is an AttributeError."""
-    defining = exports.get(name)
-    if defining is not None:
-        value = getattr(importlib.import_module(defining), name)
-    elif not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
-        value = importlib.import_module(f"{package}.{name}")
-    else:
-        raise AttributeError(f"module {package!r} has no attribute {name!r}")
-    setattr(sys.modules[package], name, value)
-    return value
-
-
-def public_dir(namespace: Mapping[str, Any], exports: Mapping[str, str]) -> list[str]:
-    """`dir()` of a package with lazy names: its public names, submodules already imported, and dunders (not the
-    helpers the package itself imports)."""
-    submodules = (n for n, v in namespace.items() if isinstance(v, ModuleType) and v.__name__.startswith("sagas."))
-    return sorted({*exports, *submodules, *(n for n in namespace if n.startswith("__"))})
 
 
 if not TYPE_CHECKING:  # type checkers read the imports above, which also catch misspelt names

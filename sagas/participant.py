@@ -48,9 +48,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransactio
 from sqlalchemy.pool import StaticPool
 
 from sagas.adapters import normalize_db_url
-from sagas.adapters.ports import Broker, BrokerMessage, Consumer, Delivery
 from sagas.adapters.sql.connection import is_retriable
 from sagas.definitions.schema import has_nul
+from sagas.engine.ports import Broker, BrokerMessage, Consumer, Delivery
 from sagas.engine.state import MessageKind, Outcome
 from sagas.engine.wire import (
     MAX_REASON_CHARS,

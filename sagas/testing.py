@@ -19,9 +19,9 @@ from types import TracebackType
 from typing import Any
 
 from sagas.adapters.memory import MemoryBroker
-from sagas.adapters.ports import HistoryRecord
 from sagas.adapters.sql import SqlStore
 from sagas.definitions.model import SagaDefinition
+from sagas.engine.ports import HistoryRecord
 from sagas.engine.runtime import Engine, EngineSettings
 from sagas.engine.state import OperatorCommand, SagaInstance
 from sagas.errors import UnknownSaga

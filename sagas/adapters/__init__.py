@@ -12,7 +12,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from sagas.adapters.ports import Broker, Store
+from sagas.engine.ports import Broker, Store
 
 _HINTS = {
     "asyncpg": "pip install 'sagas-engine[postgres]'",

@@ -54,7 +54,7 @@ from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
-from sagas.adapters.ports import BrokerMessage, Delivery
+from sagas.engine.ports import BrokerMessage, Delivery
 from sagas.errors import BrokerError
 
 __all__ = ["KafkaBroker", "KafkaConsumer", "KafkaSettings", "parse_kafka_url"]

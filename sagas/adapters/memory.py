@@ -1,6 +1,6 @@
 """An in-process broker for tests and single-process use: `MemoryBroker`.
 
-It has the semantics of the real brokers, scaled down (see `sagas.adapters.ports.Consumer`):
+It has the semantics of the real brokers, scaled down (see `sagas.engine.ports.Consumer`):
 
 * Each topic is an ordered log. Each consumer group keeps, per topic, a committed position; a new group
   starts at the oldest message still held (like Kafka's ``auto_offset_reset="earliest"``).
@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sagas.adapters.ports import BrokerMessage, Delivery
+from sagas.engine.ports import BrokerMessage, Delivery
 from sagas.errors import BrokerError
 
 __all__ = ["MemoryBroker", "MemoryConsumer"]

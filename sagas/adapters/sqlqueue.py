@@ -60,7 +60,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from sagas.adapters.ports import BrokerMessage, Delivery
+from sagas.engine.ports import BrokerMessage, Delivery
 from sagas.errors import BrokerError
 
 __all__ = ["SqlQueueBroker", "SqlQueueConsumer", "metadata"]

@@ -20,9 +20,9 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from sagas.adapters import normalize_db_url, open_broker, open_store
-from sagas.adapters.ports import DeadLetter, Store
 from sagas.cli.app import app
 from sagas.engine.admin import SagaAdmin, SagaReport
+from sagas.engine.ports import DeadLetter, Store
 from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus
 from sagas.errors import SagaError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sagas import lazy_export, public_dir
+from sagas._lazy import lazy_export, public_dir
 
 if TYPE_CHECKING:
     from sagas.definitions.dsl import SagaBuilder, literal, saga

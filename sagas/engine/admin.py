@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sagas.adapters.ports import BrokerMessage, DeadLetter, HistoryRecord, Store
 from sagas.definitions import validate_input
 from sagas.definitions.registry import DefinitionRegistry
+from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord, Store
 from sagas.engine.processor import Item, ItemResult, OperatorItem, Processor, ReplyItem, StartItem
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
 from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus, TimerSpec

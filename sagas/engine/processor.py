@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence, Set
@@ -20,19 +21,21 @@ from typing import Any, Protocol, TypeVar
 import pydantic_core
 import structlog
 
-from sagas.adapters.ports import (
+from sagas.definitions.model import SagaDefinition
+from sagas.definitions.registry import DefinitionRegistry
+from sagas.engine import machine
+from sagas.engine.ports import (
+    NO_OBSERVER,
     BrokerMessage,
     DeadLetter,
     Delivery,
     HistoryRecord,
     InboxRecord,
+    Observer,
     OutboxMessage,
     Store,
     UnitOfWork,
 )
-from sagas.definitions.model import SagaDefinition
-from sagas.definitions.registry import DefinitionRegistry
-from sagas.engine import machine
 from sagas.engine.state import (
     Decision,
     HistoryEntry,
@@ -154,11 +157,13 @@ class Processor:
         known_max: int = DEFAULT_KNOWN_MAX,
         known_max_age: float | None = None,
         publishing: bool = False,
+        observer: Observer | None = None,
     ) -> None:
         """`publishing`: the caller publishes what a batch puts in the outbox right after the commit (the engine);
         otherwise (the CLI) the rows wait for a serving engine's relay."""
         self.store = store
         self.publishing = publishing
+        self.observer: Observer = observer or NO_OBSERVER
         self.registry = registry
         self.reply_topic = reply_topic
         self.known_max = known_max
@@ -255,12 +260,15 @@ class Processor:
         record: a redelivery goes through processing again, and `sagas dlq replay` can apply it later."""
         work = UnitOfWork(sent=list(sent))
         self._dead_letter(work, message, reason, now, ItemResult(), record_id=message.header("ce_id"))
+        began = time.monotonic()
         await self.store.commit(work)
+        self._observe(work, time.monotonic() - began)
 
     async def _commit(self, prepared: Prepared) -> None:
         """Write a prepared unit and remember what it wrote. On a conflict, forget the sagas it names (the unit
         wrote nothing: every other remembered saga is as it was); on any other failure (which may even have
         committed, e.g. a connection lost during COMMIT), forget everything. Then raise."""
+        began = time.monotonic()
         try:
             if prepared.work:
                 await self.store.commit(prepared.work)
@@ -271,6 +279,8 @@ class Processor:
         except BaseException:
             self.forget()
             raise
+        if prepared.work:
+            self._observe(prepared.work, time.monotonic() - began)
         known = self._known
         for saga_id, instance in prepared.written.items():
             known.pop(saga_id, None)  # re-inserted at the end: least recently written first
@@ -278,6 +288,12 @@ class Processor:
                 known[saga_id] = instance
         while len(known) > self.known_max:
             known.popitem(last=False)
+
+    def _observe(self, work: UnitOfWork, seconds: float) -> None:
+        try:
+            self.observer.committed(work, seconds)
+        except Exception:  # an observer must never fail a commit that went through
+            log.exception("observer failed after a commit")
 
     async def _prepare(
         self, items: Sequence[Item], now: float, sent: Sequence[str], conflicted: Set[str] = frozenset()

@@ -28,10 +28,10 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from sagas.adapters.ports import Broker, Consumer, OutboxMessage, Store
 from sagas.definitions import validate_input
 from sagas.definitions.model import SagaDefinition
 from sagas.definitions.registry import DefinitionRegistry
+from sagas.engine.ports import NO_OBSERVER, Broker, Consumer, Observer, OutboxMessage, Store
 from sagas.engine.processor import (
     DEFAULT_KNOWN_MAX,
     Item,
@@ -43,6 +43,7 @@ from sagas.engine.processor import (
     TimerItem,
 )
 from sagas.engine.state import OperatorCommand, SagaInstance
+from sagas.engine.supervise import LoopHealth, Supervisor
 from sagas.errors import BrokerError, SagaError, StoreError, UnknownSaga
 
 log = structlog.get_logger("sagas.engine")
@@ -139,8 +140,12 @@ class Engine:
         definitions: Sequence[SagaDefinition] = (),
         settings: EngineSettings | None = None,
         clock: Clock | None = None,
+        observer: Observer | None = None,
     ) -> None:
+        """`observer` is told what the engine did after each commit, publish, outage and loop failure (metrics,
+        tracing); by default nothing is."""
         self.store = store
+        self.observer: Observer = observer or NO_OBSERVER
         self.broker = broker
         self.settings = settings or EngineSettings()
         self.clock: Clock = clock or SystemClock()
@@ -156,6 +161,7 @@ class Engine:
             # Half the retention: a margin for clocks that differ between the hosts of a group.
             known_max_age=None if self.settings.retention is None else self.settings.retention / 2,
             publishing=True,
+            observer=self.observer,
         )
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=20_000)
         self._publish_queue: asyncio.Queue[list[OutboxMessage]] = asyncio.Queue()
@@ -165,7 +171,8 @@ class Engine:
         self._waiters: dict[str, list[asyncio.Future[SagaInstance]]] = {}
         self._load_requests: dict[str, list[asyncio.Future[SagaInstance | None]]] = {}
         self._loads: set[asyncio.Future[None]] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loops = Supervisor("engine", backoff_max=self.settings.outage_backoff_max,
+                                 on_failure=self.observer.loop_failed)
         self._consumer: Consumer | None = None
         self._stopping = asyncio.Event()
         self._busy = 0
@@ -195,14 +202,15 @@ class Engine:
         self._in_flight.clear()
         self._timers_in_flight.clear()
         self.processor.forget()
-        self._spawn(self._writer_loop(), "writer")
-        self._spawn(self._publisher_loop(), "publisher")
-        self._spawn(self._consumer_loop(), "consumer")
-        self._spawn(self._relay_loop(), "relay")
-        if self.settings.timer_interval is not None:
-            self._spawn(self._timer_loop(self.settings.timer_interval), "timers")
-        if self.settings.retention is not None:
-            self._spawn(self._retention_loop(self.settings.retention), "retention")
+        self._loops.spawn("writer", self._writer_loop)
+        self._loops.spawn("publisher", self._publisher_loop)
+        self._loops.spawn("consumer", self._consumer_loop)
+        self._loops.spawn("relay", self._relay_loop)
+        timer_interval, retention = self.settings.timer_interval, self.settings.retention
+        if timer_interval is not None:
+            self._loops.spawn("timers", lambda: self._timer_loop(timer_interval))
+        if retention is not None:
+            self._loops.spawn("retention", lambda: self._retention_loop(retention))
         if self.settings.gc_threshold is not None and not self._gc_raised:
             _raise_gc_threshold(self.settings.gc_threshold)
             self._gc_raised = True
@@ -211,14 +219,14 @@ class Engine:
 
     async def stop(self) -> None:
         """Stop consuming, finish what is queued, publish what is committed, and leave the consumer group."""
-        if not self._tasks:
+        if not self._loops.running:
             return
         self._stopping.set()
         for name in ("consumer", "timers", "relay", "retention"):
-            await self._cancel(name)
+            await self._loops.cancel(name)
         await self._drain()
         for name in ("writer", "publisher"):
-            await self._cancel(name)
+            await self._loops.cancel(name)
         while not self._queue.empty():  # not drained in time: callers must hear so rather than wait forever
             pending = self._queue.get_nowait()
             if pending.future is not None and not pending.future.done():
@@ -229,7 +237,7 @@ class Engine:
         if self._consumer is not None:
             await self._consumer.close()
         await self.broker.close()
-        self._tasks.clear()
+        await self._loops.cancel_all()
         if self._gc_raised:
             _restore_gc_threshold()
             self._gc_raised = False
@@ -343,22 +351,14 @@ class Engine:
 
     # ---- loops --------------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        task.set_name(name)
-        task.add_done_callback(self._task_done)
-        self._tasks.append(task)
+    def health(self) -> dict[str, LoopHealth]:
+        """The engine's loops: restarts, last error, whether each runs (what a health check reads)."""
+        return self._loops.health()
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("engine loop crashed", loop=task.get_name(), error=repr(task.exception()))
-
-    async def _cancel(self, name: str) -> None:
-        for task in self._tasks:
-            if task.get_name() == name and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+    @property
+    def healthy(self) -> bool:
+        """Every loop runs, and none failed repeatedly within the last minute."""
+        return self._loops.running and self._loops.healthy
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + 10
@@ -522,6 +522,7 @@ class Engine:
         if self._store_down_since is None:
             self._store_down_since = time.monotonic()
             log.error("store unavailable; retrying", error=str(exc))
+            self.observer.outage("store", True)
         return True
 
     def _store_ok(self) -> None:
@@ -529,6 +530,7 @@ class Engine:
             outage = round(time.monotonic() - self._store_down_since, 1)
             self._store_down_since = None
             log.warning("store available again", outage_seconds=outage)
+            self.observer.outage("store", False)
 
     async def _polling(self, call: Callable[[], Awaitable[Any]], interval: float, failed: str) -> None:
         """Run `call` every `interval` seconds for ever. A store outage is logged once (and its end) and backs
@@ -588,6 +590,7 @@ class Engine:
     async def _publish(self, messages: list[OutboxMessage]) -> None:
         delay = 0.05
         outage_since: float | None = None
+        began = time.monotonic()
         while True:
             # A broker client may wait out a lost connection inside publish() (aiokafka does, for up to its
             # request timeout) instead of raising: an unacknowledged publish is an outage too.
@@ -598,6 +601,7 @@ class Engine:
                     outage_since = time.monotonic() - self.settings.outage_log_after
                     log.error("broker unavailable; retrying publish", messages=len(messages),
                               error=f"not acknowledged within {self.settings.outage_log_after:g}s")
+                    self.observer.outage("broker", True)
                 await publishing
                 break
             except SagaError as exc:
@@ -606,6 +610,7 @@ class Engine:
                 if outage_since is None:
                     outage_since = time.monotonic()
                     log.error("broker unavailable; retrying publish", error=str(exc), messages=len(messages))
+                    self.observer.outage("broker", True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.outage_backoff_max)
             finally:
@@ -613,7 +618,9 @@ class Engine:
                     publishing.cancel()
         if outage_since is not None:
             log.warning("broker available again", outage_seconds=round(time.monotonic() - outage_since, 1))
+            self.observer.outage("broker", False)
         self._sent.extend(m.id for m in messages)
+        self.observer.published(messages, time.monotonic() - began)
         self.stats["published"] += len(messages)
 
     async def _consumer_loop(self) -> None:

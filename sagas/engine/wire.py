@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from sagas.adapters.ports import BrokerMessage
 from sagas.definitions.schema import has_nul
+from sagas.engine.ports import BrokerMessage
 from sagas.engine.state import MessageKind, Outcome, OutgoingCommand, ReplyReceived
 
 SPEC_VERSION = "1.0"

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from sagas.adapters.memory import MemoryBroker
-from sagas.adapters.ports import Broker, BrokerMessage, Consumer, Delivery
 from sagas.adapters.sqlqueue import SqlQueueBroker
+from sagas.engine.ports import Broker, BrokerMessage, Consumer, Delivery
 from sagas.errors import BrokerError
 
 OpenBroker = Callable[[], Awaitable[Broker]]

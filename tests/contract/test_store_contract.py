@@ -20,8 +20,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from sagas.adapters import ports
-from sagas.adapters.ports import (
+from sagas.adapters.sql import SqlStore, connection, migrate, upgrade
+from sagas.adapters.sql import store as store_module
+from sagas.adapters.sql.migrate import current_revision, head_revision
+from sagas.adapters.sql.tables import metadata
+from sagas.definitions.model import CompensationDefinition, SagaDefinition, StepDefinition
+from sagas.engine import ports
+from sagas.engine.ports import (
     BrokerMessage,
     DeadLetter,
     HistoryRecord,
@@ -30,11 +35,6 @@ from sagas.adapters.ports import (
     Store,
     UnitOfWork,
 )
-from sagas.adapters.sql import SqlStore, connection, migrate, upgrade
-from sagas.adapters.sql import store as store_module
-from sagas.adapters.sql.migrate import current_revision, head_revision
-from sagas.adapters.sql.tables import metadata
-from sagas.definitions.model import CompensationDefinition, SagaDefinition, StepDefinition
 from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, StepState, TimerKind, TimerSpec
 from sagas.errors import ConcurrencyConflict, DefinitionConflict, StoreError, UnknownDefinition
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from sagas.adapters.ports import BrokerMessage
 from sagas.engine.admin import SagaAdmin
+from sagas.engine.ports import BrokerMessage
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
 from sagas.engine.state import ReplyReceived, SagaStatus, StepStatus
 from sagas.errors import BrokerError, OperatorError, SagaError, StoreError

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from sagas.adapters.ports import BrokerMessage, OutboxMessage, UnitOfWork
 from sagas.adapters.sql import SqlStore
 from sagas.definitions.registry import DefinitionRegistry
+from sagas.engine.ports import BrokerMessage, OutboxMessage, UnitOfWork
 from sagas.engine.processor import OperatorItem, Processor, ReplyItem, StartItem, TimerItem
 from sagas.engine.state import OperatorCommand, Outcome, SagaInstance, SagaStatus, StepStatus
 from sagas.engine.wire import decode_command, encode_reply

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from sagas.adapters.memory import MemoryBroker
-from sagas.adapters.ports import BrokerMessage, Consumer
+from sagas.engine.ports import BrokerMessage, Consumer
 from sagas.engine.state import MessageKind, Outcome, OutgoingCommand, ReplyReceived, message_id
 from sagas.engine.wire import CommandMessage, decode_reply, encode_command
 from sagas.errors import BrokerError

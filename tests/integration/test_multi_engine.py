@@ -24,10 +24,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
-from sagas.adapters.ports import BrokerMessage, HistoryRecord, InboxRecord, OutboxMessage, UnitOfWork
 from sagas.adapters.sql import SqlStore
 from sagas.definitions import load_file
 from sagas.engine.admin import SagaAdmin
+from sagas.engine.ports import BrokerMessage, HistoryRecord, InboxRecord, OutboxMessage, UnitOfWork
 from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, TimerKind, TimerSpec
 from sagas.errors import ConcurrencyConflict
 from tests.integration.crash_participants import COMMANDS

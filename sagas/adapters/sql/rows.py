@@ -1,4 +1,4 @@
-"""Records of `sagas.adapters.ports` to table rows and back.
+"""Records of `sagas.engine.ports` to table rows and back.
 
 Rows to write are tuples of driver-ready values in the order of the `*_COLUMNS` beside them, with their JSON
 values serialized already (`Encoded`), by pydantic's Rust serializer: a commit writes a few hundred rows and
@@ -20,8 +20,8 @@ from typing import Any
 from pydantic_core import to_json
 from sqlalchemy.engine import Row
 
-from sagas.adapters.ports import BrokerMessage, DeadLetter, HistoryRecord, InboxRecord, OutboxMessage
 from sagas.adapters.sql.connection import Encoded
+from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord, InboxRecord, OutboxMessage
 from sagas.engine.state import HistoryEntry, SagaInstance, TimerKind, TimerSpec, evolve
 
 _instance_json = SagaInstance.__pydantic_serializer__.to_json

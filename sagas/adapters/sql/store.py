@@ -19,12 +19,12 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
-from sagas.adapters.ports import DeadLetter, HistoryRecord, OutboxMessage, RetentionResult, UnitOfWork
 from sagas.adapters.sql import rows, writes
 from sagas.adapters.sql.connection import Runner, open_runner
 from sagas.adapters.sql.migrate import at_head, upgrade_connection
 from sagas.adapters.sql.tables import dead_letters, definitions, inbox, saga_events, saga_instances, timers
 from sagas.definitions.model import SagaDefinition
+from sagas.engine.ports import DeadLetter, HistoryRecord, OutboxMessage, RetentionResult, UnitOfWork
 from sagas.engine.state import SagaInstance, SagaStatus, TimerSpec
 from sagas.errors import ConcurrencyConflict, DefinitionConflict, StoreError, UnknownDeadLetter, UnknownDefinition
 

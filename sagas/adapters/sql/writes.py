@@ -27,7 +27,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.engine.interfaces import DBAPICursor
 
-from sagas.adapters.ports import OutboxMessage, RetentionResult, UnitOfWork
 from sagas.adapters.sql import rows
 from sagas.adapters.sql.tables import (
     dead_letters,
@@ -38,6 +37,7 @@ from sagas.adapters.sql.tables import (
     saga_instances,
     timers,
 )
+from sagas.engine.ports import OutboxMessage, RetentionResult, UnitOfWork
 from sagas.engine.state import SagaInstance, SagaStatus, TimerSpec
 from sagas.errors import ConcurrencyConflict
 

@@ -1,7 +1,8 @@
-"""The two seams of the engine: the broker and the store.
+"""The seams the engine owns: the broker, the store, and the observer, with the records that cross them.
 
-Each is a small Protocol. `sagas.adapters.open_broker(url)` and `sagas.adapters.open_store(url)` pick the
-implementation from a URL. Contract suites in `tests/contract/` run every implementation through the same tests.
+Adapters implement them (`sagas.adapters` picks a broker or store from a URL; metrics and tracing are observers);
+the engine never imports an adapter. Contract suites in `tests/contract/` run every implementation through the same
+tests. Everything a third party needs to implement a seam is importable from here.
 """
 
 from __future__ import annotations
@@ -205,3 +206,47 @@ class Store(Protocol):
         """Delete inbox ids, sent outbox rows, and the history and snapshot of sagas that finished before
         `older_than`. Running and parked sagas are never touched."""
         ...
+
+
+# ---- observer ---------------------------------------------------------------------------------------
+
+
+class Observer(Protocol):
+    """Told what the engine did, after it is done. Every call is synchronous, on the event loop, and must be cheap
+    and never raise (an observer that raises is logged and ignored, never allowed to stop a loop). Metrics and
+    tracing are observers; `NO_OBSERVER` is the default and costs nothing."""
+
+    def committed(self, work: UnitOfWork, seconds: float) -> None:
+        """A unit of work was committed (history entries, outbox, inbox, dead letters...) in `seconds`."""
+        ...
+
+    def published(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
+        """These outbox messages were acknowledged by the broker, `seconds` after the publish began."""
+        ...
+
+    def outage(self, component: Literal["store", "broker"], down: bool) -> None:
+        """The store or broker became unavailable (`down`) or available again."""
+        ...
+
+    def loop_failed(self, loop: str, error: BaseException) -> None:
+        """A long-running loop failed unexpectedly and is being restarted."""
+        ...
+
+
+class NoObserver:
+    """The observer that observes nothing."""
+
+    def committed(self, work: UnitOfWork, seconds: float) -> None:
+        pass
+
+    def published(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
+        pass
+
+    def outage(self, component: Literal["store", "broker"], down: bool) -> None:
+        pass
+
+    def loop_failed(self, loop: str, error: BaseException) -> None:
+        pass
+
+
+NO_OBSERVER: Observer = NoObserver()
