@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import builtins
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sagas.definitions import validate_input
 from sagas.definitions.registry import DefinitionRegistry
+from sagas.engine.ids import new_id
 from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord, Store
 from sagas.engine.processor import Item, ItemResult, OperatorItem, Processor, ReplyItem, StartItem
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
@@ -52,7 +52,7 @@ class SagaAdmin:
         """Start a saga on the latest stored version of `name`. Returns (saga id, created?)."""
         definition = await self.store.load_definition(name)
         validate_input(definition, input)
-        result = await self._one(StartItem(definition, str(uuid.uuid4()), input, key))
+        result = await self._one(StartItem(definition, new_id(), input, key))
         assert result.instance is not None
         return result.instance.id, result.outcome == "applied"
 

@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import functools
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence, Set
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import structlog
 from sagas.definitions.model import SagaDefinition
 from sagas.definitions.registry import DefinitionRegistry
 from sagas.engine import machine
+from sagas.engine.ids import uuid7
 from sagas.engine.ports import (
     NO_OBSERVER,
     BrokerMessage,
@@ -96,7 +96,7 @@ class OperatorItem:
 
     def __post_init__(self) -> None:
         if self.command.command_id is None:  # one id for every attempt of this item: see `_already_applied`
-            self.command = evolve(self.command, {"command_id": uuid.uuid4().hex})
+            self.command = evolve(self.command, {"command_id": uuid7().hex})
 
 
 Item = StartItem | ReplyItem | TimerItem | OperatorItem
@@ -545,7 +545,7 @@ class Processor:
         result.outcome = "rejected"
         # Whatever a malformed message carries must fit the dead letters' columns, or it could not even be kept.
         fits = record_id is not None and len(record_id) <= MAX_MESSAGE_ID_CHARS - len(DEAD_LETTER_PREFIX)
-        dead_id = f"{DEAD_LETTER_PREFIX}{record_id if fits else uuid.uuid4()}"
+        dead_id = f"{DEAD_LETTER_PREFIX}{record_id if fits else uuid7()}"
         saga_id = saga_id or reply_saga_id(message)
         if saga_id is not None and len(saga_id) > MAX_SAGA_ID_CHARS:
             saga_id = None

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import gc
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -31,6 +30,7 @@ import structlog
 from sagas.definitions import validate_input
 from sagas.definitions.model import SagaDefinition
 from sagas.definitions.registry import DefinitionRegistry
+from sagas.engine.ids import new_id
 from sagas.engine.ports import NO_OBSERVER, Broker, Consumer, Observer, OutboxMessage, Store
 from sagas.engine.processor import (
     DEFAULT_KNOWN_MAX,
@@ -251,7 +251,7 @@ class Engine:
         """Start a saga on the latest version of `name`; idempotent by `key`. Returns the saga id."""
         definition = self.registry.get(name)
         validate_input(definition, input)
-        result = await self._submit(StartItem(definition, saga_id or str(uuid.uuid4()), input, key))
+        result = await self._submit(StartItem(definition, saga_id or new_id(), input, key))
         assert result.instance is not None
         return result.instance.id
 

@@ -274,7 +274,7 @@ async def test_callers_hear_of_a_stop_that_interrupts_a_batch_processed_item_by_
                   for n in ("s-1", "s-2", "s-3")}
         assert await asyncio.wait_for(starts["s-1"], 10) == "s-1"
         await asyncio.sleep(0.2)  # s-2 is waiting out its outage
-        await h.engine._cancel("writer")
+        await h.engine._loops.cancel("writer")
         _, waiting = await asyncio.wait(starts.values(), timeout=5)
         assert not waiting
         assert starts["s-1"].result() == "s-1"
