@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -33,7 +34,7 @@ def test_ids_made_one_after_another_sort_in_that_order() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     values = [uuid.UUID(i).int for i in ids]
-    assert all(a < b for a, b in zip(values, values[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(values))
 
 
 def test_ids_from_several_threads_never_collide() -> None:
