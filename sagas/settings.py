@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from ruamel.yaml import YAML
 
-from sagas.engine.processor import DEFAULT_KNOWN_MAX
+from sagas.engine.processor import DEAD_LETTER_MAX_BYTES, DEFAULT_KNOWN_MAX
 from sagas.engine.runtime import DEFAULT_GROUP, DEFAULT_REPLY_TOPIC, EngineSettings
 
 
@@ -62,6 +62,13 @@ class SagasSettings(BaseSettings):
         7 * 86400.0, description="Seconds to keep inbox ids, sent outbox rows and finished sagas; off keeps all."
     )
     retention_interval: float = Field(600.0, gt=0, description="Seconds between retention clean-ups.")
+    dead_letter_retention: float | None = Field(
+        30 * 86400.0, gt=0, description="Seconds to keep dead letters (see docs/operations.md); off keeps all."
+    )
+    dead_letter_max_bytes: int = Field(
+        DEAD_LETTER_MAX_BYTES, ge=0, le=1_000_000,
+        description="Bytes of a dead letter's body that are kept (its full size and SHA-256 always are).",
+    )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
 
     @classmethod
@@ -76,7 +83,7 @@ class SagasSettings(BaseSettings):
         merged = _merged(_merged(data, explicit_env), {k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(merged)
 
-    @field_validator("retention", mode="before")
+    @field_validator("retention", "dead_letter_retention", mode="before")
     @classmethod
     def _retention_off(cls, value: Any) -> Any:
         """``off`` (or ``none``, ``null``, empty) keeps everything: environment variables and TOML have no null."""
@@ -89,6 +96,7 @@ class SagasSettings(BaseSettings):
             reply_topic=self.reply_topic, group=self.group, batch_max=self.batch_max, known_max=self.known_max,
             timer_interval=self.timer_interval, relay_interval=self.relay_interval,
             retention=self.retention, retention_interval=self.retention_interval,
+            dead_letter_retention=self.dead_letter_retention, dead_letter_max_bytes=self.dead_letter_max_bytes,
         )
 
 

@@ -552,7 +552,9 @@ class KafkaConsumer:
                     topic=record.topic,
                     value=record.value if record.value is not None else b"",
                     key=record.key.decode("utf-8", errors="replace") if record.key is not None else None,
-                    headers=tuple((name, bytes(value)) for name, value in record.headers),
+                    # Kafka allows a header without a value (null): it reads as empty, which the wire refuses
+                    # as a missing attribute rather than failing the fetch of every record after it.
+                    headers=tuple((name, b"" if value is None else bytes(value)) for name, value in record.headers),
                 )
                 fetched[record.offset] = False
                 deliveries.append(Delivery(message, _Token(self._id, partition, record.offset, self._epoch)))

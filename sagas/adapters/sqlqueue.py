@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
 import time
@@ -46,21 +47,28 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     and_,
+    case,
+    cast,
     delete,
     event,
     func,
     or_,
     select,
     text,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import NullType
 
 from sagas.engine.ports import BrokerMessage, Delivery
+from sagas.engine.wire import MAX_MESSAGE_BYTES
 from sagas.errors import BrokerError
 
 __all__ = ["SqlQueueBroker", "SqlQueueConsumer", "metadata"]
@@ -93,6 +101,8 @@ groups_table = Table(
 
 _SCHEMA_LOCK = 0x5A6A5_0001  # PostgreSQL advisory lock serializing create_all across processes
 _MIN_POLL, _MAX_POLL = 0.005, 0.05
+_OVERSIZED_PREFIX = 64 * 1024
+"""What a consumer reads of a value over the size limit: enough for a dead letter's prefix."""
 
 
 def _normalize_url(url: str) -> str:
@@ -110,8 +120,62 @@ def _encode_headers(headers: tuple[tuple[str, bytes], ...]) -> list[list[str]]:
     return [[name, base64.b64encode(value).decode("ascii")] for name, value in headers]
 
 
-def _decode_headers(raw: list[list[str]]) -> tuple[tuple[str, bytes], ...]:
-    return tuple((name, base64.b64decode(value)) for name, value in raw)
+def _decode_headers(raw: Any) -> tuple[tuple[str, bytes], ...]:
+    """The headers of a row as `_encode_headers` wrote them (the column read as raw text); ValueError saying what
+    is wrong with them otherwise (a row written by anything but `publish`)."""
+    if isinstance(raw, bytes | bytearray | memoryview):
+        raw = bytes(raw).decode()  # UnicodeDecodeError is a ValueError
+    if not isinstance(raw, str):
+        raise ValueError(f"headers are stored as {type(raw).__name__}, not JSON text")
+    headers = json.loads(raw)
+    if not isinstance(headers, list):
+        raise ValueError(f"headers are a JSON {type(headers).__name__}, not a list of [name, base64] pairs")
+    decoded = []
+    for pair in headers:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str) and isinstance(pair[1], str)):
+            raise ValueError("a header is not a [name, base64 text] pair")
+        decoded.append((pair[0], base64.b64decode(pair[1], validate=True)))  # binascii.Error is a ValueError
+    return tuple(decoded)
+
+
+def _decode_row(row: Any, max_bytes: int) -> BrokerMessage:
+    """The message a row holds. Never raises: a row that cannot be decoded (written by anything but `publish`, or
+    corrupted) becomes a message carrying what could be read and, in `malformed`, why the rest could not, which a
+    consumer dead-letters instead of stalling on it."""
+    problems: list[str] = []
+    key = row.key
+    if isinstance(key, bytes):  # SQLite's, read as bytes
+        try:
+            key = key.decode()
+        except UnicodeDecodeError:
+            problems.append("key is not UTF-8 text")
+            key = None
+    elif key is not None and not isinstance(key, str):
+        problems.append(f"key is stored as {type(key).__name__}, not text")
+        key = None
+    try:
+        headers = _decode_headers(row.headers)
+    except (ValueError, RecursionError) as exc:
+        problems.append(f"headers undecodable: {str(exc)[:200] or type(exc).__name__}")
+        headers = ()
+    value = row.value
+    size = None
+    if row.size is not None and row.size > max_bytes:
+        # Only a prefix was read (see `_poll`): the body itself never left the database.
+        problems.append(f"value of {row.size} bytes exceeds the limit of {max_bytes}")
+        size = int(row.size)
+    if isinstance(value, str):  # SQLite keeps what it was given: text where bytes belong
+        problems.append("value is stored as text, not bytes")
+        value = value.encode("utf-8", errors="replace")
+    elif isinstance(value, bytearray | memoryview):
+        value = bytes(value)
+    elif not isinstance(value, bytes):
+        problems.append(f"value is stored as {type(value).__name__}, not bytes")
+        value = str(value).encode()
+    if size is not None and size <= len(value):
+        size = None
+    malformed = "; ".join(problems) or None
+    return BrokerMessage(topic=row.topic, key=key, headers=headers, value=value, malformed=malformed, size=size)
 
 
 class SqlQueueBroker:
@@ -125,6 +189,8 @@ class SqlQueueBroker:
             None keeps messages until every group has committed them.
         busy_timeout: Seconds a SQLite writer waits for the file lock before failing (retriable).
         prune_interval: Least seconds between two deletions of committed rows (run by ``commit``).
+        max_message_bytes: A message whose value is larger is not read whole: its consumer gets a prefix of it,
+            marked `malformed` with its size (the engine dead-letters it).
     """
 
     def __init__(
@@ -135,6 +201,7 @@ class SqlQueueBroker:
         retention: float | None = 7 * 24 * 3600.0,
         busy_timeout: float = 5.0,
         prune_interval: float = 1.0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         if lease <= 0:
             raise ValueError("lease must be positive")
@@ -143,6 +210,7 @@ class SqlQueueBroker:
         self.retention = retention
         self.busy_timeout = busy_timeout
         self.prune_interval = prune_interval
+        self.max_message_bytes = max_message_bytes
         self._engine: AsyncEngine | None = None
         self._writer: AsyncEngine | None = None
         self._wakeup = asyncio.Event()
@@ -434,8 +502,26 @@ class SqlQueueConsumer:
         if not self._claims:
             return []
         m = messages_table.c
+        limit = self._broker.max_message_bytes
+        size = func.length(m.value)
+        prefix = min(limit, _OVERSIZED_PREFIX)
+        # Read raw, past SQLAlchemy's JSON and bytes processing and the drivers' decoding, any of which would raise
+        # on a row that `publish` did not write (and fail the whole fetch, every time); and only a prefix of a value
+        # over the limit, so that it is never copied. SQLite's columns hold any type: read them as bytes (text that
+        # is not UTF-8 would fail in the driver); PostgreSQL's hold their declared type: read the JSON as text.
+        raw = NullType()
+        key: ColumnElement[Any]
+        headers: ColumnElement[Any]
+        if self._broker.is_postgresql:
+            key, headers = m.key, cast(m.headers, Text)
+        else:
+            key, headers = cast(m.key, LargeBinary()), cast(m.headers, LargeBinary())
         query = (
-            select(m.id, m.topic, m.key, m.headers, m.value)
+            select(
+                m.id, m.topic, type_coerce(key, raw).label("key"), type_coerce(headers, raw).label("headers"),
+                size.label("size"),
+                type_coerce(case((size <= limit, m.value), else_=func.substr(m.value, 1, prefix)), raw).label("value"),
+            )
             .where(or_(*(and_(m.topic == t, m.id > c.cursor) for t, c in self._claims.items())))
             .order_by(m.id)
             .limit(max_messages)
@@ -447,9 +533,7 @@ class SqlQueueConsumer:
             claim = self._claims[row.topic]
             claim.cursor = row.id
             claim.fetched[row.id] = False
-            message = BrokerMessage(
-                topic=row.topic, key=row.key, headers=_decode_headers(row.headers), value=bytes(row.value)
-            )
+            message = _decode_row(row, limit)
             deliveries.append(Delivery(message, _Token(self.holder, row.id)))
         return deliveries
 

@@ -331,12 +331,23 @@ def skip(saga_id: str, step: str, reason: Annotated[str, typer.Option("--reason"
 # ---- dead letters -----------------------------------------------------------------------------------
 
 
-def _dead_json(dead: DeadLetter) -> dict[str, Any]:
+LIST_PREVIEW_BYTES = 512
+SHOW_PREVIEW_BYTES = 4096
+_HEADER_PREVIEW_CHARS = 300
+
+
+def _dead_json(dead: DeadLetter, preview: int) -> dict[str, Any]:
+    """A dead letter for print: at most `preview` bytes of its body and a bounded part of each header, so that
+    neither `list --json` nor `show` prints more than a screenful per letter, whatever the message was."""
+    value = dead.message.value
     return {
         "id": dead.id, "reason": dead.reason, "saga_id": dead.saga_id, "at": dead.at, "replayed_at": dead.replayed_at,
         "topic": dead.message.topic, "key": dead.message.key,
-        "headers": {k: v.decode("utf-8", "replace") for k, v in dead.message.headers},
-        "value": dead.message.value.decode("utf-8", "replace"),
+        "headers": {k: v[:_HEADER_PREVIEW_CHARS * 4].decode("utf-8", "replace")[:_HEADER_PREVIEW_CHARS]
+                    for k, v in dead.message.headers},
+        "value": value[:preview].decode("utf-8", "replace"),
+        "size": dead.size, "sha256": dead.sha256, "kept_bytes": len(value), "truncated": dead.truncated,
+        "preview_bytes": min(len(value), preview),
     }
 
 
@@ -347,7 +358,7 @@ def dlq_list(all_: Annotated[bool, typer.Option("--all", help="Include replayed 
     """Dead letters, newest first."""
     found = _admin_call(db_url, lambda admin: admin.dead_letters(limit=limit, include_replayed=all_))
     if as_json:
-        out.print_json(data=[_dead_json(d) for d in found])
+        out.print_json(data=[_dead_json(d, LIST_PREVIEW_BYTES) for d in found])
         return
     table = Table("id", "at", "saga", "topic", "reason", "replayed")
     for dead in found:
@@ -358,10 +369,32 @@ def dlq_list(all_: Annotated[bool, typer.Option("--all", help="Include replayed 
 
 
 @dlq.command("show")
-def dlq_show(dead_letter_id: str, db_url: DbOption = "sagas.db") -> None:
-    """One dead letter with its raw message."""
+def dlq_show(
+    dead_letter_id: str,
+    full: Annotated[Path | None, typer.Option(
+        "--full", help="Write the stored body, byte for byte, to this file instead of printing a preview.")] = None,
+    db_url: DbOption = "sagas.db",
+) -> None:
+    """One dead letter with a preview of its raw message (JSON); its size and SHA-256 say what arrived."""
     dead = _admin_call(db_url, lambda admin: admin.dead_letter(dead_letter_id))
-    out.print_json(data=_dead_json(dead))
+    kept = len(dead.message.value)
+    whole = "the whole body" if not dead.truncated else f"the first {kept} of {dead.size} bytes that arrived"
+    if full is not None:
+        try:
+            full.write_bytes(dead.message.value)
+        except OSError as exc:
+            raise fail(f"cannot write {full}: {exc.strerror or exc}") from None
+        out.print(f"wrote {kept} bytes to {_e(str(full))}: {whole}", highlight=False, soft_wrap=True)
+        return
+    out.print_json(data=_dead_json(dead, SHOW_PREVIEW_BYTES))
+    notes = []
+    if kept > SHOW_PREVIEW_BYTES:
+        notes.append(f"value: preview of the first {SHOW_PREVIEW_BYTES} of {kept} stored bytes")
+    if dead.truncated:
+        digest = f"sha256 {dead.sha256}" if dead.sha256 else "sha256 not computed (never read whole)"
+        notes.append(f"truncated: {kept} of {dead.size} bytes kept; {digest}")
+    if notes:  # on stderr: stdout stays one JSON document
+        err.print("; ".join(notes) + "; --full FILE writes the stored bytes", highlight=False, soft_wrap=True)
 
 
 @dlq.command("replay")

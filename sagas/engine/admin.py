@@ -91,9 +91,15 @@ class SagaAdmin:
         The message gets a new id (`<id>/replay/<n>`), so the inbox does not mistake it for a duplicate and the
         history shows it was replayed. A dead letter replayed already is refused, so that its `replayed_at` keeps
         the replay that counted. A replay that is rejected again raises `OperatorError` with the reason; the dead
-        letter stays in the list, not replayed (the rejected copy is kept as its own dead letter).
+        letter stays in the list, not replayed (the rejected copy is kept as its own dead letter). A letter that
+        kept only a prefix of its body is refused: replaying a part as the whole could apply a different reply.
         """
         dead = await self.store.dead_letter(dead_letter_id)
+        if dead.truncated:
+            raise OperatorError(
+                f"dead letter {dead_letter_id!r} kept only the first {len(dead.message.value)} of its {dead.size} "
+                "bytes; it cannot be replayed faithfully (`sagas dlq show --full FILE` writes what was kept)"
+            )
         kind = dead.message.header("ce_sagakind")
         if kind in ("command", "compensation"):
             raise OperatorError(

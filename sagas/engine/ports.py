@@ -7,6 +7,7 @@ tests. Everything a third party needs to implement a seam is importable from her
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -19,17 +20,34 @@ from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, TimerSpec
 
 @dataclass(frozen=True)
 class BrokerMessage:
-    """A message as it travels: raw bytes, so that malformed input survives long enough to be dead-lettered."""
+    """A message as it travels: raw bytes, so that malformed input survives long enough to be dead-lettered.
+
+    A broker that cannot decode what it read (a row whose headers are not JSON, a value of the wrong type, a body
+    over its size limit) does not raise: it hands over what it could read, with `malformed` saying why, and the
+    engine dead-letters it like any other message it cannot parse.
+    """
 
     topic: str
     value: bytes
     key: str | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
+    malformed: str | None = None
+    """Why the broker could not decode this message (None: it could)."""
+    size: int | None = None
+    """The body's full size in bytes when `value` holds only a prefix of it (a body over the broker's limit, never
+    read whole); None when `value` is the whole body."""
 
     def header(self, name: str) -> str | None:
-        for key, value in self.headers:
-            if key == name:
-                return value.decode("utf-8", errors="replace")
+        """The first header `name` as text; None when absent. Never raises, whatever an in-process publisher put
+        in the headers: it is read on every message, malformed ones included."""
+        try:
+            for key, value in self.headers:
+                if key == name:
+                    if isinstance(value, bytes | bytearray | memoryview):
+                        return bytes(value).decode("utf-8", errors="replace")
+                    return None
+        except (TypeError, ValueError):  # headers that are not pairs
+            return None
         return None
 
 
@@ -97,12 +115,31 @@ class HistoryRecord:
 
 @dataclass(frozen=True)
 class DeadLetter:
+    """A message the engine could not process, with why. `message.value` may hold only a prefix of its body (the
+    engine keeps a bounded prefix): `size` and `sha256` describe the whole body, as it arrived."""
+
     id: str
     reason: str
     message: BrokerMessage
     at: float
     saga_id: str | None = None
     replayed_at: float | None = None
+    size: int | None = None
+    """The full body's size in bytes; None: the kept value is the whole body (filled in as its length)."""
+    sha256: str | None = None
+    """Hex SHA-256 of the full body; None when the body was never read whole (a broker's size limit)."""
+
+    def __post_init__(self) -> None:
+        value = self.message.value
+        if self.size is None:
+            object.__setattr__(self, "size", self.message.size if self.message.size is not None else len(value))
+        if self.sha256 is None and self.size == len(value):
+            object.__setattr__(self, "sha256", hashlib.sha256(value).hexdigest())
+
+    @property
+    def truncated(self) -> bool:
+        """Whether only a prefix of the body was kept (such a letter cannot be replayed faithfully)."""
+        return (self.size or 0) > len(self.message.value)
 
 
 @dataclass
@@ -138,6 +175,7 @@ class RetentionResult:
     outbox: int
     history: int
     instances: int
+    dead_letters: int = 0
 
 
 class Store(Protocol):
@@ -202,9 +240,10 @@ class Store(Protocol):
 
     async def mark_replayed(self, dead_letter_id: str, at: float) -> None: ...
 
-    async def purge(self, older_than: float) -> RetentionResult:
+    async def purge(self, older_than: float, *, dead_letters_before: float | None = None) -> RetentionResult:
         """Delete inbox ids, sent outbox rows, and the history and snapshot of sagas that finished before
-        `older_than`. Running and parked sagas are never touched."""
+        `older_than`; and dead letters recorded before `dead_letters_before` (None keeps them all). Running and
+        parked sagas are never touched."""
         ...
 
 

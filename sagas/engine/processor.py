@@ -9,8 +9,8 @@ timers + dead letters atomically.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence, Set
@@ -136,6 +136,12 @@ class Prepared:
 
 
 DEFAULT_KNOWN_MAX = 10_000
+DEAD_LETTER_MAX_BYTES = 64 * 1024
+"""The default prefix of a dead letter's body that the store keeps (its size and SHA-256 are kept whole)."""
+DEAD_LETTER_HEADER_BYTES = 16 * 1024
+"""What a dead letter keeps of its headers' values, all together (names and values beyond it are cut)."""
+_MAX_REASON = 1000
+_MAX_HEADER_NAME = 200
 
 
 class Processor:
@@ -158,10 +164,13 @@ class Processor:
         known_max_age: float | None = None,
         publishing: bool = False,
         observer: Observer | None = None,
+        dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES,
     ) -> None:
         """`publishing`: the caller publishes what a batch puts in the outbox right after the commit (the engine);
-        otherwise (the CLI) the rows wait for a serving engine's relay."""
+        otherwise (the CLI) the rows wait for a serving engine's relay. `dead_letter_max_bytes`: what a dead
+        letter keeps of a message's body."""
         self.store = store
+        self.dead_letter_max_bytes = dead_letter_max_bytes
         self.publishing = publishing
         self.observer: Observer = observer or NO_OBSERVER
         self.registry = registry
@@ -545,15 +554,69 @@ class Processor:
         result.outcome = "rejected"
         # Whatever a malformed message carries must fit the dead letters' columns, or it could not even be kept.
         fits = record_id is not None and len(record_id) <= MAX_MESSAGE_ID_CHARS - len(DEAD_LETTER_PREFIX)
+        fits = fits and "\x00" not in (record_id or "")
         dead_id = f"{DEAD_LETTER_PREFIX}{record_id if fits else uuid7()}"
         saga_id = saga_id or reply_saga_id(message)
-        if saga_id is not None and len(saga_id) > MAX_SAGA_ID_CHARS:
+        if saga_id is not None and (len(saga_id) > MAX_SAGA_ID_CHARS or "\x00" in saga_id):
             saga_id = None
-        if message.key is not None and len(message.key) > MAX_MESSAGE_ID_CHARS:
-            message = dataclasses.replace(message, key=None)
-        work.dead_letters.append(DeadLetter(dead_id, reason, message, now, saga_id=saga_id))
-        log.warning("dead letter", reason=reason, topic=message.topic, message_id=message.header("ce_id"),
-                    saga_id=saga_id)
+        letter = bounded_letter(dead_id, reason, message, now, saga_id=saga_id, max_bytes=self.dead_letter_max_bytes)
+        work.dead_letters.append(letter)
+        log.warning("dead letter", reason=letter.reason[:300], topic=letter.message.topic,
+                    message_id=(message.header("ce_id") or "")[:MAX_MESSAGE_ID_CHARS], saga_id=saga_id,
+                    size=letter.size, truncated=letter.truncated)
+
+
+def bounded_letter(
+    dead_id: str, reason: str, message: BrokerMessage, now: float, *, saga_id: str | None, max_bytes: int
+) -> DeadLetter:
+    """A dead letter that any store can hold whatever the message was: at most `max_bytes` of its body (with the
+    whole body's size and SHA-256), headers cut to a bounded total and made storable (text names without NUL,
+    bytes values), a key that fits its column, a reason of bounded length without NUL."""
+    value = message.value if isinstance(message.value, bytes) else bytes(message.value)
+    size = message.size if message.size is not None else len(value)
+    digest = hashlib.sha256(value).hexdigest() if size == len(value) else None  # a broker's prefix: never read whole
+    headers, cut = _storable_headers(message.headers)
+    key = message.key if isinstance(message.key, str) else None
+    if key is not None and (len(key) > MAX_MESSAGE_ID_CHARS or "\x00" in key):
+        key = None
+    reason = reason.replace("\x00", "\\x00")
+    if cut:
+        reason += " (headers cut to fit)"
+    kept = BrokerMessage(topic=message.topic, value=value[: max(max_bytes, 0)], key=key, headers=headers)
+    return DeadLetter(dead_id, reason[:_MAX_REASON], kept, now, saga_id=saga_id, size=size, sha256=digest)
+
+
+def _storable_headers(headers: Any) -> tuple[tuple[tuple[str, bytes], ...], bool]:
+    """Headers as a store can keep them, within DEAD_LETTER_HEADER_BYTES; and whether anything was cut or
+    changed to get there."""
+    kept: list[tuple[str, bytes]] = []
+    budget = DEAD_LETTER_HEADER_BYTES
+    changed = False
+    try:
+        pairs = list(headers)
+    except TypeError:
+        return (), True
+    for pair in pairs:
+        try:
+            name, value = pair
+        except (TypeError, ValueError):
+            changed = True
+            continue
+        if not isinstance(name, str) or "\x00" in name or len(name) > _MAX_HEADER_NAME:
+            name = repr(name)[:_MAX_HEADER_NAME].replace("\x00", "\\x00")
+            changed = True
+        if not isinstance(value, bytes | bytearray | memoryview):
+            value = repr(value)[:_MAX_HEADER_NAME].encode()
+            changed = True
+        value = bytes(value)
+        if len(name) + len(value) > budget:
+            changed = True
+            if budget <= len(name):
+                break
+            value = value[: budget - len(name)]
+        budget -= len(name) + len(value)
+        kept.append((name, value))
+    return tuple(kept), changed
 
 
 def _same_start(stored: SagaInstance, item: StartItem) -> bool:

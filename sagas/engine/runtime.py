@@ -33,6 +33,7 @@ from sagas.definitions.registry import DefinitionRegistry
 from sagas.engine.ids import new_id
 from sagas.engine.ports import NO_OBSERVER, Broker, Consumer, Observer, OutboxMessage, Store
 from sagas.engine.processor import (
+    DEAD_LETTER_MAX_BYTES,
     DEFAULT_KNOWN_MAX,
     Item,
     ItemResult,
@@ -99,6 +100,10 @@ class EngineSettings:
     retention: float | None = None
     """Seconds to keep inbox ids, sent outbox rows and finished sagas' history; None keeps everything."""
     retention_interval: float = 600.0
+    dead_letter_retention: float | None = None
+    """Seconds to keep dead letters (longer than `retention`: they wait for an operator); None keeps them."""
+    dead_letter_max_bytes: int = DEAD_LETTER_MAX_BYTES
+    """What a dead letter keeps of a message's body; its full size and SHA-256 are always kept."""
     gc_threshold: int | None = 50_000
     """While an engine runs, the cyclic garbage collector's first threshold is at least this (None: leave it).
 
@@ -162,6 +167,7 @@ class Engine:
             known_max_age=None if self.settings.retention is None else self.settings.retention / 2,
             publishing=True,
             observer=self.observer,
+            dead_letter_max_bytes=self.settings.dead_letter_max_bytes,
         )
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=20_000)
         self._publish_queue: asyncio.Queue[list[OutboxMessage]] = asyncio.Queue()
@@ -209,8 +215,8 @@ class Engine:
         timer_interval, retention = self.settings.timer_interval, self.settings.retention
         if timer_interval is not None:
             self._loops.spawn("timers", lambda: self._timer_loop(timer_interval))
-        if retention is not None:
-            self._loops.spawn("retention", lambda: self._retention_loop(retention))
+        if retention is not None or self.settings.dead_letter_retention is not None:
+            self._loops.spawn("retention", lambda: self._retention_loop(retention, self.settings.dead_letter_retention))
         if self.settings.gc_threshold is not None and not self._gc_raised:
             _raise_gc_threshold(self.settings.gc_threshold)
             self._gc_raised = True
@@ -522,7 +528,7 @@ class Engine:
         if self._store_down_since is None:
             self._store_down_since = time.monotonic()
             log.error("store unavailable; retrying", error=str(exc))
-            self.observer.outage("store", True)
+            self._tell(self.observer.outage, "store", True)
         return True
 
     def _store_ok(self) -> None:
@@ -530,11 +536,20 @@ class Engine:
             outage = round(time.monotonic() - self._store_down_since, 1)
             self._store_down_since = None
             log.warning("store available again", outage_seconds=outage)
-            self.observer.outage("store", False)
+            self._tell(self.observer.outage, "store", False)
+
+    def _tell(self, call: Callable[..., None], *args: Any) -> None:
+        """Tell the observer something. One that raises is logged and ignored: after a publish the broker has the
+        messages, and an observer's error there must not have them published again."""
+        try:
+            call(*args)
+        except Exception:
+            log.exception("observer failed", call=getattr(call, "__name__", repr(call)))
 
     async def _polling(self, call: Callable[[], Awaitable[Any]], interval: float, failed: str) -> None:
         """Run `call` every `interval` seconds for ever. A store outage is logged once (and its end) and backs
-        off; any other error is logged and the loop carries on: a loop that dies leaves a process doing nothing."""
+        off, as does a store error that is not an outage; any other error is unexpected and goes to the supervisor,
+        which logs it once with its cause, counts the restart (what `health()` reports) and restarts the loop."""
         delay = interval
         while True:
             try:
@@ -544,9 +559,6 @@ class Engine:
             except StoreError as exc:
                 if not self._store_failed(exc):
                     log.error(failed, error=str(exc))
-                delay = min(max(delay * 2, 0.05), self.settings.outage_backoff_max)
-            except Exception:
-                log.exception(failed)
                 delay = min(max(delay * 2, 0.05), self.settings.outage_backoff_max)
             await asyncio.sleep(delay)
 
@@ -601,7 +613,7 @@ class Engine:
                     outage_since = time.monotonic() - self.settings.outage_log_after
                     log.error("broker unavailable; retrying publish", messages=len(messages),
                               error=f"not acknowledged within {self.settings.outage_log_after:g}s")
-                    self.observer.outage("broker", True)
+                    self._tell(self.observer.outage, "broker", True)
                 await publishing
                 break
             except SagaError as exc:
@@ -610,7 +622,7 @@ class Engine:
                 if outage_since is None:
                     outage_since = time.monotonic()
                     log.error("broker unavailable; retrying publish", error=str(exc), messages=len(messages))
-                    self.observer.outage("broker", True)
+                    self._tell(self.observer.outage, "broker", True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.outage_backoff_max)
             finally:
@@ -618,9 +630,9 @@ class Engine:
                     publishing.cancel()
         if outage_since is not None:
             log.warning("broker available again", outage_seconds=round(time.monotonic() - outage_since, 1))
-            self.observer.outage("broker", False)
+            self._tell(self.observer.outage, "broker", False)
         self._sent.extend(m.id for m in messages)
-        self.observer.published(messages, time.monotonic() - began)
+        self._tell(self.observer.published, messages, time.monotonic() - began)
         self.stats["published"] += len(messages)
 
     async def _consumer_loop(self) -> None:
@@ -652,12 +664,16 @@ class Engine:
             self.stats["relayed"] += len(orphans)
         return len(orphans)
 
-    async def _retention_loop(self, retention: float) -> None:
+    async def _retention_loop(self, retention: float | None, dead_letter_retention: float | None) -> None:
         async def purge() -> None:
-            removed = await self.store.purge(self.clock.now() - retention)
-            if any((removed.inbox, removed.outbox, removed.history, removed.instances)):
+            now = self.clock.now()
+            # -inf: nothing is older than that (only dead letters have a horizon).
+            older_than = -float("inf") if retention is None else now - retention
+            dead_before = None if dead_letter_retention is None else now - dead_letter_retention
+            removed = await self.store.purge(older_than, dead_letters_before=dead_before)
+            if any((removed.inbox, removed.outbox, removed.history, removed.instances, removed.dead_letters)):
                 log.info("retention clean-up", inbox=removed.inbox, outbox=removed.outbox,
-                         history=removed.history, instances=removed.instances)
+                         history=removed.history, instances=removed.instances, dead_letters=removed.dead_letters)
 
         await self._polling(purge, self.settings.retention_interval, "retention clean-up failed; will retry")
 

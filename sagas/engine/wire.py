@@ -29,6 +29,12 @@ MAX_SAGA_ID_CHARS = 200
 """The store's saga id columns."""
 MAX_REASON_CHARS = 500
 """What a reply carries of its reason."""
+MAX_HEADERS = 64
+"""Headers a message may carry (the protocol's own are 13)."""
+MAX_DEPTH = 100
+"""How deeply a message's JSON value may nest."""
+MAX_ATTEMPT = 2**31 - 1
+"""The store's attempt columns are 32-bit integers."""
 DEAD_LETTER_PREFIX = "dl/"
 _MAX_CHARS = {"id": 296, "subject": MAX_SAGA_ID_CHARS}
 """A reply's id is an inbox key and, after the prefix, a dead letter's (296 leaves room for it); its subject is a
@@ -163,27 +169,54 @@ _KINDS = {kind.value: kind for kind in MessageKind}
 _OUTCOMES = {outcome.value: outcome for outcome in Outcome}
 
 
+_BYTES = (bytes, bytearray, memoryview)
+
+
 def _attrs(message: BrokerMessage, required: tuple[str, ...]) -> dict[str, str]:
-    if len(message.value) > MAX_MESSAGE_BYTES:
-        raise MalformedMessage(f"message of {len(message.value)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    if message.malformed is not None:  # the broker could not even decode it: say why, as for any other defect
+        raise MalformedMessage(f"undecodable by the broker: {message.malformed}")
+    value = message.value
+    if not isinstance(value, _BYTES):
+        raise MalformedMessage(f"value must be bytes, got {type(value).__name__}")
+    # Checked before anything copies or parses the body.
+    if len(value) > MAX_MESSAGE_BYTES:
+        raise MalformedMessage(f"message of {len(value)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    headers = message.headers
+    if not isinstance(headers, tuple | list):
+        raise MalformedMessage(f"headers must be a sequence of (name, bytes) pairs, got {type(headers).__name__}")
+    if len(headers) > MAX_HEADERS:
+        raise MalformedMessage(f"{len(headers)} headers exceed the limit of {MAX_HEADERS}")
     attrs: dict[str, str] = {}
     names = _ATTRIBUTE_NAMES
-    for key, value in message.headers:
+    for header in headers:
+        if not isinstance(header, tuple | list) or len(header) != 2:
+            raise MalformedMessage("a header is not a (name, value) pair")
+        key, raw = header
+        if not isinstance(key, str):
+            raise MalformedMessage(f"a header name is {type(key).__name__}, not text")
         name = names.get(key)
         if name is None:
             name = key[3:] if key[:3] == "ce_" else ""
             if len(names) < 1024:  # header names come from the network: bound what is remembered
                 names[key] = name
-        if name:
-            try:
-                attrs[name] = value.decode()
-            except UnicodeDecodeError:
-                attrs[name] = _decode(value)
-            if "\x00" in attrs[name]:
-                raise MalformedMessage(f"{key} contains a NUL character, which PostgreSQL cannot store")
-            limit = _MAX_CHARS.get(name, MAX_ATTRIBUTE_CHARS)
-            if len(attrs[name]) > limit:
-                raise MalformedMessage(f"{key} is longer than {limit} characters")
+        if not name:
+            continue
+        if not isinstance(raw, _BYTES):
+            raise MalformedMessage(f"{_shown(key)} is {type(raw).__name__}, not bytes")
+        if name in attrs:  # CloudEvents attributes are unique: which of two ids would be the message's?
+            raise MalformedMessage(f"{_shown(key)} appears more than once")
+        limit = _MAX_CHARS.get(name, MAX_ATTRIBUTE_CHARS)
+        if len(raw) > 4 * limit:  # no UTF-8 text of `limit` characters is longer: refuse before decoding
+            raise MalformedMessage(f"{_shown(key)} is longer than {limit} characters")
+        try:
+            text = bytes(raw).decode()
+        except UnicodeDecodeError:
+            text = _decode(bytes(raw))
+        if "\x00" in text:
+            raise MalformedMessage(f"{_shown(key)} contains a NUL character, which PostgreSQL cannot store")
+        if len(text) > limit:
+            raise MalformedMessage(f"{_shown(key)} is longer than {limit} characters")
+        attrs[name] = text
     missing = [name for name in required if not attrs.get(name)]
     if missing:
         raise MalformedMessage(f"missing attribute(s): {', '.join('ce_' + m for m in missing)}")
@@ -193,6 +226,11 @@ def _attrs(message: BrokerMessage, required: tuple[str, ...]) -> dict[str, str]:
     if schema != SCHEMA_VERSION:
         raise MalformedMessage(f"unsupported ce_sagaschema {schema!r}")
     return attrs
+
+
+def _shown(name: str) -> str:
+    """A header name as a reason quotes it: bounded, and escaped when it is not plain text."""
+    return name if len(name) <= 40 and name.isprintable() else repr(name[:40])
 
 
 def _loads(value: bytes) -> Any:
@@ -205,16 +243,37 @@ def _loads(value: bytes) -> Any:
 
 
 def _data(message: BrokerMessage) -> dict[str, Any]:
+    value = bytes(message.value)
     try:
-        data = _loads(message.value) if message.value else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedMessage(f"value is not JSON: {exc}") from None
+        data = _loads(value) if value else {}
+    except RecursionError:  # the stdlib's parser on a deeply nested value (orjson stops at 1024 levels)
+        raise MalformedMessage(f"value is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # invalid JSON or UTF-8, an integer of more digits than Python converts
+        raise MalformedMessage(f"value is not JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise MalformedMessage(f"value must be a JSON object, got {type(data).__name__}")
+    # Nesting can only be as deep as the brackets are many: count them (C speed) before walking anything.
+    if value.count(b"[") + value.count(b"{") > MAX_DEPTH and _depth(data) > MAX_DEPTH:
+        raise MalformedMessage(f"value is nested deeper than {MAX_DEPTH} levels")
     # NUL can only come as JSON's escape (a raw one is not valid JSON); look closer only when the escape is there.
-    if b"\\u0000" in message.value and has_nul(data):
+    if b"\\u0000" in value and has_nul(data):
         raise MalformedMessage("value contains a NUL character (\\u0000), which PostgreSQL cannot store")
     return data
+
+
+def _depth(data: Any) -> int:
+    """How deeply `data` nests, without recursion (a hostile value must not exhaust the stack); stops counting
+    just past MAX_DEPTH."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+            break
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 def _attempt(attrs: dict[str, str]) -> int:
@@ -224,11 +283,26 @@ def _attempt(attrs: dict[str, str]) -> int:
         raise MalformedMessage(f"ce_sagaattempt {attrs['sagaattempt']!r} is not an integer") from None
     if attempt < 1:
         raise MalformedMessage(f"ce_sagaattempt must be at least 1, got {attempt}")
+    if attempt > MAX_ATTEMPT:
+        raise MalformedMessage(f"ce_sagaattempt must be at most {MAX_ATTEMPT}, got {attempt}")
     return attempt
 
 
 def decode_reply(message: BrokerMessage) -> ReplyReceived:
-    """A reply from a participant, or MalformedMessage saying what is wrong with it."""
+    """A reply from a participant, or MalformedMessage saying what is wrong with it (never any other error)."""
+    try:
+        return _decode_reply(message)
+    except MalformedMessage:
+        raise
+    except Exception as exc:  # whatever the bytes: a defect the checks above missed is still only a bad message
+        raise MalformedMessage(f"undecodable: {_error(exc)}") from None
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _decode_reply(message: BrokerMessage) -> ReplyReceived:
     attrs = _attrs(
         message,
         ("specversion", "id", "type", "subject", "sagastep", "sagaattempt", "sagakind", "sagacausation", "sagaoutcome"),
@@ -260,11 +334,21 @@ def decode_reply(message: BrokerMessage) -> ReplyReceived:
 
 def reply_saga_id(message: BrokerMessage) -> str | None:
     """The saga a message claims to belong to, for dead-letter records; None when it does not say."""
-    return message.header("ce_subject") or message.key
+    key = message.key
+    return message.header("ce_subject") or (key if isinstance(key, str) else None)
 
 
 def decode_command(message: BrokerMessage) -> CommandMessage:
-    """A command or compensation, as a participant receives it."""
+    """A command or compensation, as a participant receives it, or MalformedMessage (never any other error)."""
+    try:
+        return _decode_command(message)
+    except MalformedMessage:
+        raise
+    except Exception as exc:  # as in decode_reply
+        raise MalformedMessage(f"undecodable: {_error(exc)}") from None
+
+
+def _decode_command(message: BrokerMessage) -> CommandMessage:
     attrs = _attrs(
         message,
         ("specversion", "id", "type", "subject", "sagastep", "sagaattempt", "sagakind", "sagareplyto"),

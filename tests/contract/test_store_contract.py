@@ -8,6 +8,7 @@ stores that all share ONE fresh database for the duration of the test and use th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -35,6 +36,7 @@ from sagas.engine.ports import (
     Store,
     UnitOfWork,
 )
+from sagas.engine.processor import bounded_letter
 from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, StepState, TimerKind, TimerSpec
 from sagas.errors import ConcurrencyConflict, DefinitionConflict, StoreError, UnknownDefinition
 
@@ -519,6 +521,33 @@ class StoreContract:
         await store.commit(UnitOfWork(dead_letters=[dead_letter("d1", at=T0 + 5)]))
         assert await store.dead_letters() == [dead_letter("d1")]
 
+    async def test_a_dead_letter_keeps_its_prefix_with_the_whole_bodys_size_and_digest(self, store: Store) -> None:
+        """A dead letter holding a prefix of its body round-trips with the whole body's size and SHA-256, and
+        says it is truncated; one holding its whole body is not."""
+        body = b"x" * 100_000
+        letter = bounded_letter("big", "too big", BrokerMessage(topic="r", value=body), T0, saga_id=None,
+                                max_bytes=1024)
+        await store.commit(UnitOfWork(dead_letters=[letter, dead_letter("small")]))
+        stored = await store.dead_letter("big")
+        assert stored == letter
+        assert (len(stored.message.value), stored.size, stored.truncated) == (1024, 100_000, True)
+        assert stored.sha256 == hashlib.sha256(body).hexdigest()
+        small = await store.dead_letter("small")
+        assert (small.truncated, small.size, small.sha256) == (False, 9, hashlib.sha256(b"\x80not json").hexdigest())
+
+    async def test_dead_letters_are_purged_after_their_own_horizon_and_kept_before_it(self, store: Store) -> None:
+        """`purge` deletes dead letters recorded before `dead_letters_before` (replayed or not), keeps the later
+        ones, and keeps every dead letter when it is not given."""
+        await store.commit(UnitOfWork(dead_letters=[dead_letter("old", at=T0), dead_letter("older", at=T0 - 5),
+                                                    dead_letter("new", at=T0 + 100)]))
+        await store.mark_replayed("older", T0)
+        kept_all = await store.purge(T0 + 1000)
+        assert kept_all.dead_letters == 0
+        assert len(await store.dead_letters(include_replayed=True)) == 3
+        result = await store.purge(T0 - 1000, dead_letters_before=T0 + 50)
+        assert result.dead_letters == 2
+        assert [d.id for d in await store.dead_letters(include_replayed=True)] == ["new"]
+
     # ---- retention --------------------------------------------------------------------------------------
 
     async def test_purge_removes_old_finished_sagas_and_keeps_the_rest(self, store: Store, clock: FakeClock) -> None:
@@ -689,6 +718,27 @@ class TestSqliteStore(SqlContract):
         finally:
             other.close()
             await store.close()
+
+    async def test_dead_letters_from_before_the_size_columns_read_as_whole_bodies(self, tmp_path: Path) -> None:
+        """A database at revision 0001 with a dead letter upgrades to head; the old letter (its whole body kept)
+        reads back with its size and SHA-256 computed from that body, not truncated."""
+        url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+        await upgrade(url, revision="0001")
+        body = b'{"old": true}'
+        row = {"id": "dl/old", "reason": "r", "saga_id": None, "topic": "t", "key": None,
+               "headers": '{"n":[],"l":[],"v":""}', "value": body, "at": T0, "replayed_at": None}
+        plain = sa.create_engine(f"sqlite:///{tmp_path / 'old.db'}")
+        with plain.begin() as conn:
+            conn.execute(sa.text("INSERT INTO dead_letters VALUES (:id, :reason, :saga_id, :topic, :key, :headers, "
+                                 ":value, :at, :replayed_at)"), row)
+        plain.dispose()
+        store = SqlStore(url)
+        try:
+            await store.initialize()
+            letter = await store.dead_letter("dl/old")
+        finally:
+            await store.close()
+        assert (letter.size, letter.sha256, letter.truncated) == (len(body), hashlib.sha256(body).hexdigest(), False)
 
     async def test_a_closed_store_refuses_calls(self, store: Store) -> None:
         """After `close` (twice is fine) calls raise a permanent StoreError."""

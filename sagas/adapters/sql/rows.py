@@ -158,14 +158,16 @@ def timer(row: Row[Any]) -> TimerSpec:
     )
 
 
-DEAD_LETTER_COLUMNS = ("id", "reason", "saga_id", "topic", "key", "headers", "value", "at", "replayed_at")
+DEAD_LETTER_COLUMNS = (
+    "id", "reason", "saga_id", "topic", "key", "headers", "value", "at", "replayed_at", "size", "sha256",
+)
 
 
 def dead_letter_values(letter: DeadLetter) -> tuple[Any, ...]:
     message = letter.message
     return (
         letter.id, letter.reason, letter.saga_id, message.topic, message.key, encode_headers(message.headers),
-        message.value, letter.at, letter.replayed_at,
+        message.value, letter.at, letter.replayed_at, letter.size, letter.sha256,
     )
 
 
@@ -177,4 +179,6 @@ def dead_letter(row: Row[Any]) -> DeadLetter:
         at=row.at,
         saga_id=row.saga_id,
         replayed_at=row.replayed_at,
+        size=row.size,
+        sha256=row.sha256,
     )

@@ -130,8 +130,10 @@ class SqlStore:
                 f"{stored}; this one has digest {digest}: give changed content a new version"
             )
 
-    async def purge(self, older_than: float) -> RetentionResult:
-        return await self._runner.write(partial(writes.purge, older_than=older_than))
+    async def purge(self, older_than: float, *, dead_letters_before: float | None = None) -> RetentionResult:
+        return await self._runner.write(
+            partial(writes.purge, older_than=older_than, dead_letters_before=dead_letters_before)
+        )
 
     # ---- claims -------------------------------------------------------------------------------------
 

@@ -118,6 +118,10 @@ dead_letters = sa.Table(
     sa.Column("value", sa.LargeBinary, nullable=False),
     sa.Column("at", Time, nullable=False),
     sa.Column("replayed_at", Time, nullable=True),
+    # `value` may be a prefix of the body (the engine keeps a bounded one): these describe the whole body.
+    # NULL in rows from before migration 0002, which hold the whole body.
+    sa.Column("size", sa.BigInteger, nullable=True),
+    sa.Column("sha256", sa.String(64), nullable=True),
     sa.Index(None, "at"),
 )
 

@@ -409,7 +409,7 @@ def claim_timers(connection: Connection, *, due: float, limit: int, now: float, 
 _INFINITY = float("inf")
 
 
-def purge(connection: Connection, *, older_than: float) -> RetentionResult:
+def purge(connection: Connection, *, older_than: float, dead_letters_before: float | None = None) -> RetentionResult:
     inbox_count = connection.execute(sa.delete(inbox).where(inbox.c.at < older_than)).rowcount
     outbox_count = connection.execute(
         sa.delete(outbox).where(outbox.c.sent_at.is_not(None), outbox.c.sent_at < older_than)
@@ -422,7 +422,12 @@ def purge(connection: Connection, *, older_than: float) -> RetentionResult:
     instance_count = connection.execute(
         sa.delete(saga_instances).where(saga_instances.c.status.in_(_FINAL), saga_instances.c.updated_at < older_than)
     ).rowcount
-    return RetentionResult(inbox=inbox_count, outbox=outbox_count, history=history_count, instances=instance_count)
+    dead_count = 0
+    if dead_letters_before is not None:
+        # Replayed or not: a letter nobody acted on within its horizon is not going to be (docs/operations.md).
+        dead_count = connection.execute(sa.delete(dead_letters).where(dead_letters.c.at < dead_letters_before)).rowcount
+    return RetentionResult(inbox=inbox_count, outbox=outbox_count, history=history_count, instances=instance_count,
+                           dead_letters=dead_count)
 
 
 def conflicting_ids(connection: Connection, *, work: UnitOfWork) -> list[str]:
