@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         ConcurrencyConflict,
         DefinitionConflict,
         DefinitionError,
+        IdempotencyConflict,
         InvalidInput,
         OperatorError,
         SagaError,
@@ -64,8 +65,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("CommandMessage",), "sagas.engine.wire"),
     **dict.fromkeys(
         (
-            "BrokerError", "ConcurrencyConflict", "DefinitionConflict", "DefinitionError", "InvalidInput",
-            "OperatorError", "SagaError", "StoreError", "UnknownDeadLetter", "UnknownDefinition", "UnknownSaga"
+            "BrokerError", "ConcurrencyConflict", "DefinitionConflict", "DefinitionError", "IdempotencyConflict",
+            "InvalidInput", "OperatorError", "SagaError", "StoreError", "UnknownDeadLetter", "UnknownDefinition",
+            "UnknownSaga"
         ),
         "sagas.errors",
     ),
@@ -128,6 +130,7 @@ __all__ = [  # noqa: RUF022 - grouped by topic under comment headings, on purpos
     "ConcurrencyConflict",
     "DefinitionConflict",
     "DefinitionError",
+    "IdempotencyConflict",
     "InvalidInput",
     "OperatorError",
     "SagaError",

@@ -8,7 +8,8 @@ Every exception the library raises on purpose derives from `SagaError`::
     ├── UnknownDefinition (LookupError)     no definition with that name (and version)
     ├── UnknownSaga (LookupError)           no saga instance with that id
     ├── UnknownDeadLetter (LookupError)     no dead letter with that id
-    ├── InvalidInput (ValueError)           a saga's input does not match its input schema
+    ├── InvalidInput (ValueError)           a saga's input, key or id is malformed or out of bounds
+    ├── IdempotencyConflict (ValueError)    a key already started a saga of that name with a different input
     ├── OperatorError (ValueError)          an operator command does not fit the saga's state
     ├── ConcurrencyConflict                 an instance was changed by someone else (stale version)
     ├── StoreError                          the database failed; `retriable` says if trying again may help
@@ -68,7 +69,17 @@ class UnknownDeadLetter(SagaError, LookupError):
 
 
 class InvalidInput(SagaError, ValueError):
-    """A saga's input does not satisfy the definition's input schema."""
+    """What a saga is started with is refused: its input does not satisfy the definition's input schema, or its
+    input, idempotency key or id is beyond a limit (`sagas.definitions.limits`)."""
+
+
+class IdempotencyConflict(SagaError, ValueError):
+    """The idempotency key already started a saga of that name, with a different input. (The same key with the
+    same input returns the saga it started.) `saga_id` is that saga."""
+
+    def __init__(self, message: str, *, saga_id: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(message)
 
 
 class OperatorError(SagaError, ValueError):

@@ -16,7 +16,8 @@ def test_public_names_are_pinned() -> None:
     assert sorted(sagas.__all__) == sorted([
         "BrokerError", "BrokerMessage", "Broker", "BusinessFailure", "CommandMessage", "ConcurrencyConflict",
         "Consumer", "DefinitionConflict", "DefinitionError", "DefinitionRegistry", "Delivery", "Engine",
-        "EngineSettings", "InvalidInput", "OperatorCommand", "OperatorError", "Participant", "SagaAdmin",
+        "EngineSettings", "IdempotencyConflict", "InvalidInput", "OperatorCommand", "OperatorError", "Participant",
+        "SagaAdmin",
         "SagaDefinition", "SagaError", "SagaHarness", "SagaInstance", "SagaReport", "SagaStatus", "SagasSettings",
         "StepDefinition", "StepKind", "StepStatus", "Store", "StoreError", "UnknownDeadLetter", "UnknownDefinition",
         "UnknownSaga", "VirtualClock", "discover", "literal", "load_file", "load_python", "loads", "open_broker",

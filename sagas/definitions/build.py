@@ -95,6 +95,9 @@ def _finding(error: ErrorDetails) -> Finding:
     elif kind == "too_short":
         context = error.get("ctx", {})
         message = f"needs at least {context.get('min_length')} entries, has {context.get('actual_length')}"
+    elif kind == "string_too_long":
+        limit = error.get("ctx", {}).get("max_length")
+        message = f"at most {limit} characters, has {len(error['input'])}"
     elif kind == "string_pattern_mismatch":
         message = f"must match {error.get('ctx', {}).get('pattern')}"
     elif kind in _BOUNDS:
@@ -102,7 +105,7 @@ def _finding(error: ErrorDetails) -> Finding:
         message = f"must be {_BOUNDS[kind][1]} {bound}"
     elif kind in _PLAIN_MESSAGES:
         message = _PLAIN_MESSAGES[kind]
-    if not kind.startswith("value_error") and _is_scalar(error["input"]) and kind not in ("enum",):
+    if not kind.startswith("value_error") and _is_scalar(error["input"]) and kind not in ("enum", "string_too_long"):
         message += f" (got {_show(error['input'])})"
     return Finding(path, message)
 

@@ -36,6 +36,8 @@ from pydantic import (
     model_validator,
 )
 
+from sagas.definitions.limits import COMMAND_TYPE_CHARS, NAME_CHARS, REPLY_TYPE_CHARS, TOPIC_CHARS, VERSION_MAX
+
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 TYPE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -92,8 +94,10 @@ Backoff = Annotated[
     _duration_schema({"minimum": 0}, _MAX_BACKOFF),
 ]
 Number = Annotated[float, BeforeValidator(_not_bool)]
-Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)]
-MessageType = Annotated[str, Field(pattern=TYPE_PATTERN, max_length=200)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=NAME_CHARS)]
+CommandType = Annotated[str, Field(pattern=TYPE_PATTERN, max_length=COMMAND_TYPE_CHARS)]
+ReplyType = Annotated[str, Field(pattern=TYPE_PATTERN, max_length=REPLY_TYPE_CHARS)]
+Topic = Annotated[str, Field(pattern=TYPE_PATTERN, max_length=TOPIC_CHARS)]
 
 
 _PAYLOAD = (
@@ -152,7 +156,7 @@ class RetryPolicy(_Frozen):
 class CompensationDefinition(_Frozen):
     """The command that undoes a step."""
 
-    command: MessageType = Field(description="Command type; its success reply is '<command>.succeeded'.")
+    command: CommandType = Field(description="Command type; its success reply is '<command>.succeeded'.")
     payload: dict[str, Any] = Field(default_factory=dict, description=_PAYLOAD)
 
 
@@ -161,13 +165,13 @@ class StepDefinition(_Frozen):
 
     name: Name = Field(description="Unique within the saga; later payloads read its reply as steps.<name>.")
     participant: Name = Field(description="The service that runs the step.")
-    command: MessageType = Field(description="Command type sent to the participant.")
-    topic: MessageType | None = Field(None, description="Command topic; defaults to '<participant>.commands'.")
+    command: CommandType = Field(description="Command type sent to the participant.")
+    topic: Topic | None = Field(None, description="Command topic; defaults to '<participant>.commands'.")
     payload: dict[str, Any] = Field(default_factory=dict, description=_PAYLOAD)
-    success: tuple[MessageType, ...] = Field(
+    success: tuple[ReplyType, ...] = Field(
         default=(), description="Reply types that mean success; default '<command>.succeeded'."
     )
-    failure: tuple[MessageType, ...] = Field(
+    failure: tuple[ReplyType, ...] = Field(
         default=(), description="Reply types that mean business failure; default '<command>.failed'."
     )
     compensation: CompensationDefinition | None = Field(
@@ -220,7 +224,7 @@ class SagaDefinition(_Frozen):
     """A saga: ordered steps, each with the compensation that undoes it."""
 
     name: Name
-    version: StrictInt = Field(ge=1, description="Integer; changed content needs a new version.")
+    version: StrictInt = Field(ge=1, le=VERSION_MAX, description="Integer; changed content needs a new version.")
     description: str = ""
     input_schema: dict[str, Any] | None = Field(None, description="JSON Schema the saga's input must satisfy.")
     steps: tuple[StageDefinition, ...] = Field(

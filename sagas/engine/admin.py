@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sagas.definitions import validate_input
 from sagas.definitions.registry import DefinitionRegistry
+from sagas.definitions.schema import validate_start
 from sagas.engine.ids import new_id
 from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord, Store
 from sagas.engine.processor import Item, ItemResult, OperatorItem, Processor, ReplyItem, StartItem
@@ -49,9 +49,11 @@ class SagaAdmin:
         return result
 
     async def start(self, name: str, input: dict[str, Any], *, key: str | None = None) -> tuple[str, bool]:
-        """Start a saga on the latest stored version of `name`. Returns (saga id, created?)."""
+        """Start a saga on the latest stored version of `name`. Returns (saga id, created?): the same key with the
+        same input returns the saga it started, not created; with a different input it raises
+        `IdempotencyConflict`. A malformed or oversized input or key raises `InvalidInput`; nothing is written."""
         definition = await self.store.load_definition(name)
-        validate_input(definition, input)
+        validate_start(definition, input, key=key)
         result = await self._one(StartItem(definition, new_id(), input, key))
         assert result.instance is not None
         return result.instance.id, result.outcome == "applied"

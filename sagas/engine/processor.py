@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence, Set
@@ -55,7 +56,7 @@ from sagas.engine.wire import (
     encode_command,
     reply_saga_id,
 )
-from sagas.errors import ConcurrencyConflict, OperatorError, UnknownDefinition, UnknownSaga
+from sagas.errors import ConcurrencyConflict, IdempotencyConflict, OperatorError, UnknownDefinition, UnknownSaga
 
 log = structlog.get_logger("sagas.engine")
 
@@ -472,6 +473,14 @@ class Processor:
                     None,
                 )
             if existing is not None:
+                if not _same_input(existing.input, item.input):
+                    # Answering with the old saga would hide that this start's input was never used.
+                    result.error = IdempotencyConflict(
+                        f"idempotency key {item.key!r} already started saga {existing.id} of "
+                        f"{item.definition.name!r} with a different input",
+                        saga_id=existing.id,
+                    )
+                    return None
                 result.instance = existing
                 result.outcome = "ignored"
                 return None
@@ -625,8 +634,15 @@ def _same_start(stored: SagaInstance, item: StartItem) -> bool:
     return (
         (stored.definition, stored.definition_version, stored.idempotency_key)
         == (definition.name, definition.version, item.key)
-        and stored.input == pydantic_core.from_json(pydantic_core.to_json(item.input))
+        and _same_input(stored.input, item.input)
     )
+
+
+def _same_input(stored: dict[str, Any], given: dict[str, Any]) -> bool:
+    """Whether `given` is the input `stored` was started with, compared as stored (after a JSON round trip) and
+    as JSON: `true` is not `1`, whatever Python's `True == 1` says; the order of keys does not matter."""
+    canonical = functools.partial(json.dumps, sort_keys=True, separators=(",", ":"))
+    return bool(canonical(stored) == canonical(pydantic_core.from_json(pydantic_core.to_json(given))))
 
 
 async def _nothing(value: T) -> T:

@@ -27,9 +27,9 @@ from typing import Any, Protocol, TypeVar
 
 import structlog
 
-from sagas.definitions import validate_input
 from sagas.definitions.model import SagaDefinition
 from sagas.definitions.registry import DefinitionRegistry
+from sagas.definitions.schema import validate_start
 from sagas.engine.ids import new_id
 from sagas.engine.ports import NO_OBSERVER, Broker, Consumer, Observer, OutboxMessage, Store
 from sagas.engine.processor import (
@@ -254,9 +254,14 @@ class Engine:
     async def start_saga(
         self, name: str, input: dict[str, Any], *, key: str | None = None, saga_id: str | None = None
     ) -> str:
-        """Start a saga on the latest version of `name`; idempotent by `key`. Returns the saga id."""
+        """Start a saga on the latest version of `name`; idempotent by `key`. Returns the saga id.
+
+        Raises:
+            InvalidInput: the input, key or id is malformed or beyond a limit; nothing is written.
+            IdempotencyConflict: `key` already started a saga of `name` with a different input.
+        """
         definition = self.registry.get(name)
-        validate_input(definition, input)
+        validate_start(definition, input, key=key, saga_id=saga_id)
         result = await self._submit(StartItem(definition, saga_id or new_id(), input, key))
         assert result.instance is not None
         return result.instance.id

@@ -35,7 +35,7 @@ orders = Participant("orders", metadata=orders_tables)
 
 @orders.command("order.create")
 async def create_order(command: CommandMessage, tx: AsyncConnection) -> dict[str, Any]:
-    order_id = f"ord-{command.saga_id[:8]}"
+    order_id = f"ord-{command.saga_id}"
     await tx.execute(orders_table.insert().values(order_id=order_id, saga_id=command.saga_id, status="PENDING",
                                                   customer_id=command.data["customer_id"], total=command.data["total"]))
     return {"order_id": order_id}
@@ -126,7 +126,7 @@ payments = Participant("payments", metadata=payments_tables)
 async def charge(command: CommandMessage, tx: AsyncConnection) -> dict[str, Any]:
     if command.data["amount"] > DECLINE_ABOVE:
         raise BusinessFailure("card declined", {"limit": DECLINE_ABOVE}, type="payment.declined")
-    payment_id = f"pay-{command.saga_id[:8]}"
+    payment_id = f"pay-{command.saga_id}"
     await tx.execute(charges_table.insert().values(payment_id=payment_id, order_id=command.data["order_id"],
                                                    amount=command.data["amount"]))
     return {"payment_id": payment_id}

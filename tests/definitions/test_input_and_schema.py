@@ -31,10 +31,13 @@ def test_invalid_input_names_every_place_that_is_wrong() -> None:
         assert where in message
 
 
-def test_a_definition_without_input_schema_accepts_anything() -> None:
-    """Without an input schema any JSON value is accepted."""
+def test_a_definition_without_input_schema_accepts_any_object() -> None:
+    """Without an input schema any JSON object is accepted; a value of another type is refused with one line (a
+    saga's input is an object: `steps` and `saga` beside it in the context are too)."""
     definition = load_file(SAMPLES["order_payment"] / "saga.yaml").model_copy(update={"input_schema": None})
-    validate_input(definition, ["anything", 1])
+    validate_input(definition, {"anything": ["at", 1, {"all": None}]})
+    with pytest.raises(InvalidInput, match=r"^input of order_payment v1 must be a JSON object, not list$"):
+        validate_input(definition, ["anything", 1])
 
 
 def test_json_schema_is_a_valid_2020_12_schema() -> None:

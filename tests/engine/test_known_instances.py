@@ -21,7 +21,7 @@ from sagas.engine.ports import BrokerMessage, OutboxMessage, UnitOfWork
 from sagas.engine.processor import OperatorItem, Processor, ReplyItem, StartItem, TimerItem
 from sagas.engine.state import OperatorCommand, Outcome, SagaInstance, SagaStatus, StepStatus
 from sagas.engine.wire import decode_command, encode_reply
-from sagas.errors import ConcurrencyConflict, OperatorError, StoreError
+from sagas.errors import ConcurrencyConflict, IdempotencyConflict, OperatorError, StoreError
 from sagas.testing import SagaHarness
 from tests.engine.support import ledger_participant, ledger_rows, three_steps
 
@@ -306,7 +306,8 @@ async def test_a_start_whose_commit_answer_was_lost_is_reported_started_not_conf
     store: CountingStore, key: str | None
 ) -> None:
     """The connection drops during COMMIT after the database committed: the engine retries the batch, the start
-    conflicts with its own row, and must be answered as started (a caller retrying would start a second saga)."""
+    conflicts with its own row, and must be answered as started (a caller retrying would start a second saga); a
+    later start under the same key with another input is refused as a conflict."""
     engine = processor(store)
     real_commit = store.commit
     lost: list[int] = []
@@ -327,8 +328,14 @@ async def test_a_start_whose_commit_answer_was_lost_is_reported_started_not_conf
     other = await engine.process([StartItem(three_steps(), "s-1", other_input, key)], NOW, retry=retry_through_outages)
     if key is None:  # the same id with another input is another saga: a conflict
         assert isinstance(other.results[0].error, ConcurrencyConflict)
-    else:  # the same key: the saga it started
-        assert other.results[0].outcome == "ignored"
+    else:  # the same key with another input: refused, naming the saga the key started
+        error = other.results[0].error
+        assert isinstance(error, IdempotencyConflict)
+        assert error.saga_id == "s-1"
+        again = await engine.process([StartItem(three_steps(), "s-2", ORDER, key)], NOW, retry=retry_through_outages)
+        assert again.results[0].outcome == "ignored"  # the same key and input: the saga it started
+        assert again.results[0].instance is not None
+        assert again.results[0].instance.id == "s-1"
 
 
 async def test_an_operator_command_whose_commit_answer_was_lost_is_reported_done(store: CountingStore) -> None:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD = "0002_dead_letter_bounds"
+HEAD = "0003_order"
 """The newest migration's revision: a test checks it against the scripts in `migrations/versions/`."""
 _UPGRADE_LOCK = 0x5A6A5_0001  # arbitrary constant key of pg_advisory_xact_lock
 

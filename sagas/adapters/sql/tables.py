@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from sagas.definitions.limits import IDEMPOTENCY_KEY_CHARS, NAME_CHARS
+
 metadata = sa.MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -20,6 +22,9 @@ metadata = sa.MetaData(
 
 # JSONB on PostgreSQL (indexable, compact); TEXT holding JSON on SQLite.
 Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+# JSON as written: PostgreSQL's `json` keeps the text, so the order of keys survives (JSONB sorts keys by length,
+# and a saga's input, its steps and the replies would come back reordered); TEXT holding JSON on SQLite.
+OrderedJson = sa.JSON()
 # INTEGER PRIMARY KEY is SQLite's rowid alias (autoincrementing); BIGSERIAL on PostgreSQL.
 RowId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Time = sa.Double[float]()
@@ -28,15 +33,15 @@ saga_instances = sa.Table(
     "saga_instances",
     metadata,
     sa.Column("id", sa.String(200), primary_key=True),
-    sa.Column("definition", sa.String(100), nullable=False),
-    sa.Column("definition_version", sa.Integer, nullable=False),
+    sa.Column("definition", sa.String(NAME_CHARS), nullable=False),
+    sa.Column("definition_version", sa.Integer, nullable=False),  # VERSION_MAX fits
     sa.Column("status", sa.String(20), nullable=False),
     sa.Column("stage", sa.Integer, nullable=False),
-    sa.Column("idempotency_key", sa.String(200), nullable=True),
+    sa.Column("idempotency_key", sa.String(IDEMPOTENCY_KEY_CHARS), nullable=True),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("created_at", Time, nullable=False),
     sa.Column("updated_at", Time, nullable=False),
-    sa.Column("snapshot", Json, nullable=False),
+    sa.Column("snapshot", OrderedJson, nullable=False),
     # NULL keys are distinct in both databases: sagas started without a key never collide.
     sa.UniqueConstraint("definition", "idempotency_key"),
     sa.Index(None, "created_at"),
@@ -52,9 +57,9 @@ saga_events = sa.Table(
     sa.Column("saga_id", sa.String(200), nullable=False),
     sa.Column("at", Time, nullable=False),
     sa.Column("type", sa.String(100), nullable=False),
-    sa.Column("step", sa.String(100), nullable=True),
+    sa.Column("step", sa.String(NAME_CHARS), nullable=True),
     sa.Column("attempt", sa.Integer, nullable=True),
-    sa.Column("detail", Json, nullable=False),
+    sa.Column("detail", OrderedJson, nullable=False),
     sa.Index(None, "saga_id", "id"),
 )
 
@@ -98,7 +103,7 @@ timers = sa.Table(
     sa.Column("id", sa.String(300), primary_key=True),
     sa.Column("saga_id", sa.String(200), nullable=False),
     sa.Column("kind", sa.String(40), nullable=False),
-    sa.Column("step", sa.String(100), nullable=True),
+    sa.Column("step", sa.String(NAME_CHARS), nullable=True),
     sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("due_at", Time, nullable=False),
     sa.Column("claimed_until", Time, nullable=True),
@@ -128,10 +133,10 @@ dead_letters = sa.Table(
 definitions = sa.Table(
     "definitions",
     metadata,
-    sa.Column("name", sa.String(100), primary_key=True),
+    sa.Column("name", sa.String(NAME_CHARS), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("digest", sa.String(64), nullable=False),
-    sa.Column("body", Json, nullable=False),
+    sa.Column("body", OrderedJson, nullable=False),
     sa.Column("created_at", Time, nullable=False),
 )
 
