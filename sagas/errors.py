@@ -7,9 +7,11 @@ Every exception the library raises on purpose derives from `SagaError`::
     ├── DefinitionConflict (ValueError)     same name + version registered with different content
     ├── UnknownDefinition (LookupError)     no definition with that name (and version)
     ├── UnknownSaga (LookupError)           no saga instance with that id
+    │   └── AmbiguousSagaId                 a short id that begins more than one saga's id
     ├── UnknownDeadLetter (LookupError)     no dead letter with that id
     ├── InvalidInput (ValueError)           a saga's input does not match its input schema
     ├── OperatorError (ValueError)          an operator command does not fit the saga's state
+    ├── IdempotencyConflict (ValueError)    a start repeats a key with another input
     ├── ConcurrencyConflict                 an instance was changed by someone else (stale version)
     ├── StoreError                          the database failed; `retriable` says if trying again may help
     └── BrokerError                         the broker failed; `retriable` says if trying again may help
@@ -63,6 +65,10 @@ class UnknownSaga(SagaError, LookupError):
     """No saga instance has that id."""
 
 
+class AmbiguousSagaId(UnknownSaga):
+    """A short id (a prefix) that begins the ids of several sagas: give more of it."""
+
+
 class UnknownDeadLetter(SagaError, LookupError):
     """No dead letter has that id."""
 
@@ -73,6 +79,14 @@ class InvalidInput(SagaError, ValueError):
 
 class OperatorError(SagaError, ValueError):
     """An operator command (retry, abort, skip) does not fit the saga's current state."""
+
+
+class IdempotencyConflict(SagaError, ValueError):
+    """A start names the idempotency key of an existing saga of that definition, with another input."""
+
+    def __init__(self, message: str, *, saga_id: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(message)
 
 
 class ConcurrencyConflict(SagaError):

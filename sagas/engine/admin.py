@@ -8,19 +8,24 @@ commands they produce.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sagas.definitions import validate_input
+from sagas.definitions.model import SagaDefinition
 from sagas.definitions.registry import DefinitionRegistry
 from sagas.engine.ids import new_id
-from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord, Store
+from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord, SagaQuery, Store
 from sagas.engine.processor import Item, ItemResult, OperatorItem, Processor, ReplyItem, StartItem
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
 from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus, TimerSpec
-from sagas.errors import OperatorError, UnknownSaga
+from sagas.errors import AmbiguousSagaId, IdempotencyConflict, OperatorError, UnknownSaga
+
+BULK_MAX = 10_000
+"""Sagas one bulk retry may touch: a filter that selects more must be narrowed (or run again)."""
 
 
 def _iso(at: float) -> str:
@@ -34,6 +39,15 @@ class SagaReport:
     instance: SagaInstance
     history: list[HistoryRecord]
     timers: list[TimerSpec]
+
+
+def same_start(existing: SagaInstance, input: dict[str, Any]) -> None:
+    """A start that found a saga by its key: fine when it asked for the same input, a conflict otherwise."""
+    if existing.input != input:
+        raise IdempotencyConflict(
+            f"key {existing.idempotency_key!r} already started saga {existing.id} of {existing.definition!r} with "
+            "another input", saga_id=existing.id,
+        )
 
 
 class SagaAdmin:
@@ -54,17 +68,59 @@ class SagaAdmin:
         validate_input(definition, input)
         result = await self._one(StartItem(definition, new_id(), input, key))
         assert result.instance is not None
-        return result.instance.id, result.outcome == "applied"
+        created = result.outcome == "applied"
+        if not created:
+            same_start(result.instance, input)
+        return result.instance.id, created
 
     async def get(self, saga_id: str) -> SagaInstance:
+        """The saga with this id, or with the one id this prefix begins (a short id from `sagas list`)."""
         found = (await self.store.load([saga_id])).get(saga_id)
-        if found is None:
+        if found is not None:
+            return found
+        matches = await self.store.query_instances(SagaQuery(id_prefix=saga_id, limit=3)) if saga_id else []
+        if not matches:
             raise UnknownSaga(f"no saga with id {saga_id!r}")
-        return found
+        if len(matches) > 1:
+            shown = ", ".join(m.id for m in matches[:2])
+            raise AmbiguousSagaId(f"{saga_id!r} begins the ids of several sagas ({shown}, ...): give more of it")
+        return matches[0]
 
-    async def show(self, saga_id: str) -> SagaReport:
+    async def show(self, saga_id: str, *, history_limit: int | None = None) -> SagaReport:
         instance = await self.get(saga_id)
-        return SagaReport(instance, await self.store.history(saga_id), await self.store.timers_of(saga_id))
+        history = await self.store.history(instance.id, limit=history_limit)
+        return SagaReport(instance, history, await self.store.timers_of(instance.id))
+
+    async def history(self, saga_id: str, *, after: int = 0, limit: int = 100) -> builtins.list[HistoryRecord]:
+        return await self.store.history(saga_id, after=after, limit=limit)
+
+    async def query(self, query: SagaQuery) -> builtins.list[SagaInstance]:
+        return await self.store.query_instances(query)
+
+    async def count(self, query: SagaQuery) -> int:
+        return await self.store.count_instances(query)
+
+    async def definitions(self) -> builtins.list[SagaDefinition]:
+        return await self.store.latest_definitions()
+
+    async def bulk_retry(self, query: SagaQuery, *, expected: int, reason: str, operator: str) -> int:
+        """Retry every parked saga `query` selects, if there are `expected` of them (the count the operator saw and
+        confirmed); otherwise nothing is done and `OperatorError` says how many there are now. Returns how many
+        were retried. A saga that moved on meanwhile is left as it is."""
+        parked = dataclasses.replace(query, status=SagaStatus.FAILED, before=None, limit=BULK_MAX)
+        found = await self.store.count_instances(parked)
+        if found != expected:
+            raise OperatorError(
+                f"the filter selects {found} parked saga(s) now, not {expected}: check and confirm again"
+            )
+        if found > BULK_MAX:
+            raise OperatorError(f"{found} sagas is more than one bulk retry takes ({BULK_MAX}): narrow the filter")
+        retried = 0
+        for instance in await self.store.query_instances(parked):
+            command = OperatorCommand(action="retry", reason=reason, operator=operator)
+            result = (await self.processor.process([OperatorItem(instance.id, command)], time.time())).results[0]
+            retried += result.error is None and result.outcome == "applied"
+        return retried
 
     async def list(
         self, *, status: SagaStatus | None = None, name: str | None = None, since: float | None = None,
@@ -73,7 +129,7 @@ class SagaAdmin:
         return await self.store.list_instances(status=status, definition=name, since=since, limit=limit)
 
     async def operate(self, saga_id: str, command: OperatorCommand) -> SagaInstance:
-        await self.get(saga_id)
+        saga_id = (await self.get(saga_id)).id
         result = await self._one(OperatorItem(saga_id, command))
         assert result.instance is not None
         return result.instance
