@@ -271,7 +271,8 @@ def list_sagas(
     token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List sagas, newest first: short id (any unique prefix works in every command), saga, status, age, reason."""
+    """List sagas, newest first: short id (the end of the id; every command takes a unique end or start of an id),
+    saga, status, age and reason."""
     status = _status_option(status)
     since_at = _parse_since(since)
     if url:
@@ -286,13 +287,14 @@ def list_sagas(
         from sagas.engine.ports import SagaQuery
 
         query = SagaQuery(status=status, definition=name, created_from=since_at,  # type: ignore[arg-type]
-                          key=key, reason=reason, limit=limit)
+                          key=key, reason=reason, limit=limit + 1)
 
         async def both(admin: SagaAdmin) -> tuple[list[SagaInstance], int]:
-            listed = await admin.query(query)
-            return listed, (await admin.count(query) if len(listed) >= limit else len(listed))
+            listed = await admin.query(query)  # one more than shown: are there more (then count them)?
+            return listed, (await admin.count(query) if len(listed) > limit else len(listed))
 
         found, total = _admin_call(db_url, both)
+        found = found[:limit]
         if as_json:
             out.print_json(data=[_instance_json(i) for i in found])
             return
@@ -301,7 +303,7 @@ def list_sagas(
 
 @app.command()
 def show(
-    saga_id: Annotated[str, typer.Argument(help="Saga id, or a prefix of it that no other saga's id begins with.")],
+    saga_id: Annotated[str, typer.Argument(help="Saga id, or its end or start that no other saga's id shares.")],
     history_limit: Annotated[int | None, typer.Option("--history-limit", help="Timeline entries to show.")] = None,
     db_url: DbOption = "sagas.db",
     url: UrlOption = None,

@@ -23,8 +23,29 @@ if TYPE_CHECKING:
     from sagas.engine.ports import DeadLetter, HistoryRecord
     from sagas.engine.state import SagaInstance, TimerSpec
 
-SHORT_ID_MIN = 8
-"""Characters of a saga id `sagas list` shows at least: 8 hex digits of a UUID tell a saga among ~10^5."""
+SHORT_ID = 12
+"""Characters of a saga id `sagas list` shows: its end. Saga ids are UUIDv7, which begin with the time (sagas of
+one second share their first 10 or so characters) and end with 48 random bits: the last 12 characters tell one
+saga among a million with a chance of a clash of 1 in ~500; a clash on one page is resolved by showing more."""
+
+
+def short_ids(ids: Sequence[str], shortest: int = SHORT_ID) -> dict[str, str]:
+    """For each id, its shortest ending (at least `shortest` characters) that no other id of `ids` ends with.
+
+    Unique among the ids shown; every command accepts an id's end (or start) and refuses one that several sagas'
+    ids share, naming two of them.
+    """
+    ordered = sorted({saga_id[::-1] for saga_id in ids})
+    need: dict[str, int] = {}
+    for index, reversed_id in enumerate(ordered):
+        length = shortest
+        for other in ordered[max(0, index - 1): index] + ordered[index + 1: index + 2]:
+            common = next((i for i, (a, b) in enumerate(zip(reversed_id, other, strict=False)) if a != b),
+                          min(len(reversed_id), len(other)))
+            length = max(length, common + 1)
+        need[reversed_id[::-1]] = length
+    return {saga_id: saga_id[-need[saga_id]:] for saga_id in ids}
+
 
 _COLORS = {"completed": "green", "compensated": "yellow", "failed": "red", "compensating": "magenta"}
 
@@ -67,23 +88,6 @@ def duration(seconds: float | None) -> str:
         return f"{hours}h{minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d{hours}h"
-
-
-def short_ids(ids: Sequence[str], minimum: int = SHORT_ID_MIN) -> dict[str, str]:
-    """For each id, its shortest prefix (at least `minimum` characters) that no other id of `ids` begins with.
-
-    Unique among the ids shown; every command accepts a prefix and refuses one that begins several sagas' ids.
-    """
-    ordered = sorted(set(ids))
-    shortest: dict[str, int] = {}
-    for index, saga_id in enumerate(ordered):
-        need = minimum
-        for other in ordered[max(0, index - 1): index] + ordered[index + 1: index + 2]:
-            common = next((i for i, (a, b) in enumerate(zip(saga_id, other, strict=False)) if a != b),
-                          min(len(saga_id), len(other)))
-            need = max(need, common + 1)
-        shortest[saga_id] = need
-    return {saga_id: saga_id[: shortest[saga_id]] for saga_id in ids}
 
 
 class ListedSaga(Protocol):

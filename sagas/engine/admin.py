@@ -24,6 +24,9 @@ from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
 from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus, TimerSpec
 from sagas.errors import AmbiguousSagaId, IdempotencyConflict, OperatorError, UnknownSaga
 
+SHORT_ID_MIN = 6
+"""Characters a short id (the end or the start of a saga id) must have: fewer would match sagas by chance."""
+
 BULK_MAX = 10_000
 """Sagas one bulk retry may touch: a filter that selects more must be narrowed (or run again)."""
 
@@ -74,17 +77,19 @@ class SagaAdmin:
         return result.instance.id, created
 
     async def get(self, saga_id: str) -> SagaInstance:
-        """The saga with this id, or with the one id this prefix begins (a short id from `sagas list`)."""
+        """The saga with this id, or the one saga whose id ends with it (the short id `sagas list` shows) or
+        begins with it."""
         found = (await self.store.load([saga_id])).get(saga_id)
         if found is not None:
             return found
-        matches = await self.store.query_instances(SagaQuery(id_prefix=saga_id, limit=3)) if saga_id else []
-        if not matches:
-            raise UnknownSaga(f"no saga with id {saga_id!r}")
-        if len(matches) > 1:
-            shown = ", ".join(m.id for m in matches[:2])
-            raise AmbiguousSagaId(f"{saga_id!r} begins the ids of several sagas ({shown}, ...): give more of it")
-        return matches[0]
+        for query in (SagaQuery(id_suffix=saga_id, limit=3), SagaQuery(id_prefix=saga_id, limit=3)):
+            matches = await self.store.query_instances(query) if len(saga_id) >= SHORT_ID_MIN else []
+            if len(matches) > 1:
+                shown = ", ".join(m.id for m in matches[:2])
+                raise AmbiguousSagaId(f"{saga_id!r} is in the ids of several sagas ({shown}, ...): give more of it")
+            if matches:
+                return matches[0]
+        raise UnknownSaga(f"no saga with id {saga_id!r}")
 
     async def show(self, saga_id: str, *, history_limit: int | None = None) -> SagaReport:
         instance = await self.get(saga_id)

@@ -149,6 +149,9 @@ class SagaQuery:
     reason: str | None = None
     """Text the saga's failure reason contains (case-insensitive)."""
     id_prefix: str | None = None
+    id_suffix: str | None = None
+    """The id ends with this: saga ids are UUIDv7, whose tail (random bits) tells sagas apart, not their head (the
+    time). Answered by a scan of the id index, unlike a prefix."""
     before: tuple[float, str] | None = None
     limit: int = 100
 

@@ -36,7 +36,8 @@ def saga(status: SagaStatus, *, failure: str | None = None, saga_id: str | None 
 
 @pytest.mark.parametrize("width", [80, 200])
 def test_list_shows_whole_status_words_a_short_id_and_one_line_per_saga(width: int) -> None:
-    """Each saga is one line with its full status word, an id prefix `show` accepts, its age and its reason cut."""
+    """Each saga is one line with its full status word, the end of its id (which `show` takes), its age and its
+    reason cut to the line."""
     sagas = [saga(SagaStatus.COMPENSATING, failure=REASON), saga(SagaStatus.COMPLETED), saga(SagaStatus.FAILED,
              failure=REASON)]
     out, buffer = console(width)
@@ -46,19 +47,19 @@ def test_list_shows_whole_status_words_a_short_id_and_one_line_per_saga(width: i
     assert all(len(line) <= width for line in lines)
     for inst, line in zip(sagas, lines[1:4], strict=True):
         short = line.split()[0]
-        assert inst.id.startswith(short)
-        assert len(short) >= render.SHORT_ID_MIN
+        assert inst.id.endswith(short)
+        assert len(short) == render.SHORT_ID
         assert str(inst.status) in line.split()
         assert "1h02m" in line  # the age, rounded
-    assert "step 'charge_payment' failed" in lines[1]
+    assert "step 'charge_payment' fail" in lines[1]
     assert lines[-1] == "3 saga(s)"
 
 
 def test_short_ids_grow_until_they_tell_sagas_apart() -> None:
-    """Two ids that share their first eleven characters are shown with twelve; others with eight."""
-    a, b, c = "0123456789ab-x", "0123456789ac-y", "ffffffff0000"
-    shorts = render.short_ids([a, b, c])
-    assert shorts == {a: "0123456789ab", b: "0123456789ac", c: "ffffffff"}
+    """Ids are shown by their last 12 characters, or more when two ids on the page share those."""
+    a, b, c = "x-0123456789abcd", "y-9123456789abcd", "0196f0c0-1c2b-7d3e-8f40-3c2d1e0f9a8b"
+    assert render.short_ids([a, b, c]) == {a: "0123456789abcd", b: "9123456789abcd", c: "3c2d1e0f9a8b"}
+    assert render.short_ids(["short"]) == {"short": "short"}
 
 
 def test_a_capped_list_says_how_many_there_are() -> None:

@@ -514,6 +514,8 @@ class StoreContract:
         assert await ids(reason="100_") == []  # LIKE wildcards in the text are taken literally
         assert await ids(id_prefix="s1") == ["s11", "s10"]
         assert await ids(id_prefix="s1", limit=1) == ["s11"]
+        assert await ids(id_suffix="1") == ["s11", "s01"]
+        assert await ids(id_suffix="%1") == []
         assert await store.count_instances(ports.SagaQuery(status=SagaStatus.RUNNING, limit=1)) == 9
         assert await store.count_instances(ports.SagaQuery(id_prefix="s0")) == 10
 

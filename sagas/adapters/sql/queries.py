@@ -41,6 +41,8 @@ def _filtered(statement: sa.Select[Any], query: SagaQuery) -> sa.Select[Any]:
         statement = statement.where(_t.idempotency_key == query.key)
     if query.id_prefix:
         statement = statement.where(_t.id >= query.id_prefix, _t.id < query.id_prefix + _PREFIX_END)
+    if query.id_suffix:
+        statement = statement.where(_t.id.like(f"%{_like_escaped(query.id_suffix)}", escape="\\"))
     if query.reason:
         failure = _t.snapshot["failure"].as_string()
         statement = statement.where(failure.ilike(f"%{_like_escaped(query.reason)}%", escape="\\"))
