@@ -7,6 +7,7 @@ Every exception the library raises on purpose derives from `SagaError`::
     ├── DefinitionConflict (ValueError)     same name + version registered with different content
     ├── UnknownDefinition (LookupError)     no definition with that name (and version)
     ├── UnknownSaga (LookupError)           no saga instance with that id
+    │   └── AmbiguousSagaId                 a short id that begins more than one saga's id
     ├── UnknownDeadLetter (LookupError)     no dead letter with that id
     ├── InvalidInput (ValueError)           a saga's input, key or id is malformed or out of bounds
     ├── IdempotencyConflict (ValueError)    a key already started a saga of that name with a different input
@@ -62,6 +63,10 @@ class UnknownDefinition(SagaError, LookupError):
 
 class UnknownSaga(SagaError, LookupError):
     """No saga instance has that id."""
+
+
+class AmbiguousSagaId(UnknownSaga):
+    """A short id (a prefix) that begins the ids of several sagas: give more of it."""
 
 
 class UnknownDeadLetter(SagaError, LookupError):

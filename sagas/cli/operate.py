@@ -1,30 +1,35 @@
-"""Commands that run the engine and inspect or repair sagas: serve, start, list, show, retry, abort, skip, dlq, db."""
+"""Commands that run the engine and inspect or repair sagas: serve, start, list, show, retry, abort, skip, dlq, db.
+
+Every command that reads or repairs sagas works on the database (`--db`), or through a running server's HTTP API
+when given `--url` (or SAGAS_URL), with the bearer token of SAGAS_TOKEN. Imports are deferred to the commands that
+need them: `sagas start --url` loads neither SQLAlchemy nor pydantic.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape as _e
-from rich.table import Table
-from sqlalchemy.engine import make_url
 
-from sagas.adapters import normalize_db_url, open_broker, open_store
+from sagas.cli import render
 from sagas.cli.app import app
-from sagas.engine.admin import SagaAdmin, SagaReport
-from sagas.engine.ports import DeadLetter, Store
-from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus
+from sagas.cli.remote import Remote, RemoteError
 from sagas.errors import SagaError
+
+if TYPE_CHECKING:
+    from sagas.engine.admin import SagaAdmin
+    from sagas.engine.ports import DeadLetter, Store
+    from sagas.engine.state import OperatorCommand, SagaInstance
 
 T = TypeVar("T")
 out = Console()
@@ -34,7 +39,15 @@ DbOption = Annotated[
     str,
     typer.Option("--db", envvar="SAGAS_DB", help="Database URL or SQLite file path.", show_default=True),
 ]
+UrlOption = Annotated[
+    str | None,
+    typer.Option("--url", envvar="SAGAS_URL", help="A running `sagas serve --http` to call instead of the database."),
+]
+TokenOption = Annotated[
+    str | None, typer.Option("--token", envvar="SAGAS_TOKEN", help="Bearer token for --url (better: SAGAS_TOKEN).")
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+STATUSES = ("running", "compensating", "completed", "compensated", "failed")  # SagaStatus, checked by a test
 
 dlq = typer.Typer(help="Dead letters: messages that could not be processed, with the reason.", no_args_is_help=True)
 db = typer.Typer(help="Database schema.", no_args_is_help=True)
@@ -49,6 +62,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 @asynccontextmanager
 async def _store(db_url: str) -> AsyncIterator[Store]:
+    from sagas.adapters import open_store
+
     store = open_store(db_url)  # `db upgrade` is the explicit form; every command migrates a new database
     try:
         await store.initialize()
@@ -70,6 +85,7 @@ def _run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 def _admin_call(db_url: str, call: Callable[[SagaAdmin], Awaitable[T]]) -> T:
     from pydantic import ValidationError
 
+    from sagas.engine.admin import SagaAdmin
     from sagas.settings import SagasSettings
 
     try:
@@ -88,8 +104,19 @@ def _admin_call(db_url: str, call: Callable[[SagaAdmin], Awaitable[T]]) -> T:
     return _run(go)
 
 
+def _remote_call(url: str, token: str | None, method: str, path: str, body: Any = None, **query: Any) -> Any:
+    try:
+        return Remote(url, token).call(method, path, body, **query)
+    except RemoteError as exc:
+        raise fail(str(exc)) from None
+
+
 def _missing_sqlite_file(db_url: str) -> str | None:
     """The path of a SQLite database file that does not exist, or None (it exists, or it is not a file)."""
+    from sqlalchemy.engine import make_url
+
+    from sagas.adapters import normalize_db_url
+
     url = make_url(normalize_db_url(db_url))
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") or url.query:
         return None
@@ -98,6 +125,10 @@ def _missing_sqlite_file(db_url: str) -> str | None:
 
 def _shown(db_url: str) -> str:
     """A database URL fit to print: without its password."""
+    from sqlalchemy.engine import make_url
+
+    from sagas.adapters import normalize_db_url
+
     return make_url(normalize_db_url(db_url)).render_as_string(hide_password=True)
 
 
@@ -110,12 +141,6 @@ def _json_object(text: str, option: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise fail(f"{option} must be a JSON object")
     return data
-
-
-def _when(at: float | None) -> str:
-    if at is None:
-        return "-"
-    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
 def _parse_since(value: str | None) -> float | None:
@@ -132,6 +157,12 @@ def _parse_since(value: str | None) -> float | None:
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
+def _status_option(value: str | None) -> str | None:
+    if value is not None and value not in STATUSES:
+        raise fail(f"--status {value!r}: use one of {', '.join(STATUSES)}")
+    return value
+
+
 # ---- db / serve / start -----------------------------------------------------------------------------
 
 
@@ -139,6 +170,7 @@ def _parse_since(value: str | None) -> float | None:
 def db_upgrade(db_url: DbOption = "sagas.db") -> None:
     """Create or migrate the schema to the latest version."""
 
+    from sagas.adapters import normalize_db_url
     from sagas.adapters.sql import upgrade
 
     _run(lambda: upgrade(normalize_db_url(db_url)))
@@ -156,8 +188,11 @@ def serve(
     json_logs: Annotated[bool | None, typer.Option("--json-logs/--console-logs")] = None,
 ) -> None:
     """Run the engine until SIGTERM or SIGINT, then shut down gracefully."""
+    import signal
+
     from pydantic import ValidationError
 
+    from sagas.adapters import normalize_db_url, open_broker, open_store
     from sagas.definitions import discover
     from sagas.engine.runtime import Engine
     from sagas.logs import configure_logging
@@ -198,15 +233,22 @@ def start(
     input_json: Annotated[str, typer.Option("--input", help="The saga's input as a JSON object.")] = "{}",
     key: Annotated[str | None, typer.Option("--key", help="Idempotency key: the same key starts one saga.")] = None,
     db_url: DbOption = "sagas.db",
+    url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a saga (the serving engine publishes its first command)."""
+    """Start a saga. With --url the serving engine publishes its first command at once; with --db its outbox
+    relay does, within a few seconds."""
     data = _json_object(input_json, "--input")
-    saga_id, created = _admin_call(db_url, lambda admin: admin.start(name, data, key=key))
+    if url:
+        started = _remote_call(url, token, "POST", "/api/sagas", {"definition": name, "input": data, "key": key})
+        saga_id, created = started["id"], started["created"]
+    else:
+        saga_id, created = _admin_call(db_url, lambda admin: admin.start(name, data, key=key))
     if as_json:
         out.print_json(data={"id": saga_id, "created": created})
     else:
-        out.print(f"{'started' if created else 'already started'} {_e(saga_id)}")
+        out.print(f"{'started' if created else 'already started'} {_e(saga_id)}", soft_wrap=True)
 
 
 # ---- inspect ----------------------------------------------------------------------------------------
@@ -218,102 +260,136 @@ def _instance_json(instance: SagaInstance) -> dict[str, Any]:
 
 @app.command("list")
 def list_sagas(
-    status: Annotated[SagaStatus | None, typer.Option("--status")] = None,
+    status: Annotated[str | None, typer.Option("--status", help=" | ".join(STATUSES))] = None,
     name: Annotated[str | None, typer.Option("--name")] = None,
     since: Annotated[str | None, typer.Option("--since", help="e.g. 10m, 2h, 1d or an ISO date-time")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="The saga started with this idempotency key.")] = None,
+    reason: Annotated[str | None, typer.Option("--reason", help="Text the failure reason contains.")] = None,
     limit: Annotated[int, typer.Option("--limit")] = 100,
     db_url: DbOption = "sagas.db",
+    url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List sagas, newest first."""
+    """List sagas, newest first: short id (the end of the id; every command takes a unique end or start of an id),
+    saga, status, age and reason."""
+    status = _status_option(status)
     since_at = _parse_since(since)
-    found = _admin_call(db_url, lambda admin: admin.list(status=status, name=name, since=since_at, limit=limit))
-    if as_json:
-        out.print_json(data=[_instance_json(i) for i in found])
-        return
-    table = Table()
-    table.add_column("id", no_wrap=True, min_width=36)  # ids are copied into `sagas show`: never cut them
-    table.add_column("saga")
-    table.add_column("status", no_wrap=True, min_width=len(SagaStatus.COMPENSATING))  # never "com…"
-    for header in ("stage", "created", "updated", "failure"):
-        table.add_column(header)
-    for inst in found:
-        table.add_row(_e(inst.id), _e(f"{inst.definition} v{inst.definition_version}"), _status(inst.status),
-                      str(inst.stage), _when(inst.created_at), _when(inst.updated_at), _e(inst.failure or ""))
-    out.print(table)
-    out.print(f"{len(found)} saga(s)")
+    if url:
+        page = _remote_call(url, token, "GET", "/api/sagas", status=status, definition=name, created_from=since_at,
+                            key=key, reason=reason, limit=limit, total=True)
+        if as_json:
+            out.print_json(data=page["items"])
+            return
+        found: list[Any] = [render.Listed.from_json(item) for item in page["items"]]
+        total = page["total"]
+    else:
+        from sagas.engine.ports import SagaQuery
 
+        query = SagaQuery(status=status, definition=name, created_from=since_at,  # type: ignore[arg-type]
+                          key=key, reason=reason, limit=limit + 1)
 
-def _status(status: SagaStatus) -> str:
-    color = {SagaStatus.COMPLETED: "green", SagaStatus.COMPENSATED: "yellow", SagaStatus.FAILED: "red"}.get(status)
-    return f"[{color}]{status}[/{color}]" if color else str(status)
+        async def both(admin: SagaAdmin) -> tuple[list[SagaInstance], int]:
+            listed = await admin.query(query)  # one more than shown: are there more (then count them)?
+            return listed, (await admin.count(query) if len(listed) > limit else len(listed))
+
+        found, total = _admin_call(db_url, both)
+        found = found[:limit]
+        if as_json:
+            out.print_json(data=[_instance_json(i) for i in found])
+            return
+    render.saga_list(out, found, total=total, limit=limit)
 
 
 @app.command()
 def show(
-    saga_id: Annotated[str, typer.Argument(help="Saga id.")],
+    saga_id: Annotated[str, typer.Argument(help="Saga id, or its end or start that no other saga's id shares.")],
+    history_limit: Annotated[int | None, typer.Option("--history-limit", help="Timeline entries to show.")] = None,
     db_url: DbOption = "sagas.db",
+    url: UrlOption = None,
+    token: TokenOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """A saga's status, context, steps, compensation trail, pending timers and full timeline."""
-    report: SagaReport = _admin_call(db_url, lambda admin: admin.show(saga_id))
-    inst = report.instance
+    """A saga's status, context, steps, compensation trail, pending timers and timeline."""
+    from sagas.engine.ports import HistoryRecord
+    from sagas.engine.state import HistoryEntry, SagaInstance, TimerSpec
+
+    order: list[str] | None = None
+    if url:
+        detail = _remote_call(url, token, "GET", f"/api/sagas/{saga_id}", history_limit=history_limit)
+        inst = SagaInstance.model_validate(detail["instance"])
+        history = [HistoryRecord(inst.id, HistoryEntry.model_validate({k: v for k, v in item.items() if k != "seq"}),
+                                 item["seq"]) for item in detail["history"]["items"]]
+        timers = [TimerSpec.model_validate(t) for t in detail["timers"]]
+        order = [step["name"] for step in detail["steps"]]
+        more = detail["history"]["next_after"] is not None
+    else:
+        async def read(admin: SagaAdmin) -> tuple[Any, list[str] | None]:
+            report = await admin.show(saga_id, history_limit=None if history_limit is None else history_limit + 1)
+            try:
+                definition = await admin.store.load_definition(report.instance.definition,
+                                                               report.instance.definition_version)
+            except SagaError:
+                return report, None
+            return report, [step.name for stage in definition.stages for step in stage]
+
+        report, order = _admin_call(db_url, read)
+        inst, history, timers = report.instance, report.history, report.timers
+        more = history_limit is not None and len(history) > history_limit
+        history = history[:history_limit] if history_limit is not None else history
     if as_json:
         out.print_json(data={
             "instance": _instance_json(inst),
-            "history": [{"seq": r.seq, **r.entry.model_dump(mode="json")} for r in report.history],
-            "timers": [t.model_dump(mode="json") for t in report.timers],
+            "history": [{"seq": r.seq, **r.entry.model_dump(mode="json")} for r in history],
+            "timers": [t.model_dump(mode="json") for t in timers],
         })
         return
-    out.print(f"[bold]{_e(inst.id)}[/bold]  {_e(inst.definition)} v{inst.definition_version}  {_status(inst.status)}")
-    if inst.failure:
-        out.print(f"reason: {_e(inst.failure)}")
-    out.print(f"input: {_e(json.dumps(inst.input))}")
-    steps = Table("step", "status", "attempts", "compensations", "started", "finished", "output / error")
-    for name, step in inst.steps.items():
-        steps.add_row(_e(name), str(step.status), str(step.attempt), str(step.compensation_attempt),
-                      _when(step.started_at), _when(step.finished_at),
-                      _e(step.error or (json.dumps(step.output) if step.output is not None else "")))
-    out.print(steps)
-    if report.timers:
-        timers = Table("pending timer", "step", "attempt", "due")
-        for timer in report.timers:
-            timers.add_row(str(timer.timer), _e(timer.step or "-"), str(timer.attempt), _when(timer.due_at))
-        out.print(timers)
-    timeline = Table("time", "event", "step", "attempt", "detail")
-    for record in report.history:
-        entry = record.entry
-        detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items())
-        timeline.add_row(_when(entry.at), _e(entry.type), _e(entry.step or ""), str(entry.attempt or ""), _e(detail))
-    out.print(timeline)
+    render.saga_report(out, inst, history, timers, step_order=order, more_history=more)
 
 
 # ---- repair -----------------------------------------------------------------------------------------
 
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why: recorded in the saga's history.")]
-OperatorOption = Annotated[str, typer.Option("--operator", envvar="USER", help="Who: recorded in the history.")]
+OperatorOption = Annotated[str, typer.Option(
+    "--operator", envvar="USER", help="Who: recorded in the history (with --url: the token's name).")]
 
 
-def _operate(db_url: str, saga_id: str, command: OperatorCommand, as_json: bool) -> None:
-    inst = _admin_call(db_url, lambda admin: admin.operate(saga_id, command))
+def _operate(db_url: str, url: str | None, token: str | None, saga_id: str, command: OperatorCommand,
+             as_json: bool) -> None:
+    if url:
+        body: dict[str, Any] = {"reason": command.reason}
+        if command.action == "skip":
+            body.update(step=command.step, output=command.output)
+        data = _remote_call(url, token, "POST", f"/api/sagas/{saga_id}/{command.action}", body)
+        from sagas.engine.state import SagaInstance
+
+        inst = SagaInstance.model_validate(data)
+    else:
+        inst = _admin_call(db_url, lambda admin: admin.operate(saga_id, command))
     if as_json:
         out.print_json(data=_instance_json(inst))
     else:
-        out.print(f"{command.action}: {_e(inst.id)} is now {_status(inst.status)}")
+        out.print(f"{command.action}: {_e(inst.id)} is now {render.status(inst.status)}", soft_wrap=True)
 
 
 @app.command()
 def retry(saga_id: str, reason: ReasonOption = "", operator: OperatorOption = "operator",
-          db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
+          db_url: DbOption = "sagas.db", url: UrlOption = None, token: TokenOption = None,
+          as_json: JsonOption = False) -> None:
     """Resume a parked (failed) saga: send its stuck step or compensation again."""
-    _operate(db_url, saga_id, OperatorCommand(action="retry", reason=reason, operator=operator), as_json)
+    from sagas.engine.state import OperatorCommand
+
+    _operate(db_url, url, token, saga_id, OperatorCommand(action="retry", reason=reason, operator=operator), as_json)
 
 
 @app.command()
 def abort(saga_id: str, reason: ReasonOption = "", operator: OperatorOption = "operator",
-          db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
+          db_url: DbOption = "sagas.db", url: UrlOption = None, token: TokenOption = None,
+          as_json: JsonOption = False) -> None:
     """Stop a running saga and compensate what it did (not possible after its pivot step)."""
-    _operate(db_url, saga_id, OperatorCommand(action="abort", reason=reason, operator=operator), as_json)
+    from sagas.engine.state import OperatorCommand
+
+    _operate(db_url, url, token, saga_id, OperatorCommand(action="abort", reason=reason, operator=operator), as_json)
 
 
 @app.command()
@@ -321,11 +397,14 @@ def skip(saga_id: str, step: str, reason: Annotated[str, typer.Option("--reason"
          output: Annotated[str | None, typer.Option(
              "--output", help="The step's reply data as a JSON object, for later steps' payloads (steps.<step>).")
          ] = None,
-         operator: OperatorOption = "operator", db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
+         operator: OperatorOption = "operator", db_url: DbOption = "sagas.db", url: UrlOption = None,
+         token: TokenOption = None, as_json: JsonOption = False) -> None:
     """Mark a stuck step done (or its compensation done) by hand; recorded in the history with the reason."""
+    from sagas.engine.state import OperatorCommand
+
     data = None if output is None else _json_object(output, "--output")
     command = OperatorCommand(action="skip", step=step, reason=reason, operator=operator, output=data)
-    _operate(db_url, saga_id, command, as_json)
+    _operate(db_url, url, token, saga_id, command, as_json)
 
 
 # ---- dead letters -----------------------------------------------------------------------------------
@@ -351,21 +430,30 @@ def _dead_json(dead: DeadLetter, preview: int) -> dict[str, Any]:
     }
 
 
+def _dead_from_json(data: dict[str, Any]) -> DeadLetter:
+    from sagas.engine.ports import BrokerMessage, DeadLetter
+
+    headers = tuple((k, str(v).encode()) for k, v in data["headers"].items())
+    message = BrokerMessage(topic=data["topic"], value=str(data["value"]).encode(), key=data["key"], headers=headers)
+    return DeadLetter(id=data["id"], reason=data["reason"], message=message, at=data["at"], saga_id=data["saga_id"],
+                      replayed_at=data["replayed_at"])
+
+
 @dlq.command("list")
 def dlq_list(all_: Annotated[bool, typer.Option("--all", help="Include replayed ones.")] = False,
              limit: Annotated[int, typer.Option("--limit")] = 100,
-             db_url: DbOption = "sagas.db", as_json: JsonOption = False) -> None:
-    """Dead letters, newest first."""
-    found = _admin_call(db_url, lambda admin: admin.dead_letters(limit=limit, include_replayed=all_))
+             db_url: DbOption = "sagas.db", url: UrlOption = None, token: TokenOption = None,
+             as_json: JsonOption = False) -> None:
+    """Dead letters, newest first, each with its whole id (what `dlq show` and `dlq replay` take)."""
+    if url:
+        page = _remote_call(url, token, "GET", "/api/dead-letters", include_replayed=all_, limit=limit)
+        found = [_dead_from_json(item) for item in page["items"]]
+    else:
+        found = _admin_call(db_url, lambda admin: admin.dead_letters(limit=limit, include_replayed=all_))
     if as_json:
         out.print_json(data=[_dead_json(d, LIST_PREVIEW_BYTES) for d in found])
         return
-    table = Table("id", "at", "saga", "topic", "reason", "replayed")
-    for dead in found:
-        table.add_row(_e(dead.id), _when(dead.at), _e(dead.saga_id or "-"), _e(dead.message.topic), _e(dead.reason),
-                      _when(dead.replayed_at))
-    out.print(table)
-    out.print(f"{len(found)} dead letter(s)")
+    render.dead_letter_list(out, found, total=None, limit=limit)
 
 
 @dlq.command("show")
@@ -373,9 +461,14 @@ def dlq_show(
     dead_letter_id: str,
     full: Annotated[Path | None, typer.Option(
         "--full", help="Write the stored body, byte for byte, to this file instead of printing a preview.")] = None,
-    db_url: DbOption = "sagas.db",
+    db_url: DbOption = "sagas.db", url: UrlOption = None, token: TokenOption = None,
 ) -> None:
     """One dead letter with a preview of its raw message (JSON); its size and SHA-256 say what arrived."""
+    if url:
+        if full is not None:
+            raise fail("--full reads the stored body from the database: give --db, not --url")
+        out.print_json(data=_remote_call(url, token, "GET", f"/api/dead-letters/{dead_letter_id}"))
+        return
     dead = _admin_call(db_url, lambda admin: admin.dead_letter(dead_letter_id))
     kept = len(dead.message.value)
     whole = "the whole body" if not dead.truncated else f"the first {kept} of {dead.size} bytes that arrived"
@@ -398,8 +491,11 @@ def dlq_show(
 
 
 @dlq.command("replay")
-def dlq_replay(dead_letter_id: str, db_url: DbOption = "sagas.db") -> None:
+def dlq_replay(dead_letter_id: str, db_url: DbOption = "sagas.db", url: UrlOption = None,
+               token: TokenOption = None) -> None:
     """Process a dead-lettered reply again (after fixing its cause)."""
-    outcome = _admin_call(db_url, lambda admin: admin.replay(dead_letter_id))
-    out.print(f"replayed {_e(dead_letter_id)}: {outcome}")
-
+    if url:
+        outcome = _remote_call(url, token, "POST", f"/api/dead-letters/{dead_letter_id}/replay")["outcome"]
+    else:
+        outcome = _admin_call(db_url, lambda admin: admin.replay(dead_letter_id))
+    out.print(f"replayed {_e(dead_letter_id)}: {outcome}", soft_wrap=True)

@@ -8,19 +8,27 @@ commands they produce.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from sagas.definitions.model import SagaDefinition
 from sagas.definitions.registry import DefinitionRegistry
 from sagas.definitions.schema import validate_start
 from sagas.engine.ids import new_id
-from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord, Store
+from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord, SagaQuery, Store
 from sagas.engine.processor import Item, ItemResult, OperatorItem, Processor, ReplyItem, StartItem
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
 from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus, TimerSpec
-from sagas.errors import OperatorError, UnknownSaga
+from sagas.errors import AmbiguousSagaId, OperatorError, UnknownSaga
+
+SHORT_ID_MIN = 6
+"""Characters a short id (the end or the start of a saga id) must have: fewer would match sagas by chance."""
+
+BULK_MAX = 10_000
+"""Sagas one bulk retry may touch: a filter that selects more must be narrowed (or run again)."""
 
 
 def _iso(at: float) -> str:
@@ -59,14 +67,55 @@ class SagaAdmin:
         return result.instance.id, result.outcome == "applied"
 
     async def get(self, saga_id: str) -> SagaInstance:
+        """The saga with this id, or the one saga whose id ends with it (the short id `sagas list` shows) or
+        begins with it."""
         found = (await self.store.load([saga_id])).get(saga_id)
-        if found is None:
-            raise UnknownSaga(f"no saga with id {saga_id!r}")
-        return found
+        if found is not None:
+            return found
+        for query in (SagaQuery(id_suffix=saga_id, limit=3), SagaQuery(id_prefix=saga_id, limit=3)):
+            matches = await self.store.query_instances(query) if len(saga_id) >= SHORT_ID_MIN else []
+            if len(matches) > 1:
+                shown = ", ".join(m.id for m in matches[:2])
+                raise AmbiguousSagaId(f"{saga_id!r} is in the ids of several sagas ({shown}, ...): give more of it")
+            if matches:
+                return matches[0]
+        raise UnknownSaga(f"no saga with id {saga_id!r}")
 
-    async def show(self, saga_id: str) -> SagaReport:
+    async def show(self, saga_id: str, *, history_limit: int | None = None) -> SagaReport:
         instance = await self.get(saga_id)
-        return SagaReport(instance, await self.store.history(saga_id), await self.store.timers_of(saga_id))
+        history = await self.store.history(instance.id, limit=history_limit)
+        return SagaReport(instance, history, await self.store.timers_of(instance.id))
+
+    async def history(self, saga_id: str, *, after: int = 0, limit: int = 100) -> builtins.list[HistoryRecord]:
+        return await self.store.history(saga_id, after=after, limit=limit)
+
+    async def query(self, query: SagaQuery) -> builtins.list[SagaInstance]:
+        return await self.store.query_instances(query)
+
+    async def count(self, query: SagaQuery) -> int:
+        return await self.store.count_instances(query)
+
+    async def definitions(self) -> builtins.list[SagaDefinition]:
+        return await self.store.latest_definitions()
+
+    async def bulk_retry(self, query: SagaQuery, *, expected: int, reason: str, operator: str) -> int:
+        """Retry every parked saga `query` selects, if there are `expected` of them (the count the operator saw and
+        confirmed); otherwise nothing is done and `OperatorError` says how many there are now. Returns how many
+        were retried. A saga that moved on meanwhile is left as it is."""
+        parked = dataclasses.replace(query, status=SagaStatus.FAILED, before=None, limit=BULK_MAX)
+        found = await self.store.count_instances(parked)
+        if found != expected:
+            raise OperatorError(
+                f"the filter selects {found} parked saga(s) now, not {expected}: check and confirm again"
+            )
+        if found > BULK_MAX:
+            raise OperatorError(f"{found} sagas is more than one bulk retry takes ({BULK_MAX}): narrow the filter")
+        retried = 0
+        for instance in await self.store.query_instances(parked):
+            command = OperatorCommand(action="retry", reason=reason, operator=operator)
+            result = (await self.processor.process([OperatorItem(instance.id, command)], time.time())).results[0]
+            retried += result.error is None and result.outcome == "applied"
+        return retried
 
     async def list(
         self, *, status: SagaStatus | None = None, name: str | None = None, since: float | None = None,
@@ -75,7 +124,7 @@ class SagaAdmin:
         return await self.store.list_instances(status=status, definition=name, since=since, limit=limit)
 
     async def operate(self, saga_id: str, command: OperatorCommand) -> SagaInstance:
-        await self.get(saga_id)
+        saga_id = (await self.get(saga_id)).id
         result = await self._one(OperatorItem(saga_id, command))
         assert result.instance is not None
         return result.instance

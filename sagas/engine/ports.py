@@ -170,6 +170,30 @@ class UnitOfWork:
 
 
 @dataclass(frozen=True)
+class SagaQuery:
+    """Which sagas to list, newest first (by creation time, then id), and from where: keyset paging.
+
+    `before` is the (created_at, id) of the last saga of the previous page; the next page starts after it, so a
+    page costs the same at the millionth saga as at the first (no OFFSET).
+    """
+
+    status: SagaStatus | None = None
+    definition: str | None = None
+    created_from: float | None = None
+    created_to: float | None = None
+    """Created at or after `created_from` and before `created_to`."""
+    key: str | None = None
+    reason: str | None = None
+    """Text the saga's failure reason contains (case-insensitive)."""
+    id_prefix: str | None = None
+    id_suffix: str | None = None
+    """The id ends with this: saga ids are UUIDv7, whose tail (random bits) tells sagas apart, not their head (the
+    time). Answered by a scan of the id index, unlike a prefix."""
+    before: tuple[float, str] | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True)
 class RetentionResult:
     inbox: int
     outbox: int
@@ -232,7 +256,25 @@ class Store(Protocol):
 
     async def count_by_status(self) -> dict[SagaStatus, int]: ...
 
-    async def history(self, saga_id: str) -> list[HistoryRecord]: ...
+    async def query_instances(self, query: SagaQuery) -> list[SagaInstance]:
+        """The sagas `query` selects, newest first, at most `query.limit` of them."""
+        ...
+
+    async def count_instances(self, query: SagaQuery) -> int:
+        """How many sagas `query` selects, ignoring its `before` and `limit`."""
+        ...
+
+    async def latest_definitions(self) -> list[SagaDefinition]:
+        """The highest stored version of each definition, by name."""
+        ...
+
+    async def count_by_definition(self) -> dict[tuple[str, SagaStatus], int]:
+        """Sagas per (definition name, status); combinations with none are left out."""
+        ...
+
+    async def history(self, saga_id: str, *, after: int = 0, limit: int | None = None) -> list[HistoryRecord]:
+        """The saga's history in order, from the entry after sequence number `after`, at most `limit` entries."""
+        ...
 
     async def dead_letters(self, *, limit: int = 100, include_replayed: bool = False) -> list[DeadLetter]: ...
 

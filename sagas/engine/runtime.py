@@ -663,7 +663,7 @@ class Engine:
         pending = await self.store.pending_outbox(1000, created_before=self.clock.now() - self.settings.relay_grace)
         orphans = [m for m in pending if m.id not in self._in_flight]
         if orphans:
-            log.info("relaying outbox rows", count=len(orphans))
+            log.debug("relaying outbox rows", count=len(orphans))  # routine after every `sagas start` --db
             self._in_flight.update(m.id for m in orphans)
             await self._publish_queue.put(orphans)
             self.stats["relayed"] += len(orphans)

@@ -486,6 +486,61 @@ class StoreContract:
         counts = await store.count_by_status()
         assert counts == {**dict.fromkeys(SagaStatus, 0), SagaStatus.RUNNING: 2, SagaStatus.FAILED: 1}
 
+    async def test_query_instances_filters_and_pages_by_keyset(self, store: Store) -> None:
+        """Every filter of `query_instances` narrows the list, and pages after (created_at, id) cover each saga
+        once, in order, even among sagas created at the same instant."""
+        sagas = [instance(f"s{i:02d}", at=T0 + i // 3, key=f"k{i}", definition="order" if i % 2 else "travel",
+                          status=SagaStatus.FAILED if i % 5 == 0 else SagaStatus.RUNNING) for i in range(12)]
+        sagas[5] = sagas[5].model_copy(update={"failure": "card DECLINED by 100% of banks"})
+        await store.commit(UnitOfWork(inserts=sagas))
+
+        async def ids(**filters: Any) -> list[str]:
+            return [s.id for s in await store.query_instances(ports.SagaQuery(**filters))]
+
+        newest_first = [s.id for s in sorted(sagas, key=lambda s: (s.created_at, s.id), reverse=True)]
+        assert await ids() == newest_first
+        pages, before = [], None
+        while True:
+            page = await store.query_instances(ports.SagaQuery(limit=5, before=before))
+            if not page:
+                break
+            pages.append([s.id for s in page])
+            before = (page[-1].created_at, page[-1].id)
+        assert [len(p) for p in pages] == [5, 5, 2]
+        assert [saga_id for page in pages for saga_id in page] == newest_first
+        assert await ids(status=SagaStatus.FAILED) == ["s10", "s05", "s00"]
+        assert await ids(definition="order", status=SagaStatus.FAILED) == ["s05"]
+        assert await ids(created_from=T0 + 1, created_to=T0 + 2) == ["s05", "s04", "s03"]
+        assert await ids(key="k7") == ["s07"]
+        assert await ids(reason="declined by 100%") == ["s05"]
+        assert await ids(reason="100_") == []  # LIKE wildcards in the text are taken literally
+        assert await ids(id_prefix="s1") == ["s11", "s10"]
+        assert await ids(id_prefix="s1", limit=1) == ["s11"]
+        assert await ids(id_suffix="1") == ["s11", "s01"]
+        assert await ids(id_suffix="%1") == []
+        assert await store.count_instances(ports.SagaQuery(status=SagaStatus.RUNNING, limit=1)) == 9
+        assert await store.count_instances(ports.SagaQuery(id_prefix="s0")) == 10
+
+    async def test_counts_by_definition_and_latest_definitions(self, store: Store) -> None:
+        """Sagas are counted per (definition, status), and each definition's newest stored version is listed."""
+        statuses = [SagaStatus.RUNNING, SagaStatus.RUNNING, SagaStatus.FAILED]
+        await store.commit(UnitOfWork(inserts=[instance(f"s{i}", status=s) for i, s in enumerate(statuses)]
+                                      + [instance("t", definition="travel")]))
+        assert await store.count_by_definition() == {
+            ("order", SagaStatus.RUNNING): 2, ("order", SagaStatus.FAILED): 1, ("travel", SagaStatus.RUNNING): 1}
+        await store.save_definition(definition(1))
+        await store.save_definition(definition(2, command="inventory.hold"))
+        assert [(d.name, d.version) for d in await store.latest_definitions()] == [("order", 2)]
+
+    async def test_history_pages_after_a_sequence_number(self, store: Store) -> None:
+        """`history(after=, limit=)` pages through a saga's timeline in order without skipping or repeating."""
+        await store.commit(UnitOfWork(inserts=[instance("s1")], history=[event("s1", f"e{i}") for i in range(7)]
+                                      + [event("s2", "other")]))
+        first = await store.history("s1", limit=3)
+        rest = await store.history("s1", after=first[-1].seq, limit=10)
+        assert [r.entry.type for r in first + rest] == [f"e{i}" for i in range(7)]
+        assert await store.history("s1", after=rest[-1].seq) == []
+
     # ---- dead letters -----------------------------------------------------------------------------------
 
     async def test_dead_letters_round_trip_newest_first(self, store: Store) -> None:

@@ -54,8 +54,11 @@ def test_demo_then_list_shows_every_saga_settled(demo_db: Path) -> None:
     assert 0 < len(compensated) < 40
     assert all(s["status"] == "compensated" for s in compensated)
     human = sagas("list", "--db", str(demo_db)).stdout
-    assert listed[0]["id"] in human
+    short = human.splitlines()[1].split()[0]
+    assert listed[0]["id"].endswith(short)  # a short id, which every command takes
+    assert as_json(sagas("show", short, "--db", str(demo_db), "--json"))["instance"]["id"] == listed[0]["id"]
     assert "40 saga(s)" in sagas("list", "--db", str(demo_db), "--limit", "1000").stdout
+    assert "showing 5 of 40 (--limit)" in sagas("list", "--db", str(demo_db), "--limit", "5").stdout
 
 
 def test_show_tells_the_story_of_a_compensated_saga(demo_db: Path) -> None:

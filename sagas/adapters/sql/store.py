@@ -19,12 +19,12 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
-from sagas.adapters.sql import rows, writes
+from sagas.adapters.sql import queries, rows, writes
 from sagas.adapters.sql.connection import Runner, open_runner
 from sagas.adapters.sql.migrate import at_head, upgrade_connection
-from sagas.adapters.sql.tables import dead_letters, definitions, inbox, saga_events, saga_instances, timers
+from sagas.adapters.sql.tables import dead_letters, definitions, inbox, saga_instances, timers
 from sagas.definitions.model import SagaDefinition
-from sagas.engine.ports import DeadLetter, HistoryRecord, OutboxMessage, RetentionResult, UnitOfWork
+from sagas.engine.ports import DeadLetter, HistoryRecord, OutboxMessage, RetentionResult, SagaQuery, UnitOfWork
 from sagas.engine.state import SagaInstance, SagaStatus, TimerSpec
 from sagas.errors import ConcurrencyConflict, DefinitionConflict, StoreError, UnknownDeadLetter, UnknownDefinition
 
@@ -41,7 +41,6 @@ _find_by_key = sa.select(_snapshot).where(
     saga_instances.c.idempotency_key == sa.bindparam("key"),
 )
 _timers_of = sa.select(timers).where(timers.c.saga_id == sa.bindparam("saga_id")).order_by(timers.c.due_at, timers.c.id)
-_history = sa.select(saga_events).where(saga_events.c.saga_id == sa.bindparam("saga_id")).order_by(saga_events.c.id)
 
 
 class SqlStore:
@@ -233,9 +232,20 @@ class SqlStore:
             counts[SagaStatus(status)] = int(count)
         return counts
 
-    async def history(self, saga_id: str) -> list[HistoryRecord]:
-        found = await self._runner.read(lambda c: c.execute(_history, {"saga_id": saga_id}).all())
-        return [rows.history(row) for row in found]
+    async def query_instances(self, query: SagaQuery) -> list[SagaInstance]:
+        return await self._runner.read(partial(queries.instances, query=query))
+
+    async def count_instances(self, query: SagaQuery) -> int:
+        return await self._runner.read(partial(queries.count, query=query))
+
+    async def latest_definitions(self) -> list[SagaDefinition]:
+        return await self._runner.read(queries.latest_definitions)
+
+    async def count_by_definition(self) -> dict[tuple[str, SagaStatus], int]:
+        return await self._runner.read(queries.count_by_definition)
+
+    async def history(self, saga_id: str, *, after: int = 0, limit: int | None = None) -> list[HistoryRecord]:
+        return await self._runner.read(partial(queries.history, saga_id=saga_id, after=after, limit=limit))
 
     async def dead_letters(self, *, limit: int = 100, include_replayed: bool = False) -> list[DeadLetter]:
         """Newest first."""
