@@ -1,8 +1,9 @@
 """Shared fixtures.
 
 Tests that need PostgreSQL, Apache Kafka or RabbitMQ are marked `postgres` / `kafka` / `rabbitmq` and read the
-servers' URLs from SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL / SAGAS_TEST_AMQP_URL (set by `scripts/services.sh env`). When a URL is missing the test is
-skipped on a developer's machine, but under CI=true it FAILS: CI must never pass without the real services.
+servers' URLs from SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL / SAGAS_TEST_AMQP_URL (set by `scripts/services.sh env`).
+When a URL is missing the test is skipped on a developer's machine, but under CI=true it FAILS: CI must never pass
+without the real services.
 """
 
 from __future__ import annotations
