@@ -50,7 +50,7 @@ from sqlalchemy.pool import StaticPool
 from sagas.adapters import normalize_db_url
 from sagas.adapters.sql.connection import is_retriable
 from sagas.definitions.schema import has_nul
-from sagas.engine.ports import TRANSPORT_DEAD_LETTER, Broker, BrokerMessage, Consumer, Delivery
+from sagas.engine.ports import Broker, BrokerMessage, Consumer, Delivery
 from sagas.engine.state import MessageKind, Outcome
 from sagas.engine.wire import (
     MAX_REASON_CHARS,
@@ -345,12 +345,6 @@ class ParticipantWorker:
         """Handle a batch in one transaction (a savepoint per command); return the replies to publish."""
         commands: list[CommandMessage] = []
         for delivery in deliveries:
-            given_up = delivery.message.header(TRANSPORT_DEAD_LETTER)
-            if given_up is not None:  # it kept crashing a participant: dropped, not run again
-                self.participant.stats["malformed"] += 1
-                log.error("command given up by the broker dropped", participant=self.participant.name,
-                          reason=given_up, message_id=delivery.message.header("ce_id"))
-                continue
             try:
                 commands.append(decode_command(delivery.message))
             except MalformedMessage as exc:

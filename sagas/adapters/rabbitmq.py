@@ -15,9 +15,8 @@ Semantics, as for the other brokers (see `sagas.adapters.memory`), and how they 
   the first group that subscribes to the topic takes those messages over.
 * `commit` acknowledges, after the caller's own commit. A message delivered ``delivery_limit`` times without an
   ack (it keeps crashing its consumer) is dead-lettered by the queue into ``<topic>@<group>.dead``, which the
-  group also consumes: it comes back once more, with the header ``sagas-dead-letter``
-  (`sagas.engine.ports.TRANSPORT_DEAD_LETTER`) giving the reason, and the engine stores it as a dead letter
-  instead of processing it.
+  group also consumes: it comes back once more, marked `BrokerMessage.malformed` with the reason, and the engine
+  stores it as a dead letter instead of processing it (a participant drops it with a log line).
 * **Reconnection** is this module's own (not aio-pika's robust connection): when the connection or a channel is
   lost, the deliveries fetched on it are abandoned (committing them later is skipped: their delivery tags mean
   other messages on a new channel, and the server redelivers them anyway), publishes wait for the new connection
@@ -29,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -44,7 +44,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from pamqp import commands as spec
 
 from sagas.adapters.rabbitwire import decode_message, encode_message
-from sagas.engine.ports import TRANSPORT_DEAD_LETTER, BrokerMessage, Delivery
+from sagas.engine.ports import BrokerMessage, Delivery
 from sagas.errors import BrokerError
 
 __all__ = ["RabbitBroker", "RabbitConsumer", "RabbitSettings", "parse_amqp_url"]
@@ -508,9 +508,7 @@ class RabbitConsumer:
             self._unacked[tag] = incoming
             message = decode_message(topic, incoming)
             if incoming.headers.get("x-first-death-reason") is not None:
-                reason = _death_reason(incoming, self._broker.delivery_limit)
-                message = BrokerMessage(message.topic, message.value, message.key,
-                                        (*message.headers, (TRANSPORT_DEAD_LETTER, reason.encode())))
+                message = dataclasses.replace(message, malformed=_death_reason(incoming, self._broker.delivery_limit))
             deliveries.append(Delivery(message, _Token(self._id, epoch, tag)))
         return deliveries
 

@@ -51,12 +51,6 @@ class BrokerMessage:
         return None
 
 
-TRANSPORT_DEAD_LETTER = "sagas-dead-letter"
-"""A header a broker adds to a message that its transport gave up on (RabbitMQ: delivered up to the queue's delivery
-limit without an acknowledgement, so it keeps crashing its consumer). Its value is the reason. Receivers store such a
-message as a dead letter, or drop it with a log line, and never process it."""
-
-
 @dataclass(frozen=True)
 class Delivery:
     """A consumed message and the broker's opaque token needed to acknowledge it."""

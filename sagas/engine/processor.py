@@ -26,7 +26,6 @@ from sagas.engine import machine
 from sagas.engine.ids import uuid7
 from sagas.engine.ports import (
     NO_OBSERVER,
-    TRANSPORT_DEAD_LETTER,
     BrokerMessage,
     DeadLetter,
     Delivery,
@@ -317,10 +316,6 @@ class Processor:
         debug = log.debug  # structlog's lazy proxy binds a logger on every attribute access: once per batch
         for index, item in enumerate(items):
             if isinstance(item, ReplyItem):
-                given_up = item.message.header(TRANSPORT_DEAD_LETTER)
-                if given_up is not None:  # it kept crashing a consumer: not processed again
-                    self._dead_letter(work, item.message, given_up, now, results[index])
-                    continue
                 try:
                     reply = decode_reply(item.message)
                 except MalformedMessage as exc:

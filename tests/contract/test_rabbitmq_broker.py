@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sagas.adapters.rabbitmq import RabbitBroker
-from sagas.engine.ports import TRANSPORT_DEAD_LETTER, Broker, Delivery
+from sagas.engine.ports import Broker, Delivery
 from sagas.errors import BrokerError
 from tests.contract.test_broker_contract import OpenBroker, brokers, collect, message, unique, values
 
@@ -113,8 +113,8 @@ async def test_a_message_that_keeps_crashing_its_consumer_comes_back_as_a_dead_l
     amqp_url: str, topic: str, group: str
 ) -> None:
     """A message delivered `delivery_limit` times without an ack (each consumer dies holding it) is dead-lettered
-    by its queue and delivered once more, intact, marked with the reason, so the engine stores it as a dead
-    letter; acknowledged, it is gone."""
+    by its queue and delivered once more, intact, marked `malformed` with the reason, so the engine stores it as
+    a dead letter; acknowledged, it is gone."""
     async with brokers(lambda: RabbitBroker.from_url(amqp_url, delivery_limit=2)) as open_broker:
         broker = await open_broker()
         await broker.publish([message(topic, "poison", key="saga-x")])
@@ -122,14 +122,14 @@ async def test_a_message_that_keeps_crashing_its_consumer_comes_back_as_a_dead_l
         for _attempt in range(6):
             consumer = await broker.subscribe([topic], group)
             got = await collect(consumer, 1)
-            marked = [d for d in got if d.message.header(TRANSPORT_DEAD_LETTER)]
+            marked = [d for d in got if d.message.malformed]
             if marked:
                 await consumer.commit(marked)
                 await consumer.close()
                 break
             await consumer.close()  # "crashes": never acknowledged
         assert marked, "never dead-lettered"
-        reason = marked[0].message.header(TRANSPORT_DEAD_LETTER) or ""
+        reason = marked[0].message.malformed or ""
         assert "delivered 2 times" in reason
         assert (marked[0].message.value, marked[0].message.key) == (b"poison", "saga-x")
         again = await broker.subscribe([topic], group)
