@@ -114,10 +114,11 @@ def decode_headers(table: dict[str, Any] | None, content_type: str | None) -> tu
 
 
 def decode_message(topic: str, incoming: AbstractIncomingMessage) -> BrokerMessage:
-    """The `BrokerMessage` of a delivery from `topic`; never raises, whatever another client sent."""
-    return BrokerMessage(
-        topic=topic,
-        value=bytes(incoming.body),
-        key=incoming.routing_key or None,
-        headers=decode_headers(dict(incoming.headers or {}), incoming.content_type),
-    )
+    """The `BrokerMessage` of a delivery from `topic`; never raises, whatever another client sent: what cannot be
+    read is handed over `malformed`, with the reason, for the engine to dead-letter."""
+    value, key = bytes(incoming.body), incoming.routing_key or None
+    try:
+        headers = decode_headers(dict(incoming.headers or {}), incoming.content_type)
+    except Exception as exc:  # a table of a shape no check above foresaw: kept, not raised
+        return BrokerMessage(topic=topic, value=value, key=key, malformed=f"AMQP headers undecodable: {exc!r}"[:500])
+    return BrokerMessage(topic=topic, value=value, key=key, headers=headers)

@@ -220,3 +220,44 @@ async def test_a_server_restart_is_ridden_out_and_a_publish_while_down_does_not_
         await broker.publish([message(topic, "after")])
         got = values(await collect(consumer, 1, within=60, commit=True))
         assert got == ["after"]
+
+
+async def test_what_other_clients_send_is_delivered_never_raised(
+    amqp_url: str, open_broker: OpenBroker, topic: str, group: str
+) -> None:
+    """Messages from another AMQP client with tables of every type (numbers, flags, nested tables, arrays, times,
+    voids), a broken exact-headers entry, no properties at all, or an empty body are fetched like any other, in
+    order, with their CloudEvents attributes read; the engine's wire parser then judges them."""
+    import datetime
+    import decimal
+
+    import aio_pika
+
+    broker = await open_broker()
+    consumer = await broker.subscribe([topic], group)
+    tables: list[dict[str, object] | None] = [
+        {"cloudEvents_id": "r-1", "cloudEvents:type": "T.succeeded", "n": 7, "f": 1.5, "b": True},
+        {"nested": {"a": [1, "x", None]}, "when": datetime.datetime(2026, 1, 1), "d": decimal.Decimal("1.25")},
+        {"x-sagas-headers": "not a list"},
+        {"x-sagas-headers": [["only a name"], [1, 2], ["ok", "v"]]},
+        {"x-sagas-order": ["missing"], "a": "1"},
+        None,
+    ]
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(topic, ensure=False)
+        for index, table in enumerate(tables):
+            await exchange.publish(aio_pika.Message(str(index).encode() if index else b"", headers=table),
+                                   routing_key="saga-1")
+    finally:
+        await connection.close()
+    got = await collect(consumer, len(tables), commit=True)
+    assert [d.message.value for d in got] == [b"", b"1", b"2", b"3", b"4", b"5"]
+    first = got[0].message
+    assert (first.header("ce_id"), first.header("ce_type"), first.header("n"), first.header("b")) == (
+        "r-1", "T.succeeded", "7", "True")
+    assert got[3].message.headers == (("1", b"2"), ("ok", b"v"))
+    assert got[4].message.headers == (("a", b"1"),)
+    assert got[5].message.headers == ()
+    assert all(d.message.key == "saga-1" for d in got)
