@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Start/stop the REAL PostgreSQL and Apache Kafka servers that the test suite uses, on 127.0.0.1,
-# without Docker and without Kafka's download site (the broker comes from Maven Central).
+# Start/stop the REAL PostgreSQL, Apache Kafka and RabbitMQ servers that the test suite uses, on 127.0.0.1,
+# without Docker and without Kafka's download site (the broker comes from Maven Central, RabbitMQ from Debian).
 #
-#   scripts/services.sh start  [postgres|kafka|all]   start what is not running yet, wait until ready
-#   scripts/services.sh stop   [postgres|kafka|all]   stop only what THIS script started
-#   scripts/services.sh status [postgres|kafka|all]
+#   scripts/services.sh start  [postgres|kafka|rabbitmq|all]   start what is not running yet, wait until ready
+#   scripts/services.sh stop   [postgres|kafka|rabbitmq|all]   stop only what THIS script started
+#   scripts/services.sh status [postgres|kafka|rabbitmq|all]
 #   scripts/services.sh env                           eval "$(scripts/services.sh env)"
 #   scripts/services.sh stop-one NAME  | pause NAME   stop one service, keep its data (outage tests)
 #   scripts/services.sh start-one NAME | resume NAME  start it again on the same data
+#   scripts/services.sh close-connections rabbitmq     close every client connection from the server side
 #
 # Environment:
 #   SAGAS_SERVICES_DIR    state dir (default <repo>/.services): data, logs, pid files, markers
 #   SAGAS_PG_PORT         PostgreSQL port (default 55432)
 #   SAGAS_KAFKA_PORT / SAGAS_KAFKA_CONTROLLER_PORT   (default 19092 / 19093)
-#   SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL   if set to something other than the default URL,
-#                         that server is external: this script neither starts nor stops it.
-#   SAGAS_PG_START_TIMEOUT / SAGAS_KAFKA_START_TIMEOUT   readiness deadlines in s (60 / 120)
+#   SAGAS_RABBITMQ_PORT / SAGAS_RABBITMQ_MANAGEMENT_PORT / SAGAS_RABBITMQ_DIST_PORT / SAGAS_RABBITMQ_EPMD_PORT
+#                         (default 45672 / 45674 / 45673 / 45675: none of them RabbitMQ's or Erlang's defaults;
+#                         rabbitmqctl's own distribution ports are 45680-45690, not RabbitMQ's 35672-35682)
+#   SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL / SAGAS_TEST_AMQP_URL   if set to something other than the default
+#                         URL, that server is external: this script neither starts nor stops it.
+#   SAGAS_PG_START_TIMEOUT / SAGAS_KAFKA_START_TIMEOUT / SAGAS_RABBITMQ_START_TIMEOUT   readiness deadlines in s
+#                         (60 / 120 / 120)
 #   SAGAS_KAFKA_STOP_TIMEOUT   seconds to wait after SIGTERM before SIGKILL (20)
 # See docs/services.md.
 set -euo pipefail
@@ -30,9 +35,15 @@ KAFKA_CONTROLLER_PORT="${SAGAS_KAFKA_CONTROLLER_PORT:-19093}"
 PG_START_TIMEOUT="${SAGAS_PG_START_TIMEOUT:-60}"
 KAFKA_START_TIMEOUT="${SAGAS_KAFKA_START_TIMEOUT:-120}"
 KAFKA_STOP_TIMEOUT="${SAGAS_KAFKA_STOP_TIMEOUT:-20}"
+RABBITMQ_PORT="${SAGAS_RABBITMQ_PORT:-45672}"
+RABBITMQ_MANAGEMENT_PORT="${SAGAS_RABBITMQ_MANAGEMENT_PORT:-45674}"
+RABBITMQ_DIST_PORT_="${SAGAS_RABBITMQ_DIST_PORT:-45673}"
+RABBITMQ_EPMD_PORT="${SAGAS_RABBITMQ_EPMD_PORT:-45675}"
+RABBITMQ_START_TIMEOUT="${SAGAS_RABBITMQ_START_TIMEOUT:-120}"
 
 DEFAULT_PG_URL="postgresql+asyncpg://sagas:sagas@127.0.0.1:${PG_PORT}/sagas"
 DEFAULT_KAFKA_URL="kafka://127.0.0.1:${KAFKA_PORT}"
+DEFAULT_AMQP_URL="amqp://sagas:sagas@127.0.0.1:${RABBITMQ_PORT}/"
 
 # PostgreSQL layout: everything below $STATE_DIR/postgres is owned by the server's OS user.
 PG_DIR="$STATE_DIR/postgres"
@@ -67,6 +78,7 @@ is_external() {
   case "$1" in
     postgres) [[ -n "${SAGAS_TEST_PG_URL:-}" && "${SAGAS_TEST_PG_URL}" != "$DEFAULT_PG_URL" ]] ;;
     kafka) [[ -n "${SAGAS_TEST_KAFKA_URL:-}" && "${SAGAS_TEST_KAFKA_URL}" != "$DEFAULT_KAFKA_URL" ]] ;;
+    rabbitmq) [[ -n "${SAGAS_TEST_AMQP_URL:-}" && "${SAGAS_TEST_AMQP_URL}" != "$DEFAULT_AMQP_URL" ]] ;;
   esac
 }
 
@@ -74,9 +86,10 @@ APT_UPDATED=0
 apt_install() {
   command -v apt-get >/dev/null || die "need to install $*, but apt-get is not available"
   [[ $EUID -eq 0 ]] || die "need to install $* (apt-get); run as root or install it yourself"
-  if [[ $APT_UPDATED -eq 0 ]]; then apt-get update -qq; APT_UPDATED=1; fi
+  # The lock timeout: another apt-get (another checkout's script, a developer) may be running at the same time.
+  if [[ $APT_UPDATED -eq 0 ]]; then apt-get -o DPkg::Lock::Timeout=600 update -qq; APT_UPDATED=1; fi
   log "installing $* (apt)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "$@" >/dev/null
 }
 
 # ----------------------------------------------------------------------------------------------
@@ -354,13 +367,140 @@ kafka_status() {
 }
 
 # ----------------------------------------------------------------------------------------------
+# RabbitMQ (Debian's rabbitmq-server, as a node of its own: never the system service)
+# ----------------------------------------------------------------------------------------------
+# Every path, port, the node name and the Erlang cookie are ours, set through RABBITMQ_* variables, so the
+# node neither reads /etc/rabbitmq nor /var/lib/rabbitmq, nor meets a system node on epmd's default port.
+RABBITMQ_STATE="$STATE_DIR/rabbitmq"
+RABBITMQ_LOG="$STATE_DIR/rabbitmq.log"
+RABBITMQ_NODE="sagas-test@localhost"
+RABBITMQ_SBIN="/usr/lib/rabbitmq/bin"
+
+rabbitmq_env() {
+  export HOME="$RABBITMQ_STATE"   # the Erlang cookie is $HOME/.erlang.cookie, for the server and rabbitmqctl
+  export RABBITMQ_NODENAME="$RABBITMQ_NODE"   # the AMQP listener is set in rabbitmq.conf (both would clash)
+  export RABBITMQ_CTL_DIST_PORT_MIN=45680 RABBITMQ_CTL_DIST_PORT_MAX=45690
+  export RABBITMQ_DIST_PORT="$RABBITMQ_DIST_PORT_" ERL_EPMD_PORT="$RABBITMQ_EPMD_PORT" ERL_EPMD_ADDRESS=127.0.0.1
+  export RABBITMQ_CONFIG_FILE="$RABBITMQ_STATE/rabbitmq.conf" RABBITMQ_ENABLED_PLUGINS_FILE="$RABBITMQ_STATE/enabled_plugins"
+  export RABBITMQ_CONF_ENV_FILE="$RABBITMQ_STATE/rabbitmq-env.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$RABBITMQ_STATE/advanced.config"
+  export RABBITMQ_MNESIA_BASE="$RABBITMQ_STATE/mnesia" RABBITMQ_LOG_BASE="$RABBITMQ_STATE/log"
+  export RABBITMQ_PID_FILE="$RABBITMQ_STATE/rabbitmq.pid" RABBITMQ_LOGS="$RABBITMQ_STATE/log/node.log"
+  export ERL_CRASH_DUMP="$RABBITMQ_STATE/erl_crash.dump"
+  # Erlang distribution listens on every interface unless told otherwise: loopback only, like the rest.
+  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+}
+
+rabbitmqctl_() { (rabbitmq_env; cd / && "$RABBITMQ_SBIN/rabbitmqctl" -n "$RABBITMQ_NODE" "$@"); }
+
+rabbitmq_pid() { [[ -f "$RABBITMQ_STATE/rabbitmq.pid" ]] && cat "$RABBITMQ_STATE/rabbitmq.pid"; }
+# Our node's pid file names a live beam whose home is our state dir (pids get reused).
+rabbitmq_running() {
+  local pid; pid="$(rabbitmq_pid)" || return 1
+  [[ -n "$pid" ]] && proc_alive "$pid" && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "-home $RABBITMQ_STATE "
+}
+
+rabbitmq_install() {
+  [[ -x "$RABBITMQ_SBIN/rabbitmq-server" ]] || apt_install rabbitmq-server
+  # amqp-tools: an end-to-end test's participant is a shell script around amqp-consume / amqp-publish.
+  command -v amqp-consume >/dev/null || apt_install amqp-tools
+  [[ -x "$RABBITMQ_SBIN/rabbitmq-server" ]] || die "rabbitmq-server not found in $RABBITMQ_SBIN after install"
+}
+
+rabbitmq_configure() {
+  mkdir -p "$RABBITMQ_STATE/log" "$RABBITMQ_STATE/mnesia"
+  if [[ ! -s "$RABBITMQ_STATE/.erlang.cookie" ]]; then
+    (umask 077; head -c 32 /dev/urandom | sha256sum | cut -c1-40 >"$RABBITMQ_STATE/.erlang.cookie")
+  fi
+  chmod 400 "$RABBITMQ_STATE/.erlang.cookie"
+  : >"$RABBITMQ_STATE/rabbitmq-env.conf"
+  # The consistent-hash exchange keeps one saga's messages in one partition queue (docs/architecture.md);
+  # management gives rabbitmqadmin and the HTTP API, on 127.0.0.1 only.
+  echo '[rabbitmq_consistent_hash_exchange,rabbitmq_management].' >"$RABBITMQ_STATE/enabled_plugins"
+  # Rendered on every start so port overrides apply; the user is created on the first boot of an empty node.
+  cat >"$RABBITMQ_STATE/rabbitmq.conf" <<EOF
+listeners.tcp.default = 127.0.0.1:$RABBITMQ_PORT
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $RABBITMQ_MANAGEMENT_PORT
+default_user = sagas
+default_pass = sagas
+default_vhost = /
+loopback_users = none
+log.console = false
+log.file.level = info
+disk_free_limit.absolute = 200MB
+EOF
+}
+
+rabbitmq_start() {
+  if is_external rabbitmq; then log "rabbitmq: SAGAS_TEST_AMQP_URL is set to an external server; not starting"; return 0; fi
+  if started_by_us rabbitmq && rabbitmq_running; then log "rabbitmq: already running (ours) on 127.0.0.1:$RABBITMQ_PORT"; return 0; fi
+  if port_open "$RABBITMQ_PORT"; then log "rabbitmq: port $RABBITMQ_PORT already in use, assuming a server is there; not starting"; return 0; fi
+  local t0; t0=$(now_ms)
+  rabbitmq_install
+  rabbitmq_configure
+  [[ -f "$RABBITMQ_LOG" ]] && mv -f "$RABBITMQ_LOG" "$RABBITMQ_LOG.1"
+  log "rabbitmq: starting node $RABBITMQ_NODE on 127.0.0.1:$RABBITMQ_PORT (management :$RABBITMQ_MANAGEMENT_PORT, dist :$RABBITMQ_DIST_PORT_, epmd :$RABBITMQ_EPMD_PORT)"
+  # setsid: own session, so a Ctrl-C aimed at the caller does not stop the node; 9>&-: it must not hold our lock.
+  (rabbitmq_env; cd "$RABBITMQ_STATE" && exec setsid nohup "$RABBITMQ_SBIN/rabbitmq-server" \
+     </dev/null >"$RABBITMQ_LOG" 2>&1 9>&-) &
+  local launcher=$!
+  touch "$(marker rabbitmq)"
+  local deadline=$(( $(date +%s) + RABBITMQ_START_TIMEOUT ))
+  until rabbitmq_running && rabbitmqctl_ -q await_startup --timeout 5 >/dev/null 2>&1 && port_open "$RABBITMQ_PORT"; do
+    if ! proc_alive "$launcher" && ! rabbitmq_running; then
+      show_tail "$RABBITMQ_LOG"; show_tail "$RABBITMQ_STATE/log/node.log"; rm -f "$(marker rabbitmq)"
+      die "rabbitmq exited during startup (logs: $RABBITMQ_LOG, $RABBITMQ_STATE/log/)"
+    fi
+    if (( $(date +%s) >= deadline )); then
+      show_tail "$RABBITMQ_STATE/log/node.log"; rabbitmq_stop
+      die "rabbitmq not ready after ${RABBITMQ_START_TIMEOUT}s (logs: $RABBITMQ_STATE/log/)"
+    fi
+    sleep 0.5
+  done
+  local cpu_ms; cpu_ms=$(awk -v hz="$(getconf CLK_TCK)" '{ print int(($14 + $15) * 1000 / hz) }' "/proc/$(rabbitmq_pid)/stat" 2>/dev/null || echo 0)
+  log "rabbitmq: ready in $(elapsed "$t0") (beam cpu $((cpu_ms / 1000)).$(printf %03d $((cpu_ms % 1000)))s, load $(cut -d' ' -f1 /proc/loadavg)) -> $DEFAULT_AMQP_URL"
+}
+
+rabbitmq_stop() {
+  if rabbitmq_running; then
+    local pid t0; pid="$(rabbitmq_pid)"; t0=$(now_ms)
+    # `shutdown` waits until the node has stopped; SIGKILL only if it will not.
+    rabbitmqctl_ -q shutdown --timeout 30 >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$(( $(date +%s) + 30 ))
+    while proc_alive "$pid" && (( $(date +%s) < deadline )); do sleep 0.2; done
+    if proc_alive "$pid"; then log "rabbitmq: still alive after 30s, sending SIGKILL"; kill -KILL "$pid" 2>/dev/null || true; fi
+    # Our own epmd (on our port) goes too: it was started by our node and nobody else uses that port.
+    (rabbitmq_env; epmd -port "$RABBITMQ_EPMD_PORT" -kill >/dev/null 2>&1 || true)
+    log "rabbitmq: stopped in $(elapsed "$t0")"
+  else
+    log "rabbitmq: was not running"
+  fi
+  rm -f "$(marker rabbitmq)"
+}
+
+rabbitmq_status() {
+  local who="not started by this script"
+  started_by_us rabbitmq && who="started by this script, pid $(rabbitmq_pid || echo '?')"
+  is_external rabbitmq && who="external: $SAGAS_TEST_AMQP_URL"
+  if is_external rabbitmq; then echo "rabbitmq: $who"
+  elif port_open "$RABBITMQ_PORT"; then echo "rabbitmq: running on 127.0.0.1:$RABBITMQ_PORT ($who)"
+  else echo "rabbitmq: stopped"; fi
+}
+
+# Close every client connection from the server side (outage tests); the node stays up.
+rabbitmq_close_connections() {
+  rabbitmqctl_ -q close_all_connections "${1:-closed by scripts/services.sh}" >/dev/null
+}
+
+# ----------------------------------------------------------------------------------------------
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}" >&2; exit 2; }
 
 services_of() {
   case "${1:-all}" in
-    all) echo "postgres kafka" ;;
+    all) echo "postgres kafka rabbitmq" ;;
     postgres | pg) echo "postgres" ;;
     kafka) echo "kafka" ;;
+    rabbitmq | rabbit) echo "rabbitmq" ;;
     *) usage ;;
   esac
 }
@@ -372,7 +512,7 @@ lock() {
   flock -w 300 9 || die "$STATE_DIR/.lock is held by another services.sh for 300 s"
 }
 
-svc() { case "$1" in postgres) echo pg ;; kafka) echo kafka ;; esac; }
+svc() { case "$1" in postgres) echo pg ;; kafka) echo kafka ;; rabbitmq) echo rabbitmq ;; esac; }
 
 # Stop only what this script started (marker file); anything else is left alone. Written as an
 # `if` on purpose: a function called as `f || x` would run with `set -e` switched off inside.
@@ -399,9 +539,14 @@ main() {
       stop_service "$list" ;;
     status)
       for s in $list; do "$(svc "$s")_status"; done ;;
+    close-connections)
+      [[ "$list" == rabbitmq ]] || usage
+      started_by_us rabbitmq || die "rabbitmq: not started by this script"
+      rabbitmq_close_connections ;;
     env)
       printf 'export SAGAS_TEST_PG_URL=%q\n' "${SAGAS_TEST_PG_URL:-$DEFAULT_PG_URL}"
-      printf 'export SAGAS_TEST_KAFKA_URL=%q\n' "${SAGAS_TEST_KAFKA_URL:-$DEFAULT_KAFKA_URL}" ;;
+      printf 'export SAGAS_TEST_KAFKA_URL=%q\n' "${SAGAS_TEST_KAFKA_URL:-$DEFAULT_KAFKA_URL}"
+      printf 'export SAGAS_TEST_AMQP_URL=%q\n' "${SAGAS_TEST_AMQP_URL:-$DEFAULT_AMQP_URL}" ;;
     *) usage ;;
   esac
   return "$rc"

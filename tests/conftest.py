@@ -1,8 +1,9 @@
 """Shared fixtures.
 
-Tests that need PostgreSQL or Apache Kafka are marked `postgres` / `kafka` and read the servers' URLs from
-SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL (set by `scripts/services.sh env`). When a URL is missing the test is
-skipped on a developer's machine, but under CI=true it FAILS: CI must never pass without the real services.
+Tests that need PostgreSQL, Apache Kafka or RabbitMQ are marked `postgres` / `kafka` / `rabbitmq` and read the
+servers' URLs from SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL / SAGAS_TEST_AMQP_URL (set by `scripts/services.sh env`).
+When a URL is missing the test is skipped on a developer's machine, but under CI=true it FAILS: CI must never pass
+without the real services.
 """
 
 from __future__ import annotations
@@ -35,3 +36,8 @@ def pg_url() -> str:
 @pytest.fixture(scope="session")
 def kafka_url() -> str:
     return service_url("SAGAS_TEST_KAFKA_URL")
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    return service_url("SAGAS_TEST_AMQP_URL")

@@ -2,7 +2,8 @@
 
 Stores: ``sqlite+aiosqlite:///path.db`` (default), ``sqlite+aiosqlite:///:memory:``, ``postgresql+asyncpg://...``.
 Brokers: ``memory://`` (in-process), ``db://`` (a durable queue in the store's own database, for several processes
-on one machine without a server), a database URL (a durable queue in that database), ``kafka://host:port[,...]``.
+on one machine without a server), a database URL (a durable queue in that database), ``kafka://host:port[,...]``,
+``amqp://`` / ``amqps://`` (RabbitMQ).
 Optional drivers are imported only when their URL is used, with an install hint when missing.
 """
 
@@ -17,6 +18,7 @@ from sagas.engine.ports import Broker, Store
 _HINTS = {
     "asyncpg": "pip install 'sagas-engine[postgres]'",
     "aiokafka": "pip install 'sagas-engine[kafka]'",
+    "aio_pika": "pip install 'sagas-engine[rabbitmq]'",
 }
 
 
@@ -57,12 +59,18 @@ def open_broker(url: str, *, db_url: str | None = None, **options: Any) -> Broke
         from sagas.adapters.kafka import KafkaBroker
 
         return KafkaBroker.from_url(url, **options)
+    if url.startswith(("amqp://", "amqps://")):
+        _require("aio_pika")
+        from sagas.adapters.rabbitmq import RabbitBroker
+
+        return RabbitBroker.from_url(url, **options)
     if url == "db://":
         if db_url is None:
             raise ValueError("broker 'db://' uses the store's database, but no database URL was given")
         url = db_url
     elif not url.startswith(("sqlite", "postgresql")) and "://" in url:
-        raise ValueError(f"unsupported broker URL {url!r}: use memory://, db://, kafka://host:port, or a database URL")
+        raise ValueError(f"unsupported broker URL {url!r}: use memory://, db://, kafka://host:port, "
+                         "amqp://host:port, or a database URL")
     from sagas.adapters.sqlqueue import SqlQueueBroker
 
     return SqlQueueBroker(normalize_db_url(url))

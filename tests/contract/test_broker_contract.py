@@ -548,6 +548,22 @@ class TestKafkaBroker(BrokerContract, SharedTransportContract):
         assert sorted(set(got)) == sorted(f"m{i}" for i in range(8))  # at least once each
 
 
+# ---- RabbitMQ -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.rabbitmq
+class TestRabbitBroker(BrokerContract, SharedTransportContract):
+    @pytest.fixture
+    async def open_broker(self, amqp_url: str) -> AsyncIterator[OpenBroker]:
+        from sagas.adapters.rabbitmq import RabbitBroker
+
+        def make() -> Broker:
+            return RabbitBroker.from_url(amqp_url, retry_for=10.0)
+
+        async with brokers(make) as open_broker:
+            yield open_broker
+
+
 def test_parse_kafka_url_reads_servers_partitions_and_options() -> None:
     """A kafka:// URL gives the bootstrap servers, topic settings and typed aiokafka client options."""
     from sagas.adapters.kafka import parse_kafka_url

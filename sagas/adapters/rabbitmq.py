@@ -1,0 +1,603 @@
+"""RabbitMQ through aio-pika: `RabbitBroker`, and `parse_amqp_url` for ``amqp://`` / ``amqps://`` URLs.
+
+Semantics, as for the other brokers (see `sagas.adapters.memory`), and how they are made (docs/architecture.md):
+
+* A **topic** is a durable fanout exchange of that name. Each consumer **group** has, per topic, a
+  consistent-hash exchange ``<topic>@<group>`` bound to it and ``partitions`` quorum queues
+  ``<topic>@<group>.<n>`` behind that, so every group gets every message, and the message key (the routing key,
+  the saga id) picks one queue of the group: one saga's messages stay in one queue, in order.
+* Each partition queue has **single-active-consumer** on: of a group's members only one consumes a queue at a
+  time, the others wait and take over, with the unacknowledged messages first, when it leaves. That is what
+  keeps one saga's messages in order with several engines.
+* **Durable**: quorum queues, persistent messages, publisher confirms awaited before `publish` returns,
+  ``mandatory`` publishing (an unroutable message is a `BrokerError`, never a silent loss). A topic that no group
+  has subscribed to yet routes to its alternate exchange, into the bounded quorum queue ``<topic>.unrouted``;
+  the first group that subscribes to the topic takes those messages over.
+* `commit` acknowledges, after the caller's own commit. A message delivered ``delivery_limit`` times without an
+  ack (it keeps crashing its consumer) is dead-lettered by the queue into ``<topic>@<group>.dead``, which the
+  group also consumes: it comes back once more, marked `BrokerMessage.malformed` with the reason, and the engine
+  stores it as a dead letter instead of processing it (a participant drops it with a log line).
+* **Reconnection** is this module's own (not aio-pika's robust connection): when the connection or a channel is
+  lost, the deliveries fetched on it are abandoned (committing them later is skipped: their delivery tags mean
+  other messages on a new channel, and the server redelivers them anyway), publishes wait for the new connection
+  (for at most `retry_for` seconds, then `BrokerError(retriable=True)`) and are sent again, and every consumer is
+  restored on the new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from pamqp import commands as spec
+
+from sagas.adapters.rabbitwire import decode_message, encode_message
+from sagas.engine.ports import BrokerMessage, Delivery
+from sagas.errors import BrokerError
+
+__all__ = ["RabbitBroker", "RabbitConsumer", "RabbitSettings", "parse_amqp_url"]
+
+log = logging.getLogger(__name__)
+
+_OWN_OPTIONS = {"partitions": int, "prefetch": int, "delivery_limit": int, "unrouted_max": int, "retry_for": float}
+
+
+@dataclass(frozen=True)
+class RabbitSettings:
+    """What an ``amqp://`` URL says: the connection URL aio-pika gets, and this broker's own options."""
+
+    url: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_amqp_url(url: str) -> RabbitSettings:
+    """Read ``amqp[s]://user:password@host:port/vhost[?partitions=N&prefetch=N&delivery_limit=N&...]``.
+
+    ``partitions``, ``prefetch``, ``delivery_limit``, ``unrouted_max`` and ``retry_for`` are this broker's (see
+    `RabbitBroker`); other query parameters go to aio-pika's connection (``heartbeat``, ``connection_timeout``,
+    TLS files for ``amqps``...). A heartbeat of 10 s is asked for unless the URL says otherwise, so a peer that is
+    gone without closing the connection is noticed within seconds, not minutes.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(f"not an amqp:// or amqps:// URL: {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"no host in {url!r}")
+    options: dict[str, Any] = {}
+    passed: list[tuple[str, str]] = []
+    for name, raw in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)):
+        kind = _OWN_OPTIONS.get(name)
+        if kind is None:
+            passed.append((name, raw))
+            continue
+        try:
+            options[name] = kind(raw)
+        except ValueError:
+            raise ValueError(f"amqp:// URL option {name}={raw!r}: expected a {kind.__name__}") from None
+    if not any(name == "heartbeat" for name, _ in passed):
+        passed.append(("heartbeat", "10"))
+    return RabbitSettings(urlunsplit(parts._replace(query=urlencode(passed))), options)
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}{parts.path or '/'}"
+
+
+# Errors meaning the connection or channel is gone (or going): the call is tried again on a new one.
+_LOST = (
+    aiormq.exceptions.AMQPConnectionError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError, OSError,
+    asyncio.TimeoutError, RuntimeError,
+)
+
+
+class RabbitBroker:
+    """A `Broker` on RabbitMQ (3.10 or later, with the bundled ``rabbitmq_consistent_hash_exchange`` plugin).
+
+    Args:
+        url: ``amqp://`` or ``amqps://`` URL for aio-pika (see `parse_amqp_url`; `from_url` reads options too).
+        partitions: Partition queues per topic and group, fixed when a group first subscribes to a topic. More
+            partitions let a future RabbitMQ spread them over members; today single-active-consumer gives each
+            queue to the member that subscribed first, the others standing by.
+        prefetch: Unacknowledged deliveries per partition queue and consumer. The engine fetches up to 512 replies
+            a batch and acknowledges them after its commit; with 3 partitions, 256 each keeps a full batch waiting
+            while the previous one commits, and bounds what a consumer holds in memory to 768 messages.
+        delivery_limit: Deliveries of one message without an ack before its queue dead-letters it (a message
+            that keeps crashing its consumer). 20: far above what outages and restarts cause.
+        unrouted_max: Messages kept for a topic that no group has subscribed to yet; beyond, publishing to it is
+            refused (a retriable error) instead of growing without bound.
+        retry_for: Seconds a call waits for a lost connection to come back before `BrokerError(retriable=True)`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        partitions: int = 3,
+        prefetch: int = 256,
+        delivery_limit: int = 20,
+        unrouted_max: int = 100_000,
+        retry_for: float = 30.0,
+    ) -> None:
+        if partitions < 1 or prefetch < 1 or delivery_limit < 1 or unrouted_max < 1:
+            raise ValueError("partitions, prefetch, delivery_limit and unrouted_max must be at least 1")
+        self.url = url
+        self.partitions = partitions
+        self.prefetch = prefetch
+        self.delivery_limit = delivery_limit
+        self.unrouted_max = unrouted_max
+        self.retry_for = retry_for
+        self._connection: AbstractConnection | None = None
+        self._publisher: AbstractChannel | None = None
+        self._up = asyncio.Event()
+        self._epoch = 0
+        """Bumped by every new connection."""
+        self._closing = False
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._down_since: float | None = None
+        self._lock = asyncio.Lock()
+        self._topics: set[str] = set()
+        """Topics whose exchanges this broker declared (they are durable: they outlive a reconnect)."""
+        self._consumers: set[RabbitConsumer] = set()
+        self._ids = itertools.count(1)
+
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> RabbitBroker:
+        """A broker from an ``amqp://`` URL (see `parse_amqp_url`); keyword arguments override the URL."""
+        settings = parse_amqp_url(url)
+        return cls(settings.url, **{**settings.options, **overrides})
+
+    def __repr__(self) -> str:
+        return f"RabbitBroker({_redacted(self.url)!r})"
+
+    # ---- connection -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, retrying for `retry_for` seconds while RabbitMQ is unreachable."""
+        if self._connection is not None and not self._connection.is_closed:
+            return
+        self._closing = False
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.1
+        while True:
+            try:
+                await self._connect()
+                return
+            except _LOST as exc:
+                if time.monotonic() + delay > deadline:
+                    raise BrokerError(f"{self!r}: cannot connect for {self.retry_for:.0f}s: {exc!r}",
+                                      retriable=True) from exc
+                log.debug("%r: connect failed (%r), retrying in %.1fs", self, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            except aiormq.exceptions.AMQPError as exc:  # refused login, unknown vhost: trying again will not help
+                raise BrokerError(f"{self!r}: cannot connect: {exc!r}", retriable=False) from exc
+
+    async def _connect(self) -> None:
+        connection = await aio_pika.connect(self.url, timeout=10)
+        try:
+            publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection, self._publisher = connection, publisher
+        self._epoch += 1
+        epoch = self._epoch
+        connection.close_callbacks.add(lambda _sender, exc: self._lost(epoch, exc))
+        self._up.set()
+
+    def _lost(self, epoch: int, exc: BaseException | None) -> None:
+        """The connection of `epoch` closed: unless we closed it, reconnect in the background."""
+        if epoch != self._epoch or self._closing:
+            return
+        self._up.clear()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("%r: connection lost (%r); reconnecting", self, exc)
+        if self._reconnecting is None or self._reconnecting.done():
+            self._reconnecting = asyncio.ensure_future(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            try:
+                await self._connect()
+            except Exception as exc:  # whatever stops a connect, the next attempt may not meet it
+                log.debug("%r: reconnect failed (%r), retrying in %.1fs", self, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if self._down_since is not None:
+                log.warning("%r: connection restored", self,
+                            extra={"outage_seconds": round(time.monotonic() - self._down_since, 1)})
+                self._down_since = None
+            for consumer in list(self._consumers):
+                consumer._reconnected()
+            return
+
+    async def _ready(self, deadline: float) -> tuple[AbstractConnection, int]:
+        """The open connection and its epoch, waiting for a reconnect until `deadline`."""
+        while True:
+            connection = self._connection
+            if self._closing or connection is None:
+                raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
+            if self._up.is_set() and not connection.is_closed:
+                return connection, self._epoch
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerError(f"{self!r}: RabbitMQ unreachable for {self.retry_for:.0f}s", retriable=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._up.wait(), remaining)
+
+    async def close(self) -> None:
+        """Close the consumers (their unacknowledged deliveries go back to their queues), then the connection."""
+        self._closing = True
+        for consumer in list(self._consumers):
+            await consumer.close()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reconnecting
+        connection, self._connection, self._publisher = self._connection, None, None
+        self._up.clear()
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
+                await connection.close()
+
+    # ---- topology ---------------------------------------------------------------------------------
+
+    async def _declare_topic(self, channel: AbstractChannel, topic: str) -> None:
+        """The topic's fanout exchange, with its alternate exchange and bounded queue for unrouted messages."""
+        unrouted = f"{topic}.unrouted"
+        await channel.declare_exchange(unrouted, aio_pika.ExchangeType.FANOUT, durable=True)
+        queue = await channel.declare_queue(unrouted, durable=True, arguments={
+            "x-queue-type": "quorum", "x-max-length": self.unrouted_max, "x-overflow": "reject-publish",
+        })
+        await queue.bind(unrouted)
+        await channel.declare_exchange(topic, aio_pika.ExchangeType.FANOUT, durable=True,
+                                       arguments={"alternate-exchange": unrouted})
+
+    async def _ensure_topics(self, topics: set[str], deadline: float) -> None:
+        missing = topics - self._topics
+        if not missing:
+            return
+        async with self._lock:
+            missing -= self._topics
+            if not missing:
+                return
+            connection, _ = await self._ready(deadline)
+            channel = await connection.channel()
+            try:
+                for topic in sorted(missing):
+                    await self._declare_topic(channel, topic)
+                    self._topics.add(topic)
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+
+    # ---- publishing -------------------------------------------------------------------------------
+
+    async def publish(self, messages: Sequence[BrokerMessage]) -> None:
+        """Send the messages in order and wait until RabbitMQ confirmed every one (publisher confirms).
+
+        After a lost connection the whole call is sent again on the new one, so some messages may be published
+        twice (the receivers deduplicate on ``ce_id``). A message no queue takes raises `BrokerError`.
+        """
+        if not messages:
+            return
+        encoded = [encode_message(message) for message in messages]  # refuses what AMQP cannot carry, up front
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            try:
+                await self._ensure_topics({message.topic for message in messages}, deadline)
+                connection, _ = await self._ready(deadline)
+                publisher = self._publisher
+                if publisher is None or publisher.is_closed:
+                    publisher = self._publisher = await connection.channel(
+                        publisher_confirms=True, on_return_raises=True)
+                channel = await publisher.get_underlay_channel()
+                timeout = max(deadline - time.monotonic(), 1.0)
+                # Started in order: each takes the channel's lock before its first suspension, so the frames go
+                # out in this order, while all confirmations are awaited together.
+                confirms = [
+                    asyncio.ensure_future(channel.basic_publish(
+                        body, exchange=message.topic, routing_key=routing_key, properties=properties,
+                        mandatory=True, timeout=timeout))
+                    for message, (body, routing_key, properties) in zip(messages, encoded, strict=True)
+                ]
+                results = await asyncio.gather(*confirms, return_exceptions=True)
+                self._check(results)
+                return
+            except aiormq.exceptions.PublishError as exc:
+                raise BrokerError(f"{self!r}: a message was unroutable (no queue took it): {exc!r}",
+                                  retriable=False) from exc
+            except aiormq.exceptions.DeliveryError as exc:
+                # A nack: a queue refused it (full, or the server's own trouble): later it may take it.
+                raise BrokerError(f"{self!r}: RabbitMQ refused a message: {exc!r}", retriable=True) from exc
+            except aiormq.exceptions.ChannelClosed as exc:
+                if isinstance(exc, aiormq.exceptions.ChannelInvalidStateError):
+                    pass  # the connection went: retry below
+                elif not self._is_connection_gone(exc):
+                    raise BrokerError(f"{self!r}: publish refused: {exc!r}", retriable=False) from exc
+                await self._after_loss(exc, deadline)
+            except _LOST as exc:
+                await self._after_loss(exc, deadline)
+
+    @staticmethod
+    def _check(results: list[Any]) -> None:
+        for result in results:  # the first failure, in publishing order, is the one that counts
+            if isinstance(result, BaseException):
+                raise result
+            if not isinstance(result, spec.Basic.Ack):
+                raise aiormq.exceptions.DeliveryError(None, result)
+
+    def _is_connection_gone(self, exc: BaseException) -> bool:
+        connection = self._connection
+        return connection is None or connection.is_closed or not self._up.is_set()
+
+    async def _after_loss(self, exc: BaseException, deadline: float) -> None:
+        if time.monotonic() >= deadline:
+            raise BrokerError(f"{self!r}: publish failed for {self.retry_for:.0f}s: {exc!r}",
+                              retriable=True) from exc
+        log.debug("%r: publish interrupted (%r); sending again once connected", self, exc)
+        await asyncio.sleep(0.05)  # the close callback runs first: the next _ready waits for the new connection
+
+    # ---- consuming --------------------------------------------------------------------------------
+
+    async def subscribe(self, topics: Sequence[str], group: str) -> RabbitConsumer:
+        """Join group `group` on `topics` (their exchanges and the group's queues are created if missing)."""
+        if not topics:
+            raise ValueError("subscribe needs at least one topic")
+        topics = tuple(dict.fromkeys(topics))
+        deadline = time.monotonic() + self.retry_for
+        await self._ensure_topics(set(topics), deadline)
+        consumer = RabbitConsumer(self, next(self._ids), topics, group)
+        await consumer._open(deadline)
+        self._consumers.add(consumer)
+        return consumer
+
+    def _queue_arguments(self, group_exchange: str) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum", "x-single-active-consumer": True, "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": f"{group_exchange}.dead",
+        }
+
+
+@dataclass(frozen=True)
+class _Token:
+    consumer: int
+    epoch: int
+    tag: int
+
+
+class RabbitConsumer:
+    """One member of a group on RabbitMQ. Use `RabbitBroker.subscribe` to get one."""
+
+    def __init__(self, broker: RabbitBroker, id: int, topics: tuple[str, ...], group: str) -> None:
+        self._broker = broker
+        self._id = id
+        self.topics = topics
+        self.group = group
+        self._channel: AbstractChannel | None = None
+        self._epoch = 0
+        """Bumped by every new channel: deliveries of an older one are abandoned."""
+        self._buffer: deque[tuple[int, str, AbstractIncomingMessage]] = deque()
+        self._unacked: dict[int, AbstractIncomingMessage] = {}
+        """Delivery tag -> message, fetched on the current channel and not acknowledged."""
+        self._arrived = asyncio.Event()
+        self._closed = False
+        self._restoring: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"RabbitConsumer(#{self._id}, group={self.group!r}, topics={list(self.topics)!r})"
+
+    async def _open(self, deadline: float) -> None:
+        """A channel on the broker's connection, the group's queues declared, consuming every one of them."""
+        broker = self._broker
+        connection, _ = await broker._ready(deadline)
+        channel = await connection.channel()
+        try:
+            await channel.set_qos(prefetch_count=broker.prefetch)
+            self._epoch += 1
+            epoch = self._epoch
+            for topic in self.topics:
+                await self._consume_topic(connection, channel, topic, epoch)
+        except BaseException:
+            if not channel.is_closed:
+                with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
+                    await channel.close()
+            raise
+        self._channel = channel
+        channel.close_callbacks.add(lambda _sender, exc: self._channel_lost(epoch, exc))
+
+    async def _consume_topic(
+        self, connection: AbstractConnection, channel: AbstractChannel, topic: str, epoch: int
+    ) -> None:
+        broker = self._broker
+        group_exchange = f"{topic}@{self.group}"
+        new_group = not await _exists(broker, f"{group_exchange}.0")
+        hashed = await channel.declare_exchange(group_exchange, aio_pika.ExchangeType.X_CONSISTENT_HASH, durable=True)
+        dead_exchange = await channel.declare_exchange(f"{group_exchange}.dead", aio_pika.ExchangeType.FANOUT,
+                                                       durable=True)
+        dead = await channel.declare_queue(f"{group_exchange}.dead", durable=True, arguments={"x-queue-type": "quorum"})
+        await dead.bind(dead_exchange)
+        queues = []
+        for number in range(broker.partitions):
+            queue = await channel.declare_queue(f"{group_exchange}.{number}", durable=True,
+                                                arguments=broker._queue_arguments(group_exchange))
+            await queue.bind(hashed, routing_key="20")  # the weight: points on the hash ring, for an even spread
+            queues.append(queue)
+        await hashed.bind(topic)
+        if new_group:
+            await _take_unrouted(connection, topic, group_exchange)
+        for queue in [*queues, dead]:
+            await queue.consume(self._receiver(epoch, topic), no_ack=False)
+
+    def _receiver(self, epoch: int, topic: str) -> Any:
+        async def receive(message: AbstractIncomingMessage) -> None:
+            if epoch != self._epoch or self._closed:
+                return  # from a channel we gave up: it is redelivered on the new one
+            self._buffer.append((epoch, topic, message))
+            self._arrived.set()
+
+        return receive
+
+    def _channel_lost(self, epoch: int, exc: BaseException | None) -> None:
+        if epoch != self._epoch or self._closed:
+            return
+        log.debug("%r: channel closed (%r)", self, exc)
+        self._abandon()
+        if self._broker._up.is_set() and self._broker._connection is not None \
+                and not self._broker._connection.is_closed:
+            self._reconnected()  # a channel error on a live connection: open a new channel at once
+
+    def _abandon(self) -> None:
+        self._epoch += 1
+        self._channel = None
+        self._buffer.clear()
+        self._unacked.clear()
+
+    def _reconnected(self) -> None:
+        """The broker has a new connection (or this channel alone was lost): consume again on a new channel."""
+        if self._closed:
+            return
+        if self._channel is not None and not self._channel.is_closed:
+            self._abandon()  # the old connection's channel: its deliveries are void
+        if self._restoring is None or self._restoring.done():
+            self._restoring = asyncio.ensure_future(self._restore())
+
+    async def _restore(self) -> None:
+        delay = 0.1
+        while not self._closed and self._channel is None:
+            try:
+                await self._open(time.monotonic() + self._broker.retry_for)
+            except Exception as exc:  # retried until it works or the consumer closes
+                log.debug("%r: restoring failed (%r), retrying in %.1fs", self, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            else:
+                log.info("%r: consuming again", self)
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Up to `max_messages` deliveries; waits up to `timeout` seconds for the first one."""
+        if self._closed:
+            raise BrokerError(f"{self!r} is closed", retriable=False)
+        if not self._buffer:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), max(timeout, 0))
+        deliveries: list[Delivery] = []
+        while self._buffer and len(deliveries) < max_messages and not self._closed:
+            epoch, topic, incoming = self._buffer.popleft()
+            if epoch != self._epoch or incoming.delivery_tag is None:
+                continue
+            tag = incoming.delivery_tag
+            self._unacked[tag] = incoming
+            message = decode_message(topic, incoming)
+            if incoming.headers.get("x-first-death-reason") is not None:
+                message = dataclasses.replace(message, malformed=_death_reason(incoming, self._broker.delivery_limit))
+            deliveries.append(Delivery(message, _Token(self._id, epoch, tag)))
+        return deliveries
+
+    async def commit(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge deliveries. Those of a lost channel (or of a closed consumer) are skipped: the server
+        delivers them again, and acknowledging their tags on a new channel would acknowledge other messages."""
+        channel = self._channel
+        if self._closed or channel is None:
+            return
+        to_ack = []
+        for delivery in deliveries:
+            token = delivery.token
+            if not isinstance(token, _Token) or token.consumer != self._id or token.epoch != self._epoch:
+                continue
+            incoming = self._unacked.pop(token.tag, None)
+            if incoming is not None:  # committing twice would be a channel error ("unknown delivery tag")
+                to_ack.append(incoming)
+        if not to_ack:
+            return
+        try:
+            # basic.ack has no answer; a write on a dead socket must not hang the caller (aio-pika#501).
+            async with asyncio.timeout(5.0):
+                for incoming in to_ack:
+                    await incoming.ack()
+        except (*_LOST, aiormq.exceptions.AMQPError) as exc:
+            log.info("%r: acknowledgement skipped, the channel is gone: %r", self, exc)
+
+    async def close(self) -> None:
+        """Leave the group: what was fetched and not acknowledged goes back to the queues, for other members."""
+        if self._closed:
+            return
+        self._closed = True
+        self._broker._consumers.discard(self)
+        self._arrived.set()  # a waiting fetch returns now, with nothing
+        if self._restoring is not None:
+            self._restoring.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._restoring
+        channel, self._channel = self._channel, None
+        self._buffer.clear()
+        self._unacked.clear()
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
+                await channel.close()
+
+
+def _death_reason(incoming: AbstractIncomingMessage, limit: int) -> str:
+    reason = str(incoming.headers.get("x-first-death-reason"))
+    queue = str(incoming.headers.get("x-first-death-queue", "?"))
+    if reason == "delivery_limit":
+        return f"delivered {limit} times without an acknowledgement (it keeps failing its consumer), from {queue}"
+    return f"dead-lettered by RabbitMQ ({reason}) from {queue}"
+
+
+async def _exists(broker: RabbitBroker, queue: str) -> bool:
+    """Whether a queue exists: a passive declare on a throwaway channel (a 404 closes the channel)."""
+    connection, _ = await broker._ready(time.monotonic() + broker.retry_for)
+    channel = await connection.channel()
+    try:
+        await channel.declare_queue(queue, passive=True)
+        return True
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
+                await channel.close()
+
+
+async def _take_unrouted(connection: AbstractConnection, topic: str, group_exchange: str) -> None:
+    """Move the messages held for the topic before any group subscribed into this new group's queues, in order.
+    Each is acknowledged only after RabbitMQ confirmed its copy, so a crash half-way duplicates, never loses."""
+    mover = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    try:
+        queue = await mover.declare_queue(f"{topic}.unrouted", passive=True)
+        underlay = await mover.get_underlay_channel()
+        moved = 0
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            properties = spec.Basic.Properties(
+                content_type=message.content_type, delivery_mode=2, headers=dict(message.headers))
+            await underlay.basic_publish(message.body, exchange=group_exchange,
+                                         routing_key=message.routing_key or "", properties=properties,
+                                         mandatory=True)
+            await message.ack()
+            moved += 1
+        if moved:
+            log.info("moved %d message(s) published to %r before any group subscribed into %r",
+                     moved, topic, group_exchange)
+    finally:
+        if not mover.is_closed:
+            await mover.close()
+
