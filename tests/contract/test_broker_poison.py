@@ -39,6 +39,8 @@ async def insert_raw(broker: SqlQueueBroker, topic: str, rows: list[dict[str, An
     table = sa.table("broker_messages", sa.column("topic"), sa.column("key"), sa.column("headers"),
                      sa.column("value"), sa.column("created_at"))
     async with broker._transaction(write=True) as conn:
+        if broker.is_postgresql:  # as `publish` does: ids must become visible in order, or a reader skips some
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": "sagas.broker:" + topic})
         for row in rows:
             if broker.is_postgresql:
                 await conn.execute(
