@@ -12,6 +12,10 @@ Lost connections are retried with exponential backoff for `retry_for` seconds; t
 `max_request_size` is refused before anything is sent; a record Kafka itself refuses (a topic's smaller
 `max.message.bytes`, say) raises `BrokerError(retriable=False)` and replaces the idempotent producer, whose
 sequence numbers for that partition it left out of step: other publishes carry on, on the new producer.
+
+A record aiokafka cannot parse (a header name that is not UTF-8, which any other client may write) does not stop
+its partition: the consumer skips it and delivers it as a `BrokerMessage` with `malformed` set (no body: the
+reason names its partition and offset), between the records around it.
 """
 
 from __future__ import annotations
@@ -522,6 +526,8 @@ class KafkaConsumer:
         """Bumped by every revocation: deliveries of an older epoch are abandoned."""
         self._fetched: dict[TopicPartition, OrderedDict[int, bool]] = {}
         """Per partition, the offsets fetched in this epoch and not committed, and whether they were acked."""
+        self._resume: dict[TopicPartition, int] = {}
+        """Per partition, the offset after the last record delivered in this epoch."""
         self._closed = False
 
     def __repr__(self) -> str:
@@ -531,6 +537,7 @@ class KafkaConsumer:
         log.debug("%r revoked %s", self, sorted(revoked))
         self._epoch += 1
         self._fetched.clear()  # eager rebalancing revokes all; what is assigned again restarts from commits
+        self._resume.clear()
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Up to `max_messages` deliveries; waits up to `timeout` seconds for the first one."""
@@ -543,7 +550,12 @@ class KafkaConsumer:
             raise BrokerError(f"{self!r} is closed", retriable=False) from exc
         except KafkaError as exc:
             raise BrokerError(f"{self!r}: fetch failed: {exc!r}", retriable=_is_transient(exc)) from exc
-        # No await from here on: a rebalance cannot slip between reading the records and tagging their epoch.
+        except Exception as exc:  # a record aiokafka cannot parse, whatever it raises
+            return await self._around_unreadable(max_messages, exc)
+        return self._deliveries(batches)
+
+    def _deliveries(self, batches: Mapping[TopicPartition, Sequence[Any]]) -> list[Delivery]:
+        # No await in here: a rebalance cannot slip between reading the records and tagging their epoch.
         deliveries = []
         for partition, records in batches.items():
             fetched = self._fetched.setdefault(partition, OrderedDict())
@@ -558,6 +570,61 @@ class KafkaConsumer:
                 )
                 fetched[record.offset] = False
                 deliveries.append(Delivery(message, _Token(self._id, partition, record.offset, self._epoch)))
+            if records:
+                self._resume[partition] = records[-1].offset + 1
+        return deliveries
+
+    async def _around_unreadable(self, max_messages: int, error: Exception) -> list[Delivery]:
+        """aiokafka raised while parsing a record (a header name that is not UTF-8 raises UnicodeDecodeError), and
+        would raise on it again at every fetch: the partition would be stuck for ever. Read each partition one
+        record at a time, so that its position stops right at the record that fails; skip that record (seek past
+        it) and hand it over as a message with `malformed` saying why, to be dead-lettered and acknowledged like
+        any other. Records before it are delivered as usual."""
+        log.warning("%r: a record could not be parsed (%r); finding it", self, error)
+        deliveries: list[Delivery] = []
+        kafka = self._kafka
+        try:
+            # The failed call may have taken other partitions' records and lost them with the error (aiokafka
+            # advances a partition's position as it hands its records over): go back to what was delivered.
+            for partition in kafka.assignment():
+                resume = self._resume.get(partition)
+                if resume is None:
+                    resume = await kafka.committed(partition)
+                if resume is None:
+                    await kafka.seek_to_beginning(partition)
+                else:
+                    kafka.seek(partition, resume)
+        except (KafkaError, AssertionError) as lost:  # a rebalance meanwhile: the new assignment starts afresh
+            log.info("%r: could not go back after an unreadable record: %r", self, lost)
+            return []
+        for partition in sorted(kafka.assignment()):
+            while len(deliveries) < max_messages:
+                try:
+                    batch = await kafka.getmany(partition, timeout_ms=500, max_records=1)
+                except ConsumerStoppedError as exc:
+                    raise BrokerError(f"{self!r} is closed", retriable=False) from exc
+                except KafkaError as exc:
+                    raise BrokerError(f"{self!r}: fetch failed: {exc!r}", retriable=_is_transient(exc)) from exc
+                except Exception as exc:  # this partition's next record is the one
+                    epoch = self._epoch
+                    try:
+                        offset = await kafka.position(partition)
+                        kafka.seek(partition, offset + 1)
+                    except (KafkaError, AssertionError) as lost:  # revoked meanwhile: its next owner meets it
+                        log.info("%r: could not skip the unreadable record of %s: %r", self, partition, lost)
+                        break
+                    if epoch != self._epoch:
+                        break
+                    reason = f"record {offset} of {partition.topic}[{partition.partition}] could not be parsed: "
+                    message = BrokerMessage(topic=partition.topic, value=b"",
+                                            malformed=reason + f"{type(exc).__name__}: {str(exc)[:200]}")
+                    self._fetched.setdefault(partition, OrderedDict())[offset] = False
+                    self._resume[partition] = offset + 1
+                    deliveries.append(Delivery(message, _Token(self._id, partition, offset, epoch)))
+                    break
+                if not batch:
+                    break
+                deliveries.extend(self._deliveries(batch))
         return deliveries
 
     async def commit(self, deliveries: Sequence[Delivery]) -> None:

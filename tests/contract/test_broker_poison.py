@@ -3,6 +3,10 @@ carries what could be read and, in `malformed`, why the rest could not (the engi
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +43,8 @@ async def insert_raw(broker: SqlQueueBroker, topic: str, rows: list[dict[str, An
     table = sa.table("broker_messages", sa.column("topic"), sa.column("key"), sa.column("headers"),
                      sa.column("value"), sa.column("created_at"))
     async with broker._transaction(write=True) as conn:
+        if broker.is_postgresql:  # as `publish` does: ids must become visible in order, or a reader skips some
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:t))"), {"t": "sagas.broker:" + topic})
         for row in rows:
             if broker.is_postgresql:
                 await conn.execute(
@@ -145,5 +151,60 @@ async def test_kafka_headers_without_a_value_and_keys_that_are_not_text_are_deli
         assert [d.message.value for d in got] == [b"", b"next"]
         assert got[0].message.headers == (("ce_id", b""),)
         assert got[0].message.key == "\ufffd\ufffd"
+    finally:
+        await broker.close()
+
+
+# A producer that writes a header name that is not UTF-8, as a client in another language can. aiokafka's own
+# builder encodes names as UTF-8; its pure-Python one (AIOKAFKA_NO_EXTENSIONS) calls the name's `encode`.
+_RAW_PRODUCER = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+
+class NotUtf8(str):
+    def encode(self, *args, **kwargs):
+        return b"ce_\\xff\\xfe"
+
+async def main(bootstrap, topic):
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for value, headers in ((b"before", []), (b"bad", [(NotUtf8("x"), b"v")]), (b"after", [])):
+            await producer.send_and_wait(topic, value=value, key=b"k", headers=headers)
+    finally:
+        await producer.stop()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.kafka
+async def test_a_kafka_record_aiokafka_cannot_parse_is_delivered_as_malformed_between_the_others(
+    kafka_url: str,
+) -> None:
+    """A record whose header name is not UTF-8 makes aiokafka raise at every fetch; the consumer finds it, skips
+    it and hands it over as malformed, with the records before and after it delivered, in order, once."""
+    from sagas.adapters.kafka import KafkaBroker
+
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    broker = KafkaBroker.from_url(kafka_url, partitions=1, retry_for=10.0)
+    await broker.start()
+    try:
+        await broker.ensure_topics([topic])
+        env = {**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"}
+        produced = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _RAW_PRODUCER, kafka_url.removeprefix("kafka://"), topic, env=env,
+            stderr=subprocess.PIPE)
+        _, stderr = await produced.communicate()
+        assert produced.returncode == 0, stderr.decode()
+        consumer = await broker.subscribe([topic], f"g-{uuid.uuid4().hex[:6]}")
+        got = await fetch_all(consumer, 3)
+        assert [d.message.value for d in got] == [b"before", b"", b"after"]
+        assert "record 1 of" in (got[1].message.malformed or "")
+        assert "UnicodeDecodeError" in (got[1].message.malformed or "")
+        assert got[0].message.malformed is None
+        assert got[2].message.malformed is None
+        await consumer.commit(got)
+        assert await consumer.fetch(10, timeout=1.0) == []
     finally:
         await broker.close()

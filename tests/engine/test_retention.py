@@ -6,8 +6,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+from structlog.testing import capture_logs
+
 from sagas.adapters.memory import MemoryBroker
 from sagas.adapters.sql import SqlStore
+from sagas.engine.ports import BrokerMessage
 from sagas.engine.runtime import Engine, EngineSettings
 from sagas.engine.state import OperatorCommand, SagaStatus
 from sagas.testing import VirtualClock
@@ -58,5 +61,36 @@ async def test_retention_removes_finished_sagas_and_keeps_running_ones() -> None
             assert [s.id for s in await store.list_instances()] == [running]
             assert await store.history(finished[0]) == []
             assert await store.history(running) != []
+    finally:
+        await store.close()
+
+
+async def test_dead_letters_are_purged_after_their_own_horizon_even_with_retention_off() -> None:
+    """With `retention` off and a dead-letter horizon of a day, a dead letter stays for 24 h less a second and is
+    gone a little after 24 h; the clean-up line counts it."""
+    clock = VirtualClock()
+    broker = MemoryBroker()
+    store = SqlStore("sqlite+aiosqlite:///:memory:")
+    settings = EngineSettings(retention=None, dead_letter_retention=86400.0, retention_interval=0.02,
+                              timer_interval=None)
+    try:
+        async with Engine(store=store, broker=broker, settings=settings, clock=clock) as engine:
+            with capture_logs() as logs:
+                await broker.publish([BrokerMessage(topic=engine.settings.reply_topic, value=b"{not json")])
+
+                async def recorded() -> bool:
+                    return len(await store.dead_letters()) == 1
+
+                await eventually(recorded)
+                clock.advance(86400.0 - 1)
+                await asyncio.sleep(0.1)  # a few clean-ups run: nothing is old enough yet
+                assert len(await store.dead_letters()) == 1
+                clock.advance(2)
+
+                async def purged() -> bool:
+                    return await store.dead_letters(include_replayed=True) == []
+
+                await eventually(purged)
+            assert any(e["event"] == "retention clean-up" and e["dead_letters"] == 1 for e in logs)
     finally:
         await store.close()

@@ -103,6 +103,20 @@ def test_retention_can_be_turned_off_from_the_environment(monkeypatch: pytest.Mo
     assert SagasSettings.load(None).engine_settings().retention is None
 
 
+def test_dead_letter_bounds_come_from_the_environment_and_reach_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dead letters default to 30 days and a 64 KiB prefix; SAGAS_DEAD_LETTER_* change both, `off` keeps them all,
+    and a prefix over the message-size limit is refused."""
+    defaults = SagasSettings.load(None).engine_settings()
+    assert (defaults.dead_letter_retention, defaults.dead_letter_max_bytes) == (30 * 86400.0, 65536)
+    monkeypatch.setenv("SAGAS_DEAD_LETTER_RETENTION", "off")
+    monkeypatch.setenv("SAGAS_DEAD_LETTER_MAX_BYTES", "1024")
+    engine = SagasSettings.load(None).engine_settings()
+    assert (engine.dead_letter_retention, engine.dead_letter_max_bytes) == (None, 1024)
+    monkeypatch.setenv("SAGAS_DEAD_LETTER_MAX_BYTES", "2000000")
+    with pytest.raises(ValueError, match="dead_letter_max_bytes"):
+        SagasSettings.load(None)
+
+
 def test_database_urls_are_printed_without_their_password() -> None:
     from sagas.cli.operate import _shown
 
