@@ -180,8 +180,15 @@ class ParticipantDeadLetters:
                 f"participant dead letter {dead_letter_id!r} keeps only a prefix of its message ({row['size']} bytes"
                 f" in all): it cannot be replayed faithfully"
             )
-        await broker.publish([_letter(row).message])
+        # Marked before it is published: the participant may read it again (and, if it still cannot, refresh the
+        # letter and clear the mark) before a mark made afterwards would land on it.
         table = dead_letters_table
         async with self.db.begin() as tx:
             await tx.execute(sa.update(table).where(table.c.id == dead_letter_id).values(replayed_at=time.time()))
+        try:
+            await broker.publish([_letter(row).message])
+        except BaseException:
+            async with self.db.begin() as tx:
+                await tx.execute(sa.update(table).where(table.c.id == dead_letter_id).values(replayed_at=None))
+            raise
         return f"published again to {row['topic']}"
