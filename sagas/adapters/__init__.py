@@ -30,14 +30,16 @@ def _require(module: str) -> None:
 
 
 def normalize_db_url(url_or_path: str) -> str:
-    """Accept a plain file path as shorthand for a SQLite database."""
-    if "://" in url_or_path:
-        if url_or_path.startswith("sqlite:///"):
-            return "sqlite+aiosqlite:///" + url_or_path[len("sqlite:///"):]
-        if url_or_path.startswith("postgresql://"):
-            return "postgresql+asyncpg://" + url_or_path[len("postgresql://"):]
-        return url_or_path
-    return f"sqlite+aiosqlite:///{Path(url_or_path).expanduser()}"
+    """The one URL normaliser of the store, the `db://` queue and the participants: a plain file path is a
+    SQLite database; ``sqlite:`` gets the aiosqlite driver and ``postgresql:`` / ``postgres:`` asyncpg (what
+    `sagas.adapters.sql.connection` opens them with); other URLs are returned as they are."""
+    if "://" not in url_or_path:
+        return f"sqlite+aiosqlite:///{Path(url_or_path).expanduser()}"
+    if url_or_path.startswith("sqlite:"):
+        return "sqlite+aiosqlite:" + url_or_path[len("sqlite:"):]
+    if url_or_path.startswith(("postgresql:", "postgres:")):
+        return "postgresql+asyncpg:" + url_or_path.split(":", 1)[1]
+    return url_or_path
 
 
 def open_store(url: str) -> Store:

@@ -15,7 +15,10 @@ other brokers (see `sagas.adapters.memory` for the summary):
 * Rows that every group subscribed to a topic has committed are deleted, as are rows older than `retention`
   (like Kafka's ``retention.ms``: a group that is never used again cannot make the table grow forever).
 
-These tables belong to this transport, not to the engine's schema; `start` creates them if they are missing.
+These tables belong to this transport, not to the engine's schema: they have their own migrations
+(`sagas.adapters.sql.migrate.QUEUE`, run by `start` when the database is not at their head, or by
+`sagas db upgrade --queue`). Connections come from `sagas.adapters.sql.connection`, with the store's SQLite
+configuration (the queue often shares the store's file).
 SQLite has no cross-process notification, so ``fetch`` polls (5 ms, doubling up to 50 ms); within one
 process a ``publish`` wakes the waiting fetches at once. Lease times come from each process's clock: run the
 processes on one machine (or with synchronized clocks).
@@ -52,7 +55,6 @@ from sqlalchemy import (
     case,
     cast,
     delete,
-    event,
     func,
     or_,
     select,
@@ -61,12 +63,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import NullType
 
+from sagas.adapters import normalize_db_url
+from sagas.adapters.sql.connection import WRITE, open_async_engine
+from sagas.adapters.sql.migrate import QUEUE, ensure_current
 from sagas.engine.ports import BrokerMessage, Delivery
 from sagas.engine.wire import MAX_MESSAGE_BYTES
 from sagas.errors import BrokerError
@@ -99,17 +103,13 @@ groups_table = Table(
     Column("lease_until", Float, nullable=False),
 )
 
-_SCHEMA_LOCK = 0x5A6A5_0001  # PostgreSQL advisory lock serializing create_all across processes
 _MIN_POLL, _MAX_POLL = 0.005, 0.05
 _OVERSIZED_PREFIX = 64 * 1024
 """What a consumer reads of a value over the size limit: enough for a dead letter's prefix."""
 
 
 def _normalize_url(url: str) -> str:
-    if url.startswith("sqlite:"):
-        url = "sqlite+aiosqlite:" + url[len("sqlite:") :]
-    elif url.startswith(("postgresql:", "postgres:")):
-        url = "postgresql+asyncpg:" + url.split(":", 1)[1]
+    url = normalize_db_url(url)
     in_memory = url.rstrip("/").endswith(":") or ":memory:" in url or "mode=memory" in url
     if url.startswith("sqlite") and in_memory:
         raise ValueError(f"{url!r}: in-memory SQLite is not shared between processes; use MemoryBroker")
@@ -187,7 +187,6 @@ class SqlQueueBroker:
         lease: Seconds a consumer keeps a topic of its group without fetching or committing.
         retention: Seconds after which a message is deleted even if some group has not committed it;
             None keeps messages until every group has committed them.
-        busy_timeout: Seconds a SQLite writer waits for the file lock before failing (retriable).
         prune_interval: Least seconds between two deletions of committed rows (run by ``commit``).
         max_message_bytes: A message whose value is larger is not read whole: its consumer gets a prefix of it,
             marked `malformed` with its size (the engine dead-letters it).
@@ -199,7 +198,6 @@ class SqlQueueBroker:
         *,
         lease: float = 10.0,
         retention: float | None = 7 * 24 * 3600.0,
-        busy_timeout: float = 5.0,
         prune_interval: float = 1.0,
         max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
@@ -208,7 +206,6 @@ class SqlQueueBroker:
         self.url = _normalize_url(url)
         self.lease = lease
         self.retention = retention
-        self.busy_timeout = busy_timeout
         self.prune_interval = prune_interval
         self.max_message_bytes = max_message_bytes
         self._engine: AsyncEngine | None = None
@@ -225,37 +222,21 @@ class SqlQueueBroker:
         return self.url.startswith("postgresql")
 
     async def start(self) -> None:
-        """Connect and create the queue's tables if they are missing. Calling it again does nothing."""
+        """Connect and migrate the queue's tables to their head if they are not there. Calling it again does
+        nothing."""
         if self._engine is not None:
             return
-        engine = create_async_engine(self.url)
-        if not self.is_postgresql:
-            self._configure_sqlite(engine)
+        # begin=None: BEGIN IMMEDIATE on the writer (it takes the write lock up front, so a writer waits for the
+        # busy timeout instead of failing with SQLITE_BUSY when it upgrades from a read lock), BEGIN for reads.
+        engine = open_async_engine(self.url, begin=None)
         self._engine = engine
-        self._writer = engine.execution_options(sagas_write=True)
-        async with self._transaction(write=True) as conn:
-            if self.is_postgresql:
-                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
-            await conn.run_sync(metadata.create_all, checkfirst=True)
-
-    def _configure_sqlite(self, engine: AsyncEngine) -> None:
-        busy_ms = int(self.busy_timeout * 1000)
-
-        @event.listens_for(engine.sync_engine, "connect")
-        def _connect(dbapi_connection: Any, _record: Any) -> None:
-            # Let us emit BEGIN ourselves (pysqlite's implicit BEGIN is DEFERRED, wrong for writers).
-            dbapi_connection.isolation_level = None
-            cursor = dbapi_connection.cursor()
-            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.close()
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _begin(conn: Connection) -> None:
-            # IMMEDIATE takes the write lock up front, so a writer waits (busy_timeout) instead of failing
-            # with SQLITE_BUSY when it upgrades from a read lock.
-            immediate = conn.get_execution_options().get("sagas_write", False)
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        self._writer = engine.execution_options(**{WRITE: True})
+        try:
+            async with self._transaction(write=True) as conn:
+                await conn.run_sync(ensure_current, QUEUE)
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         """Close every consumer (releasing their leases) and the connection pool."""

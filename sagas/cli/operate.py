@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from sagas.engine.admin import SagaAdmin
     from sagas.engine.ports import DeadLetter, Store
     from sagas.engine.state import OperatorCommand, SagaInstance
+    from sagas.participant import ParticipantDeadLetters
 
 T = TypeVar("T")
 out = Console()
@@ -111,6 +112,26 @@ def _remote_call(url: str, token: str | None, method: str, path: str, body: Any 
         raise fail(str(exc)) from None
 
 
+def _participant_call(db_url: str, call: Callable[[ParticipantDeadLetters], Awaitable[T]]) -> T:
+    """Run `call` on the dead letters of the participant database at `db_url` (migrated first, as its worker
+    would)."""
+    from sagas.participant import ParticipantDeadLetters, participant_database  # SQLAlchemy's async part: ~0.1 s
+
+    missing = _missing_sqlite_file(db_url)
+    if missing is not None:
+        raise fail(f"no participant database at {missing}")
+
+    async def go() -> T:
+        dead_letters = ParticipantDeadLetters(participant_database(db_url))
+        try:
+            await dead_letters.initialize()
+            return await call(dead_letters)
+        finally:
+            await dead_letters.db.dispose()
+
+    return _run(go)
+
+
 def _missing_sqlite_file(db_url: str) -> str | None:
     """The path of a SQLite database file that does not exist, or None (it exists, or it is not a file)."""
     from sqlalchemy.engine import make_url
@@ -166,14 +187,35 @@ def _status_option(value: str | None) -> str | None:
 # ---- db / serve / start -----------------------------------------------------------------------------
 
 
+ParticipantDbOption = Annotated[
+    str | None,
+    typer.Option("--participant-db", help="A participant's own database (URL or SQLite file path) instead of --db."),
+]
+
+
 @db.command("upgrade")
-def db_upgrade(db_url: DbOption = "sagas.db") -> None:
-    """Create or migrate the schema to the latest version."""
+def db_upgrade(
+    db_url: DbOption = "sagas.db",
+    queue: Annotated[bool, typer.Option("--queue", help="Also the db:// queue's tables in that database.")] = False,
+    participant_db: ParticipantDbOption = None,
+) -> None:
+    """Create or migrate the schema to the latest version (the engine's, or a participant's)."""
 
     from sagas.adapters import normalize_db_url
     from sagas.adapters.sql import upgrade
+    from sagas.adapters.sql.migrate import PARTICIPANT, QUEUE
 
-    _run(lambda: upgrade(normalize_db_url(db_url)))
+    if participant_db is not None:
+        _run(lambda: upgrade(normalize_db_url(participant_db), migrations=PARTICIPANT))
+        out.print(f"participant schema up to date: {_e(_shown(participant_db))}")
+        return
+
+    async def both() -> None:
+        await upgrade(normalize_db_url(db_url))
+        if queue:
+            await upgrade(normalize_db_url(db_url), migrations=QUEUE)
+
+    _run(both)
     out.print(f"schema up to date: {_e(_shown(db_url))}")
 
 
@@ -443,9 +485,12 @@ def _dead_from_json(data: dict[str, Any]) -> DeadLetter:
 def dlq_list(all_: Annotated[bool, typer.Option("--all", help="Include replayed ones.")] = False,
              limit: Annotated[int, typer.Option("--limit")] = 100,
              db_url: DbOption = "sagas.db", url: UrlOption = None, token: TokenOption = None,
-             as_json: JsonOption = False) -> None:
-    """Dead letters, newest first, each with its whole id (what `dlq show` and `dlq replay` take)."""
-    if url:
+             as_json: JsonOption = False, participant_db: ParticipantDbOption = None) -> None:
+    """Dead letters, newest first, each with its whole id (what `dlq show` and `dlq replay` take): the engine's,
+    or with --participant-db a participant's."""
+    if participant_db is not None:
+        found = _participant_call(participant_db, lambda dlq: dlq.list(limit=limit, include_replayed=all_))
+    elif url:
         page = _remote_call(url, token, "GET", "/api/dead-letters", include_replayed=all_, limit=limit)
         found = [_dead_from_json(item) for item in page["items"]]
     else:
@@ -462,14 +507,18 @@ def dlq_show(
     full: Annotated[Path | None, typer.Option(
         "--full", help="Write the stored body, byte for byte, to this file instead of printing a preview.")] = None,
     db_url: DbOption = "sagas.db", url: UrlOption = None, token: TokenOption = None,
+    participant_db: ParticipantDbOption = None,
 ) -> None:
     """One dead letter with a preview of its raw message (JSON); its size and SHA-256 say what arrived."""
-    if url:
+    if participant_db is not None:
+        dead = _participant_call(participant_db, lambda dlq: dlq.get(dead_letter_id))
+    elif url:
         if full is not None:
             raise fail("--full reads the stored body from the database: give --db, not --url")
         out.print_json(data=_remote_call(url, token, "GET", f"/api/dead-letters/{dead_letter_id}"))
         return
-    dead = _admin_call(db_url, lambda admin: admin.dead_letter(dead_letter_id))
+    else:
+        dead = _admin_call(db_url, lambda admin: admin.dead_letter(dead_letter_id))
     kept = len(dead.message.value)
     whole = "the whole body" if not dead.truncated else f"the first {kept} of {dead.size} bytes that arrived"
     if full is not None:
@@ -491,11 +540,37 @@ def dlq_show(
 
 
 @dlq.command("replay")
-def dlq_replay(dead_letter_id: str, db_url: DbOption = "sagas.db", url: UrlOption = None,
-               token: TokenOption = None) -> None:
-    """Process a dead-lettered reply again (after fixing its cause)."""
-    if url:
+def dlq_replay(
+    dead_letter_id: str,
+    db_url: DbOption = "sagas.db",
+    url: UrlOption = None,
+    token: TokenOption = None,
+    participant_db: ParticipantDbOption = None,
+    broker_url: Annotated[str | None, typer.Option(
+        "--broker", envvar="SAGAS_BROKER", help="With --participant-db: the broker to publish the command to again "
+        "(db:// is the queue in --db).")] = None,
+) -> None:
+    """Process a dead-lettered reply again (after fixing its cause); with --participant-db, publish a
+    participant's dead-lettered command to its topic again."""
+    if participant_db is not None:
+        if broker_url is None:
+            raise fail("replaying a participant's dead letter needs --broker (or SAGAS_BROKER)")
+        chosen = broker_url
+
+        async def publish(dlq: ParticipantDeadLetters) -> str:
+            from sagas.adapters import normalize_db_url, open_broker
+
+            broker = open_broker(chosen, db_url=normalize_db_url(db_url))
+            await broker.start()
+            try:
+                return await dlq.replay(dead_letter_id, broker)
+            finally:
+                await broker.close()
+
+        outcome = _participant_call(participant_db, publish)
+    elif url:
         outcome = _remote_call(url, token, "POST", f"/api/dead-letters/{dead_letter_id}/replay")["outcome"]
     else:
         outcome = _admin_call(db_url, lambda admin: admin.replay(dead_letter_id))
     out.print(f"replayed {_e(dead_letter_id)}: {outcome}", soft_wrap=True)
+

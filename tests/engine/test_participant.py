@@ -3,17 +3,15 @@ commands, its replies read from the replies topic."""
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sagas.adapters.memory import MemoryBroker
 from sagas.engine.ports import BrokerMessage, Consumer
@@ -242,33 +240,3 @@ async def test_a_business_failure_that_could_not_be_recorded_is_not_recorded_as_
     assert (got["s-nul"].outcome, got["s-nul"].reason) == (Outcome.FAILURE, "holder 'A\ufffdB' rejected")
     assert got["s-long"].outcome == Outcome.RETRY
     assert participant.stats["retryable"] == 1
-
-
-@pytest.mark.postgres
-async def test_replicas_starting_together_on_an_old_dedup_table_both_start(pg_url: str) -> None:
-    """The column added since the first release is added once, whichever replica gets there first."""
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(pg_url)
-    async with admin.begin() as conn:
-        await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-        await conn.execute(sa.text(
-            f'CREATE TABLE "{schema}".participant_dedup (key VARCHAR(300) PRIMARY KEY, command_id VARCHAR(300) NOT '
-            "NULL, outcome VARCHAR(20) NOT NULL, type VARCHAR(200) NOT NULL, data JSON NOT NULL, at FLOAT NOT NULL)"
-        ))
-    broker = MemoryBroker()
-    await broker.start()
-    workers = [
-        ParticipantWorker(Participant("payment"), broker, create_async_engine(
-            pg_url, connect_args={"server_settings": {"search_path": schema}}), batch_max=10)
-        for _ in range(3)
-    ]
-    try:
-        results = await asyncio.gather(*(w.start() for w in workers), return_exceptions=True)
-        assert results == [None, None, None]
-    finally:
-        for worker in workers:
-            await worker.stop()
-        await broker.close()
-        async with admin.begin() as conn:
-            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        await admin.dispose()

@@ -1,4 +1,6 @@
-"""How `SqlStore` reaches its database: one `Runner` per dialect, and the mapping of driver errors.
+"""How sagas reaches a SQL database: the one place that opens connections, for the store (`open_runner`), the
+`db://` queue and the participants' own databases (`open_async_engine`), with one SQLite configuration
+(`configure_sqlite`), one busy timeout, and the mapping of driver errors.
 
 Every store operation is a plain synchronous function of a SQLAlchemy `Connection` (Core only). A runner runs
 it in one transaction and awaits the result:
@@ -58,7 +60,8 @@ def json_serializer(value: Any) -> str:
 
 
 BUSY_TIMEOUT = 10.0
-"""Seconds a SQLite writer waits for another process's write lock before a retriable StoreError."""
+"""Seconds a SQLite writer waits for another process's write lock before a retriable error: one value for the
+store, the `db://` queue and the participants, which may share one file."""
 
 # PostgreSQL SQLSTATE classes after which the same call may succeed: connection exceptions (08), transaction
 # rollbacks such as serialization failures and deadlocks (40), insufficient resources (53), operator
@@ -102,8 +105,43 @@ def open_runner(url: str, *, schema: str | None = None) -> Runner:
 # ---- SQLite -------------------------------------------------------------------------------------------
 
 
-def _sqlite_engine(url: URL, *, begin: str) -> Engine:
+def configure_sqlite(dbapi_connection: sqlite3.Connection, *, memory: bool) -> None:
+    """The one SQLite configuration of every connection sagas opens (store, `db://` queue, participants)."""
+    # Hand transaction control to us (the "begin" listener) instead of the sqlite3 module's own.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+    if not memory:  # an in-memory database has no WAL
+        cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.close()
+
+
+WRITE = "sagas_write"
+"""Execution option that makes a connection's transactions ``BEGIN IMMEDIATE`` on an engine opened with
+``begin=None``: the queue reads and writes through one engine."""
+
+
+def _configured(engine: Engine, url: URL, *, begin: str | None) -> None:
+    """Apply `configure_sqlite` to every new connection of `engine` and start its transactions with `begin`
+    (``None``: ``BEGIN IMMEDIATE`` when the connection has the `WRITE` execution option, else ``BEGIN``)."""
     memory = url.database in (None, "", ":memory:")
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:
+        # aiosqlite's adapter exposes the sqlite3 connection's attributes and methods.
+        configure_sqlite(dbapi_connection, memory=memory)
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        if begin is not None:
+            connection.exec_driver_sql(begin)
+        else:
+            write = connection.get_execution_options().get(WRITE, False)
+            connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _sqlite_engine(url: URL, *, begin: str) -> Engine:
     engine = sa.create_engine(
         url.set(drivername="sqlite+pysqlite"),
         # One connection per engine, used only by the runner's own thread; :memory: must keep its connection.
@@ -111,22 +149,28 @@ def _sqlite_engine(url: URL, *, begin: str) -> Engine:
         connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT},
         json_serializer=json_serializer,
     )
+    _configured(engine, url, begin=begin)
+    return engine
 
-    @event.listens_for(engine, "connect")
-    def _configure(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
-        # Hand transaction control to us (the "begin" listener below) instead of the sqlite3 module's own.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-        if not memory:
-            cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = NORMAL")
-        cursor.close()
 
-    @event.listens_for(engine, "begin")
-    def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql(begin)
+def open_async_engine(url: str | URL, *, begin: str | None = "BEGIN IMMEDIATE", **options: Any) -> AsyncEngine:
+    """An async SQLAlchemy engine for `url` (normalised by `normalize_db_url`): what the `db://` queue and the
+    participants use, where callers need an `AsyncConnection`. SQLite connections get `configure_sqlite` and
+    `begin` (see `_configured`); an in-memory database keeps its one connection."""
+    from sqlalchemy.ext.asyncio import create_async_engine  # with SQLAlchemy's ORM: ~0.1 s, not for the CLI's reads
 
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_async_engine(parsed, json_serializer=json_serializer, **options)
+    if parsed.database in (None, "", ":memory:"):
+        options.setdefault("poolclass", StaticPool)
+    engine = create_async_engine(
+        parsed.set(drivername="sqlite+aiosqlite"),
+        connect_args={"timeout": BUSY_TIMEOUT},
+        json_serializer=json_serializer,
+        **options,
+    )
+    _configured(engine.sync_engine, parsed, begin=begin)
     return engine
 
 
@@ -204,14 +248,12 @@ class PostgresRunner:
     dialect = "postgresql"
 
     def __init__(self, url: URL, *, schema: str | None) -> None:
-        from sqlalchemy.ext.asyncio import create_async_engine  # with SQLAlchemy's ORM: ~0.1 s, PostgreSQL only
-
         connect_args: dict[str, Any] = {}
         if schema is not None:
             connect_args["server_settings"] = {"search_path": _quote_ident(schema)}
         self.schema = schema
-        self.engine: AsyncEngine = create_async_engine(
-            url, connect_args=connect_args, pool_size=10, json_serializer=json_serializer
+        self.engine: AsyncEngine = open_async_engine(
+            url, connect_args=connect_args, pool_size=10
         )
 
     async def write(self, work: Callable[[Connection], T]) -> T:
