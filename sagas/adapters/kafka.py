@@ -8,7 +8,8 @@ deliveries. When the group rebalances, deliveries from revoked partitions are ab
 later is skipped, and the partition's new owner receives them again from the committed offset.
 
 Lost connections are retried with exponential backoff for `retry_for` seconds; then the call raises
-`BrokerError(retriable=True)`. Topics are created on first use with `partitions` partitions. A message over
+`BrokerError(retriable=True)`. Topics are created with `partitions` partitions on first use, or before it by
+`ensure_topics` (the engine's `TopicCreator` capability: it creates its definitions' topics at start). A message over
 `max_request_size` is refused before anything is sent; a record Kafka itself refuses (a topic's smaller
 `max.message.bytes`, say) raises `BrokerError(retriable=False)` and replaces the idempotent producer, whose
 sequence numbers for that partition it left out of step: other publishes carry on, on the new producer.

@@ -21,8 +21,8 @@ from sagas.engine.ids import new_id
 from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord, SagaQuery, Store
 from sagas.engine.processor import Item, ItemResult, OperatorItem, Processor, ReplyItem, StartItem
 from sagas.engine.runtime import DEFAULT_REPLY_TOPIC
-from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus, TimerSpec
-from sagas.errors import AmbiguousSagaId, OperatorError, UnknownSaga
+from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus, TimerSpec, evolve
+from sagas.errors import AmbiguousSagaId, OperatorError, UnknownDefinition, UnknownSaga
 
 SHORT_ID_MIN = 6
 """Characters a short id (the end or the start of a saga id) must have: fewer would match sagas by chance."""
@@ -68,17 +68,17 @@ class SagaAdmin:
 
     async def get(self, saga_id: str) -> SagaInstance:
         """The saga with this id, or the one saga whose id ends with it (the short id `sagas list` shows) or
-        begins with it."""
+        begins with it; its steps in definition order."""
         found = (await self.store.load([saga_id])).get(saga_id)
         if found is not None:
-            return found
+            return (await self._in_definition_order([found]))[0]
         for query in (SagaQuery(id_suffix=saga_id, limit=3), SagaQuery(id_prefix=saga_id, limit=3)):
             matches = await self.store.query_instances(query) if len(saga_id) >= SHORT_ID_MIN else []
             if len(matches) > 1:
                 shown = ", ".join(m.id for m in matches[:2])
                 raise AmbiguousSagaId(f"{saga_id!r} is in the ids of several sagas ({shown}, ...): give more of it")
             if matches:
-                return matches[0]
+                return (await self._in_definition_order(matches))[0]
         raise UnknownSaga(f"no saga with id {saga_id!r}")
 
     async def show(self, saga_id: str, *, history_limit: int | None = None) -> SagaReport:
@@ -90,7 +90,8 @@ class SagaAdmin:
         return await self.store.history(saga_id, after=after, limit=limit)
 
     async def query(self, query: SagaQuery) -> builtins.list[SagaInstance]:
-        return await self.store.query_instances(query)
+        """The sagas `query` selects, each with its steps in definition order."""
+        return await self._in_definition_order(await self.store.query_instances(query))
 
     async def count(self, query: SagaQuery) -> int:
         return await self.store.count_instances(query)
@@ -121,7 +122,29 @@ class SagaAdmin:
         self, *, status: SagaStatus | None = None, name: str | None = None, since: float | None = None,
         limit: int = 100,
     ) -> builtins.list[SagaInstance]:
-        return await self.store.list_instances(status=status, definition=name, since=since, limit=limit)
+        """Sagas newest first, each with its steps in definition order."""
+        found = await self.store.list_instances(status=status, definition=name, since=since, limit=limit)
+        return await self._in_definition_order(found)
+
+    async def _in_definition_order(self, instances: builtins.list[SagaInstance]) -> builtins.list[SagaInstance]:
+        """`instances` with their steps in the order of their definitions. Order is data: a snapshot keeps it, but
+        one written to PostgreSQL's JSONB before migration 0003_order came back with its steps sorted by name length."""
+        orders: dict[tuple[str, int], tuple[str, ...] | None] = {}
+        ordered = []
+        for instance in instances:
+            identity = (instance.definition, instance.definition_version)
+            if identity not in orders:
+                try:
+                    definition = await self.store.load_definition(*identity)
+                except UnknownDefinition:  # nothing to order by: keep the stored order
+                    orders[identity] = None
+                else:
+                    orders[identity] = tuple(step.name for step in definition.iter_steps())
+            names = orders[identity]
+            if names is not None and tuple(instance.steps) != names and set(names) == set(instance.steps):
+                instance = evolve(instance, {"steps": {name: instance.steps[name] for name in names}})
+            ordered.append(instance)
+        return ordered
 
     async def operate(self, saga_id: str, command: OperatorCommand) -> SagaInstance:
         saga_id = (await self.get(saga_id)).id

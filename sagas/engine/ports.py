@@ -8,9 +8,9 @@ tests. Everything a third party needs to implement a seam is importable from her
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from sagas.definitions.model import SagaDefinition
 from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, TimerSpec
@@ -85,6 +85,21 @@ class Broker(Protocol):
         ...
 
     async def subscribe(self, topics: Sequence[str], group: str) -> Consumer: ...
+
+
+@runtime_checkable
+class TopicCreator(Protocol):
+    """What a `Broker` with topics to create may also do (optional: the engine checks with isinstance, so a broker
+    without it, such as the in-memory one or ``db://``, works as before).
+
+    The engine calls it when it starts (and when a definition is deployed) with the command topic of every step of
+    its definitions and its reply topic, so that a participant may subscribe before the first command is sent.
+    """
+
+    async def ensure_topics(self, names: Iterable[str]) -> None:
+        """Create those of `names` that do not exist yet, with the broker's configured partitions; existing topics
+        are left as they are."""
+        ...
 
 
 # ---- store --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from sagas.definitions.model import SagaDefinition
 from sagas.definitions.registry import DefinitionRegistry
 from sagas.definitions.schema import validate_start
 from sagas.engine.ids import new_id
-from sagas.engine.ports import NO_OBSERVER, Broker, Consumer, Observer, OutboxMessage, Store
+from sagas.engine.ports import NO_OBSERVER, Broker, Consumer, Observer, OutboxMessage, Store, TopicCreator
 from sagas.engine.processor import (
     DEAD_LETTER_MAX_BYTES,
     DEFAULT_KNOWN_MAX,
@@ -202,6 +202,7 @@ class Engine:
         for definition in self._definitions:
             await self.store.save_definition(definition)
         await self.broker.start()
+        await self._create_topics(list(self.registry))
         self._consumer = await self.broker.subscribe([self.settings.reply_topic], self.settings.group)
         self._stopping.clear()
         # A restarted Engine object must not trust what it believed in flight before: the store is the truth.
@@ -270,6 +271,15 @@ class Engine:
         """Add a definition version; new sagas use the latest version, running ones keep theirs."""
         await self.store.save_definition(definition)
         self.registry.register(definition)
+        if self._loops.running:
+            await self._create_topics([definition])
+
+    async def _create_topics(self, definitions: Sequence[SagaDefinition]) -> None:
+        """Create the command topics of `definitions` and the reply topic before anything is published to them, on
+        a broker that creates topics: a participant that subscribes first then finds its topic (docs/protocol.md)."""
+        if isinstance(self.broker, TopicCreator):
+            topics = {step.command_topic for definition in definitions for step in definition.iter_steps()}
+            await self.broker.ensure_topics(sorted({*topics, self.settings.reply_topic}))
 
     async def operate(self, saga_id: str, command: OperatorCommand) -> SagaInstance:
         result = await self._submit(OperatorItem(saga_id, command))

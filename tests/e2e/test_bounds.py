@@ -20,7 +20,7 @@ from sagas.definitions.model import SagaDefinition
 from sagas.engine.admin import SagaAdmin
 from sagas.engine.ports import Store
 from sagas.engine.runtime import Engine, EngineSettings
-from sagas.errors import IdempotencyConflict, InvalidInput
+from sagas.errors import IdempotencyConflict, InvalidInput, UnknownDefinition
 from tests.definitions.support import bounded_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,3 +159,22 @@ async def test_sagas_start_at_and_past_the_bounds(store: Store, db_url: str) -> 
                    f"idempotency key {KEY!r} already started saga {saga_id} of {name!r} with a different input")
     assert [i.id for i in await store.list_instances(limit=10)] == [saga_id]
     assert len(await store.pending_outbox(10)) == 1  # the first command of the one saga
+
+
+@pytest.mark.parametrize("over", ["version", "steps[0].command"])
+async def test_sagas_serve_refuses_a_definition_past_a_limit_and_writes_nothing(
+    store: Store, db_url: str, tmp_path: Path, over: str
+) -> None:
+    """`sagas serve` with a definition one past a limit prints its located problem on one line and exits 1 before
+    the engine starts: no definition is stored (a version over 2^31 - 1 used to crash it at the insert)."""
+    path = tmp_path / "big.yaml"
+    text = bounded_yaml(version=limits.VERSION_MAX + 1) if over == "version" else bounded_yaml(over)
+    path.write_text(text, encoding="utf-8")
+    result = sagas("serve", "--definitions", str(path), "--db", db_url, "--broker", "memory://")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {path}:")
+    assert f": {over}: " in line
+    with pytest.raises(UnknownDefinition):
+        await store.load_definition(BOUNDED.name)
