@@ -52,6 +52,7 @@ from sagas.adapters.sql.connection import is_retriable
 from sagas.definitions.schema import has_nul
 from sagas.engine.ports import Broker, BrokerMessage, Consumer, Delivery
 from sagas.engine.state import MessageKind, Outcome
+from sagas.engine.supervise import LoopHealth, probe_all
 from sagas.engine.wire import (
     MAX_REASON_CHARS,
     CommandMessage,
@@ -147,13 +148,27 @@ class Participant:
 
     @contextlib.asynccontextmanager
     async def serve(
-        self, *, broker: Broker, database_url: str = "sqlite+aiosqlite:///:memory:", batch_max: int = 256
+        self,
+        *,
+        broker: Broker,
+        database_url: str = "sqlite+aiosqlite:///:memory:",
+        batch_max: int = 256,
+        http: str | None = None,
     ) -> AsyncIterator[ParticipantWorker]:
+        """`http`: ``HOST:PORT`` to serve /metrics, /healthz and /readyz on while it runs (needs the http extra)."""
         worker = ParticipantWorker(self, broker, participant_database(database_url), batch_max=batch_max)
         await worker.start()
+        server = None
         try:
+            if http is not None:
+                from sagas.web.server import participant_server
+
+                server = await participant_server(worker, http)
+                worker.http_url = server.url
             yield worker
         finally:
+            if server is not None:
+                await server.stop()
             await worker.stop()
 
 
@@ -247,6 +262,8 @@ class ParticipantWorker:
         self.batch_max = batch_max
         self._consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
+        self.http_url: str | None = None
+        """Where `Participant.serve(http=...)` serves /metrics, /healthz and /readyz."""
 
     async def start(self) -> None:
         async with self.db.begin() as conn:
@@ -257,6 +274,18 @@ class ParticipantWorker:
         await self.broker.start()
         self._consumer = await self.broker.subscribe([self.participant.topic], self.participant.group)
         self._task = asyncio.ensure_future(self._loop())
+
+    @property
+    def healthy(self) -> bool:
+        """The worker's loop runs."""
+        return self._task is not None and not self._task.done()
+
+    def health(self) -> dict[str, LoopHealth]:
+        return {"worker": LoopHealth("worker", running=self.healthy)}
+
+    async def ready(self, timeout: float = 2.0) -> dict[str, str | None]:
+        """Whether the participant's database and the broker answer (None), or why not."""
+        return await probe_all({"database": _DatabaseProbe(self.db), "broker": self.broker}, timeout)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -431,6 +460,15 @@ class ParticipantWorker:
         await savepoint.release()
         self.participant.stats["handled"] += 1
         return _Answer(Outcome.SUCCESS, f"{command.type}.succeeded", data)
+
+
+@dataclass(frozen=True)
+class _DatabaseProbe:
+    db: AsyncEngine
+
+    async def probe(self) -> None:
+        async with self.db.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
 
 
 class _Savepoint:
