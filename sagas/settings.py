@@ -70,6 +70,11 @@ class SagasSettings(BaseSettings):
         description="Bytes of a dead letter's body that are kept (its full size and SHA-256 always are).",
     )
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    http: str | None = Field(
+        None, description="HOST:PORT to serve /metrics, /healthz and /readyz on (:PORT is 127.0.0.1); unset: off."
+    )
+    stuck_after: float = Field(300.0, gt=0, description="Seconds without a transition after which a running or "
+                               "compensating saga counts as stuck (metrics).")
 
     @classmethod
     def load(cls, file: Path | None = None, **overrides: Any) -> SagasSettings:

@@ -2,9 +2,9 @@
 # Start/stop the REAL PostgreSQL, Apache Kafka and RabbitMQ servers that the test suite uses, on 127.0.0.1,
 # without Docker and without Kafka's download site (the broker comes from Maven Central, RabbitMQ from Debian).
 #
-#   scripts/services.sh start  [postgres|kafka|rabbitmq|all]   start what is not running yet, wait until ready
-#   scripts/services.sh stop   [postgres|kafka|rabbitmq|all]   stop only what THIS script started
-#   scripts/services.sh status [postgres|kafka|rabbitmq|all]
+#   scripts/services.sh start  [postgres|kafka|rabbitmq|prometheus|all]   start what is not running yet, wait until ready
+#   scripts/services.sh stop   [postgres|kafka|rabbitmq|prometheus|all]   stop only what THIS script started
+#   scripts/services.sh status [postgres|kafka|rabbitmq|prometheus|all]
 #   scripts/services.sh env                           eval "$(scripts/services.sh env)"
 #   scripts/services.sh stop-one NAME  | pause NAME   stop one service, keep its data (outage tests)
 #   scripts/services.sh start-one NAME | resume NAME  start it again on the same data
@@ -17,6 +17,8 @@
 #   SAGAS_RABBITMQ_PORT / SAGAS_RABBITMQ_MANAGEMENT_PORT / SAGAS_RABBITMQ_DIST_PORT / SAGAS_RABBITMQ_EPMD_PORT
 #                         (default 45672 / 45674 / 45673 / 45675: none of them RabbitMQ's or Erlang's defaults;
 #                         rabbitmqctl's own distribution ports are 45680-45690, not RabbitMQ's 35672-35682)
+#   SAGAS_PROMETHEUS_PORT   Prometheus's port (default 49090; it scrapes the targets tests write into
+#                         $SAGAS_TEST_PROMETHEUS_TARGETS, every second, and loads docs/prometheus/alerts.yml)
 #   SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL / SAGAS_TEST_AMQP_URL   if set to something other than the default
 #                         URL, that server is external: this script neither starts nor stops it.
 #   SAGAS_PG_START_TIMEOUT / SAGAS_KAFKA_START_TIMEOUT / SAGAS_RABBITMQ_START_TIMEOUT   readiness deadlines in s
@@ -40,10 +42,12 @@ RABBITMQ_MANAGEMENT_PORT="${SAGAS_RABBITMQ_MANAGEMENT_PORT:-45674}"
 RABBITMQ_DIST_PORT_="${SAGAS_RABBITMQ_DIST_PORT:-45673}"
 RABBITMQ_EPMD_PORT="${SAGAS_RABBITMQ_EPMD_PORT:-45675}"
 RABBITMQ_START_TIMEOUT="${SAGAS_RABBITMQ_START_TIMEOUT:-120}"
+PROMETHEUS_PORT="${SAGAS_PROMETHEUS_PORT:-49090}"
 
 DEFAULT_PG_URL="postgresql+asyncpg://sagas:sagas@127.0.0.1:${PG_PORT}/sagas"
 DEFAULT_KAFKA_URL="kafka://127.0.0.1:${KAFKA_PORT}"
 DEFAULT_AMQP_URL="amqp://sagas:sagas@127.0.0.1:${RABBITMQ_PORT}/"
+DEFAULT_PROMETHEUS_URL="http://127.0.0.1:${PROMETHEUS_PORT}"
 
 # PostgreSQL layout: everything below $STATE_DIR/postgres is owned by the server's OS user.
 PG_DIR="$STATE_DIR/postgres"
@@ -79,7 +83,26 @@ is_external() {
     postgres) [[ -n "${SAGAS_TEST_PG_URL:-}" && "${SAGAS_TEST_PG_URL}" != "$DEFAULT_PG_URL" ]] ;;
     kafka) [[ -n "${SAGAS_TEST_KAFKA_URL:-}" && "${SAGAS_TEST_KAFKA_URL}" != "$DEFAULT_KAFKA_URL" ]] ;;
     rabbitmq) [[ -n "${SAGAS_TEST_AMQP_URL:-}" && "${SAGAS_TEST_AMQP_URL}" != "$DEFAULT_AMQP_URL" ]] ;;
+    prometheus) [[ -n "${SAGAS_TEST_PROMETHEUS_URL:-}" && "${SAGAS_TEST_PROMETHEUS_URL}" != "$DEFAULT_PROMETHEUS_URL" ]] ;;
   esac
+}
+
+# True (and says why) when `start NAME` has nothing to do: the server is external, already ours, or its port taken.
+# Args: name, port, URL variable.
+nothing_to_start() {
+  if is_external "$1"; then log "$1: $3 is set to an external server; not starting"; return 0; fi
+  if started_by_us "$1" && "$(svc "$1")_running"; then log "$1: already running (ours) on 127.0.0.1:$2"; return 0; fi
+  if port_open "$2"; then log "$1: port $2 already in use, assuming a server is there; not starting"; return 0; fi
+  return 1
+}
+
+# One status line. Args: name, port, URL variable, pid of ours.
+status_line() {
+  local who="not started by this script"
+  started_by_us "$1" && who="started by this script, pid $4"
+  if is_external "$1"; then echo "$1: external: ${!3}"
+  elif port_open "$2"; then echo "$1: running on 127.0.0.1:$2 ($who)"
+  else echo "$1: stopped"; fi
 }
 
 APT_UPDATED=0
@@ -432,9 +455,7 @@ EOF
 }
 
 rabbitmq_start() {
-  if is_external rabbitmq; then log "rabbitmq: SAGAS_TEST_AMQP_URL is set to an external server; not starting"; return 0; fi
-  if started_by_us rabbitmq && rabbitmq_running; then log "rabbitmq: already running (ours) on 127.0.0.1:$RABBITMQ_PORT"; return 0; fi
-  if port_open "$RABBITMQ_PORT"; then log "rabbitmq: port $RABBITMQ_PORT already in use, assuming a server is there; not starting"; return 0; fi
+  if nothing_to_start rabbitmq "$RABBITMQ_PORT" SAGAS_TEST_AMQP_URL; then return 0; fi
   local t0; t0=$(now_ms)
   rabbitmq_install
   rabbitmq_configure
@@ -479,12 +500,7 @@ rabbitmq_stop() {
 }
 
 rabbitmq_status() {
-  local who="not started by this script"
-  started_by_us rabbitmq && who="started by this script, pid $(rabbitmq_pid || echo '?')"
-  is_external rabbitmq && who="external: $SAGAS_TEST_AMQP_URL"
-  if is_external rabbitmq; then echo "rabbitmq: $who"
-  elif port_open "$RABBITMQ_PORT"; then echo "rabbitmq: running on 127.0.0.1:$RABBITMQ_PORT ($who)"
-  else echo "rabbitmq: stopped"; fi
+  status_line rabbitmq "$RABBITMQ_PORT" SAGAS_TEST_AMQP_URL "$(rabbitmq_pid || echo '?')"
 }
 
 # Close every client connection from the server side (outage tests); the node stays up.
@@ -493,14 +509,93 @@ rabbitmq_close_connections() {
 }
 
 # ----------------------------------------------------------------------------------------------
-usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}" >&2; exit 2; }
+# Prometheus (Debian's prometheus, never the system service): scrapes what tests list in its targets dir
+# ----------------------------------------------------------------------------------------------
+PROMETHEUS_STATE="$STATE_DIR/prometheus"
+PROMETHEUS_TARGETS="$PROMETHEUS_STATE/targets"
+PROMETHEUS_LOG="$STATE_DIR/prometheus.log"
+PROMETHEUS_PID="$STATE_DIR/prometheus.pid"
+PROMETHEUS_START_TIMEOUT="${SAGAS_PROMETHEUS_START_TIMEOUT:-60}"
+
+prometheus_running() {
+  local pid; pid="$(cat "$PROMETHEUS_PID" 2>/dev/null)" || return 1
+  [[ -n "$pid" ]] && proc_alive "$pid"
+}
+
+prometheus_install() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && return 0
+  # --no-install-recommends: the exporters and the system service's extras are not wanted here.
+  apt_install --no-install-recommends prometheus
+}
+
+prometheus_configure() {
+  mkdir -p "$PROMETHEUS_STATE/data" "$PROMETHEUS_TARGETS"
+  # Each test writes <name>.json (file_sd format) here and removes it after; Prometheus rereads them every second.
+  cat >"$PROMETHEUS_STATE/prometheus.yml" <<EOF
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files:
+  - $REPO_DIR/docs/prometheus/alerts.yml
+scrape_configs:
+  - job_name: sagas
+    file_sd_configs:
+      - files: ["$PROMETHEUS_TARGETS/*.json"]
+        refresh_interval: 1s
+EOF
+  promtool check config "$PROMETHEUS_STATE/prometheus.yml" >/dev/null
+}
+
+prometheus_start() {
+  if nothing_to_start prometheus "$PROMETHEUS_PORT" SAGAS_TEST_PROMETHEUS_URL; then return 0; fi
+  local t0; t0=$(now_ms)
+  prometheus_install
+  prometheus_configure
+  log "prometheus: starting on 127.0.0.1:$PROMETHEUS_PORT (data $PROMETHEUS_STATE/data)"
+  setsid nohup prometheus --config.file="$PROMETHEUS_STATE/prometheus.yml" \
+    --storage.tsdb.path="$PROMETHEUS_STATE/data" --storage.tsdb.retention.time=1d \
+    --web.listen-address="127.0.0.1:$PROMETHEUS_PORT" </dev/null >"$PROMETHEUS_LOG" 2>&1 9>&- &
+  echo $! >"$PROMETHEUS_PID"
+  touch "$(marker prometheus)"
+  local deadline=$(( $(date +%s) + PROMETHEUS_START_TIMEOUT ))
+  until curl -fsS "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" >/dev/null 2>&1; do
+    if ! prometheus_running; then show_tail "$PROMETHEUS_LOG"; rm -f "$(marker prometheus)" "$PROMETHEUS_PID"; die "prometheus exited during startup (log: $PROMETHEUS_LOG)"; fi
+    if (( $(date +%s) > deadline )); then show_tail "$PROMETHEUS_LOG"; prometheus_stop; die "prometheus not ready after ${PROMETHEUS_START_TIMEOUT}s"; fi
+    sleep 0.2
+  done
+  log "prometheus: ready in $(elapsed "$t0") -> $DEFAULT_PROMETHEUS_URL (targets: $PROMETHEUS_TARGETS)"
+}
+
+prometheus_stop() {
+  if prometheus_running; then
+    local pid; pid="$(cat "$PROMETHEUS_PID")"
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$(( $(date +%s) + 20 ))
+    while proc_alive "$pid" && (( $(date +%s) < deadline )); do sleep 0.2; done
+    if proc_alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+    log "prometheus: stopped"
+  else
+    log "prometheus: was not running"
+  fi
+  rm -f "$(marker prometheus)" "$PROMETHEUS_PID"
+}
+
+prometheus_status() {
+  status_line prometheus "$PROMETHEUS_PORT" SAGAS_TEST_PROMETHEUS_URL "$(cat "$PROMETHEUS_PID" 2>/dev/null || echo '?')"
+}
+
+# ----------------------------------------------------------------------------------------------
+usage() {
+ awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}" >&2; exit 2; }
 
 services_of() {
   case "${1:-all}" in
-    all) echo "postgres kafka rabbitmq" ;;
+    all) echo "postgres kafka rabbitmq prometheus" ;;
     postgres | pg) echo "postgres" ;;
     kafka) echo "kafka" ;;
     rabbitmq | rabbit) echo "rabbitmq" ;;
+    prometheus | prom) echo "prometheus" ;;
     *) usage ;;
   esac
 }
@@ -512,7 +607,7 @@ lock() {
   flock -w 300 9 || die "$STATE_DIR/.lock is held by another services.sh for 300 s"
 }
 
-svc() { case "$1" in postgres) echo pg ;; kafka) echo kafka ;; rabbitmq) echo rabbitmq ;; esac; }
+svc() { case "$1" in postgres) echo pg ;; kafka) echo kafka ;; rabbitmq) echo rabbitmq ;; prometheus) echo prometheus ;; esac; }
 
 # Stop only what this script started (marker file); anything else is left alone. Written as an
 # `if` on purpose: a function called as `f || x` would run with `set -e` switched off inside.
@@ -546,7 +641,9 @@ main() {
     env)
       printf 'export SAGAS_TEST_PG_URL=%q\n' "${SAGAS_TEST_PG_URL:-$DEFAULT_PG_URL}"
       printf 'export SAGAS_TEST_KAFKA_URL=%q\n' "${SAGAS_TEST_KAFKA_URL:-$DEFAULT_KAFKA_URL}"
-      printf 'export SAGAS_TEST_AMQP_URL=%q\n' "${SAGAS_TEST_AMQP_URL:-$DEFAULT_AMQP_URL}" ;;
+      printf 'export SAGAS_TEST_AMQP_URL=%q\n' "${SAGAS_TEST_AMQP_URL:-$DEFAULT_AMQP_URL}"
+      printf 'export SAGAS_TEST_PROMETHEUS_URL=%q\n' "${SAGAS_TEST_PROMETHEUS_URL:-$DEFAULT_PROMETHEUS_URL}"
+      printf 'export SAGAS_TEST_PROMETHEUS_TARGETS=%q\n' "${SAGAS_TEST_PROMETHEUS_TARGETS:-$PROMETHEUS_TARGETS}" ;;
     *) usage ;;
   esac
   return "$rc"

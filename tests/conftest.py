@@ -1,7 +1,8 @@
 """Shared fixtures.
 
-Tests that need PostgreSQL, Apache Kafka or RabbitMQ are marked `postgres` / `kafka` / `rabbitmq` and read the
-servers' URLs from SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL / SAGAS_TEST_AMQP_URL (set by `scripts/services.sh env`).
+Tests that need PostgreSQL, Apache Kafka, RabbitMQ or Prometheus are marked `postgres` / `kafka` / `rabbitmq` /
+`prometheus` and read the servers' URLs from SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL / SAGAS_TEST_AMQP_URL /
+SAGAS_TEST_PROMETHEUS_URL (set by `scripts/services.sh env`).
 When a URL is missing the test is skipped on a developer's machine, but under CI=true it FAILS: CI must never pass
 without the real services.
 """
@@ -41,3 +42,14 @@ def kafka_url() -> str:
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
     return service_url("SAGAS_TEST_AMQP_URL")
+
+
+@pytest.fixture(scope="session")
+def prometheus_url() -> str:
+    return service_url("SAGAS_TEST_PROMETHEUS_URL")
+
+
+@pytest.fixture(scope="session")
+def prometheus_targets() -> str:
+    """The directory the test Prometheus reads scrape targets from (file_sd, one JSON file per test)."""
+    return service_url("SAGAS_TEST_PROMETHEUS_TARGETS")

@@ -236,6 +236,8 @@ class KafkaBroker:
         self._topic_lock = asyncio.Lock()
         self._consumers: set[KafkaConsumer] = set()
         self._ids = itertools.count(1)
+        self._offsets: Any = None
+        """A consumer outside any group, created by the first `backlog`, that reads end offsets."""
 
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> KafkaBroker:
@@ -344,6 +346,9 @@ class KafkaBroker:
                 await asyncio.gather(*self._retiring, return_exceptions=True)
             if admin is not None:
                 await admin.close()
+            offsets, self._offsets = self._offsets, None
+            if offsets is not None:
+                await offsets.stop()
         finally:
             self._closing = False
 
@@ -471,6 +476,40 @@ class KafkaBroker:
         consumer._kafka = kafka
         self._consumers.add(consumer)
         return consumer
+
+    async def probe(self) -> None:
+        """Raise BrokerError unless the cluster answers a metadata request."""
+        if self._admin is None:
+            raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
+        try:
+            await self._admin.describe_cluster()
+        except KafkaError as exc:
+            raise BrokerError(f"{self!r}: {exc!r}", retriable=True) from exc
+
+    async def backlog(self, topics: Sequence[str], group: str) -> dict[tuple[str, int], int]:
+        """Per partition of `topics`: its end offset minus `group`'s committed offset (from its first offset
+        when the group has committed nothing there)."""
+        if self._admin is None:
+            raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
+        try:
+            if self._offsets is None:
+                offsets = AIOKafkaConsumer(**self._options_for(AIOKafkaConsumer), enable_auto_commit=False)
+                await offsets.start()
+                self._offsets = offsets
+            described = await self._admin.describe_topics(list(topics))
+            partitions = [TopicPartition(t["topic"], p["partition"]) for t in described if t["error_code"] == 0
+                          for p in t["partitions"]]
+            committed = await self._admin.list_consumer_group_offsets(group, partitions=partitions)
+            ends = await self._offsets.end_offsets(partitions)
+            starts = await self._offsets.beginning_offsets(partitions)
+        except KafkaError as exc:
+            raise BrokerError(f"{self!r}: reading offsets: {exc!r}", retriable=True) from exc
+        lag: dict[tuple[str, int], int] = {}
+        for tp in partitions:
+            position = committed.get(tp)
+            at = position.offset if position is not None and position.offset >= 0 else starts.get(tp, 0)
+            lag[(tp.topic, tp.partition)] = max(int(ends.get(tp, 0)) - int(at), 0)
+        return lag
 
     async def _retrying(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         deadline = time.monotonic() + self.retry_for

@@ -151,6 +151,14 @@ class MemoryBroker:
             return 0
         return state.end - state.groups[group].committed
 
+    async def probe(self) -> None:
+        """Raise BrokerError once closed."""
+        self._check_open()
+
+    async def backlog(self, topics: Sequence[str], group: str) -> dict[tuple[str, int], int]:
+        """`lag` of each topic, as partition 0."""
+        return {(topic, 0): self.lag(topic, group) for topic in topics}
+
     # ---- internals shared with MemoryConsumer ----
 
     def _topic(self, name: str) -> _Topic:

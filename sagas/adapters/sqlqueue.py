@@ -302,6 +302,24 @@ class SqlQueueBroker:
         async with self._transaction(write=False) as conn:
             return int((await conn.execute(query)).scalar_one())
 
+    async def probe(self) -> None:
+        """Raise BrokerError unless the queue's database answers."""
+        async with self._transaction(write=False) as conn:
+            await conn.execute(select(1))
+
+    async def backlog(self, topics: Sequence[str], group: str) -> dict[tuple[str, int], int]:
+        """Messages of each topic after `group`'s committed position (one partition per topic: partition 0)."""
+        m, g = messages_table.c, groups_table.c
+        query = (
+            select(m.topic, func.count())
+            .select_from(messages_table.join(groups_table, and_(g.topic == m.topic, g.group_name == group)))
+            .where(m.topic.in_(list(topics)), m.id > g.committed)
+            .group_by(m.topic)
+        )
+        async with self._transaction(write=False) as conn:
+            found = {topic: int(count) for topic, count in (await conn.execute(query)).all()}
+        return {(topic, 0): found.get(topic, 0) for topic in topics}
+
     # ---- internals shared with SqlQueueConsumer ----
 
     @asynccontextmanager

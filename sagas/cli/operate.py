@@ -228,6 +228,9 @@ def serve(
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Settings file (TOML or YAML).")] = None,
     json_logs: Annotated[bool | None, typer.Option("--json-logs/--console-logs")] = None,
+    http: Annotated[
+        str | None, typer.Option("--http", help="HOST:PORT for /metrics, /healthz, /readyz (env SAGAS_HTTP).")
+    ] = None,
 ) -> None:
     """Run the engine until SIGTERM or SIGINT, then shut down gracefully."""
     import signal
@@ -242,9 +245,18 @@ def serve(
 
     configure_logging(json=json_logs)
     try:
-        settings = SagasSettings.load(config, db=db_url, broker=broker_url)
+        settings = SagasSettings.load(config, db=db_url, broker=broker_url, http=http)
     except (ValidationError, OSError, ValueError) as exc:
         raise fail(f"settings: {exc}") from None
+    if settings.http is not None:
+        try:
+            from sagas.web.server import parse_address
+
+            parse_address(settings.http)
+        except ImportError:
+            raise fail("--http needs the http extra: pip install 'sagas-engine[http]'") from None
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     try:
         loaded = discover(definitions)
     except SagaError as exc:
@@ -260,9 +272,25 @@ def serve(
         store = open_store(settings.db)
         options = settings.kafka.broker_options() if settings.broker.startswith("kafka://") else {}
         broker = open_broker(settings.broker, db_url=normalize_db_url(settings.db), **options)
+        observer, metrics = None, None
+        if settings.http is not None:
+            from sagas.adapters.prometheus import EngineMetrics
+
+            observer = metrics = EngineMetrics(stuck_after=settings.stuck_after)
+        engine = Engine(store=store, broker=broker, definitions=loaded, settings=settings.engine_settings(),
+                        observer=observer)
         try:
-            async with Engine(store=store, broker=broker, definitions=loaded, settings=settings.engine_settings()):
-                await stop.wait()
+            async with engine:
+                if settings.http is None or metrics is None:
+                    await stop.wait()
+                    return
+                from sagas.web.app import create_app
+                from sagas.web.server import serving
+
+                metrics.bind(engine)
+                async with serving(create_app(target=engine, metrics=metrics), settings.http) as server:
+                    err.print(f"serving /metrics, /healthz, /readyz on {server.url}", highlight=False)
+                    await stop.wait()
         finally:
             await store.close()
 

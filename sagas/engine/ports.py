@@ -15,6 +15,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from sagas.definitions.model import SagaDefinition
 from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, TimerSpec
 
+Partition = tuple[str, int]
+"""(topic, partition); a broker without partitions reports partition 0."""
+
 # ---- broker -------------------------------------------------------------------------------------------
 
 
@@ -99,6 +102,26 @@ class TopicCreator(Protocol):
     async def ensure_topics(self, names: Iterable[str]) -> None:
         """Create those of `names` that do not exist yet, with the broker's configured partitions; existing topics
         are left as they are."""
+        ...
+
+
+@runtime_checkable
+class Probe(Protocol):
+    """Optional capability of a store or broker: a cheap check that it is reachable and ready (`/readyz`)."""
+
+    async def probe(self) -> None:
+        """Return when usable; raise (a SagaError saying why) when not: unreachable, or (a store) a schema that is
+        not at the newest migration."""
+        ...
+
+
+@runtime_checkable
+class Backlog(Protocol):
+    """Optional capability of a broker: how far a consumer group is behind, read when metrics are scraped."""
+
+    async def backlog(self, topics: Sequence[str], group: str) -> dict[Partition, int]:
+        """Messages of `topics` not yet committed by `group`, per (topic, partition): on Kafka the end offset minus
+        the committed offset, in a queue the messages waiting."""
         ...
 
 
@@ -304,6 +327,28 @@ class Store(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class StoreGauges:
+    """What the store holds right now, read in a bounded number of grouped queries (scraped metrics)."""
+
+    by_status: dict[SagaStatus, int]
+    stuck: int
+    """Running or compensating sagas with no transition for longer than the threshold asked for."""
+    outbox_pending: int
+    outbox_oldest_at: float | None
+    """Creation time of the oldest unpublished outbox message (None: none waits)."""
+    timers_due: int
+    dead_letters: int
+    """Stored dead letters not replayed."""
+
+
+@runtime_checkable
+class Gauges(Protocol):
+    """Optional capability of a store: the gauges metrics sample at scrape time."""
+
+    async def gauges(self, now: float, stuck_after: float) -> StoreGauges: ...
+
+
 # ---- observer ---------------------------------------------------------------------------------------
 
 
@@ -328,6 +373,14 @@ class Observer(Protocol):
         """A long-running loop failed unexpectedly and is being restarted."""
         ...
 
+    def timers_fired(self, timers: Sequence[TimerSpec], now: float) -> None:
+        """These due timers were queued to fire at `now` (their lateness is `now - due_at`)."""
+        ...
+
+    def fetched(self, deliveries: Sequence[Delivery]) -> None:
+        """The engine's reply consumer fetched these deliveries."""
+        ...
+
 
 class NoObserver:
     """The observer that observes nothing."""
@@ -343,6 +396,43 @@ class NoObserver:
 
     def loop_failed(self, loop: str, error: BaseException) -> None:
         pass
+
+    def timers_fired(self, timers: Sequence[TimerSpec], now: float) -> None:
+        pass
+
+    def fetched(self, deliveries: Sequence[Delivery]) -> None:
+        pass
+
+
+class Observers(NoObserver):
+    """Tells every one of several observers (metrics and tracing together), in order."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def committed(self, work: UnitOfWork, seconds: float) -> None:
+        for observer in self.observers:
+            observer.committed(work, seconds)
+
+    def published(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
+        for observer in self.observers:
+            observer.published(messages, seconds)
+
+    def outage(self, component: Literal["store", "broker"], down: bool) -> None:
+        for observer in self.observers:
+            observer.outage(component, down)
+
+    def loop_failed(self, loop: str, error: BaseException) -> None:
+        for observer in self.observers:
+            observer.loop_failed(loop, error)
+
+    def timers_fired(self, timers: Sequence[TimerSpec], now: float) -> None:
+        for observer in self.observers:
+            observer.timers_fired(timers, now)
+
+    def fetched(self, deliveries: Sequence[Delivery]) -> None:
+        for observer in self.observers:
+            observer.fetched(deliveries)
 
 
 NO_OBSERVER: Observer = NoObserver()

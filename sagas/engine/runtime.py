@@ -44,7 +44,7 @@ from sagas.engine.processor import (
     TimerItem,
 )
 from sagas.engine.state import OperatorCommand, SagaInstance
-from sagas.engine.supervise import LoopHealth, Supervisor
+from sagas.engine.supervise import LoopHealth, Supervisor, probe_all
 from sagas.errors import BrokerError, SagaError, StoreError, UnknownSaga
 
 log = structlog.get_logger("sagas.engine")
@@ -358,8 +358,11 @@ class Engine:
 
     async def fire_due_timers(self) -> int:
         """Queue every timer due now; returns how many were queued."""
-        due = await self.store.due_timers(self.clock.now(), 1000)
+        now = self.clock.now()
+        due = await self.store.due_timers(now, 1000)
         fresh = [t for t in due if t.id not in self._timers_in_flight]
+        if fresh:
+            self.observer.timers_fired(fresh, now)
         for timer in fresh:
             self._timers_in_flight.add(timer.id)
             await self._queue.put(_Pending(TimerItem(timer)))
@@ -380,6 +383,11 @@ class Engine:
     def healthy(self) -> bool:
         """Every loop runs, and none failed repeatedly within the last minute."""
         return self._loops.running and self._loops.healthy
+
+    async def ready(self, timeout: float = 2.0) -> dict[str, str | None]:
+        """Whether the store and the broker are reachable (and the schema at the newest migration): None for a
+        component that is, the reason for one that is not. A store or broker without `probe` counts as ready."""
+        return await probe_all({"store": self.store, "broker": self.broker}, timeout)
 
     async def _drain(self) -> None:
         deadline = time.monotonic() + 10
@@ -662,6 +670,8 @@ class Engine:
                 delay = min(delay * 2, self.settings.outage_backoff_max)
                 continue
             delay = 0.05
+            if deliveries:
+                self.observer.fetched(deliveries)
             for delivery in deliveries:
                 await self._queue.put(_Pending(ReplyItem(delivery.message, delivery)))
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from sagas.engine.ports import Probe
+
 log = structlog.get_logger("sagas.supervise")
 
 LoopFactory = Callable[[], Awaitable[None]]
@@ -140,3 +142,23 @@ class Supervisor:
     @property
     def running(self) -> bool:
         return any(not t.done() for t in self._tasks.values())
+
+
+async def probe_all(components: dict[str, object], timeout: float) -> dict[str, str | None]:
+    """Probe each component (those with a `probe`) at once, each within `timeout` seconds: None when it answered,
+    else why not."""
+
+    async def one(component: object) -> str | None:
+        if not isinstance(component, Probe):
+            return None
+        try:
+            async with asyncio.timeout(timeout):
+                await component.probe()
+        except TimeoutError:
+            return f"no answer within {timeout:g}s"
+        except Exception as exc:
+            return str(exc) or type(exc).__name__
+        return None
+
+    results = await asyncio.gather(*(one(c) for c in components.values()))
+    return dict(zip(components, results, strict=True))

@@ -89,9 +89,11 @@ class Participant:
         retention: float | None = DEDUP_RETENTION,
         dead_letter_retention: float | None = DEAD_LETTER_RETENTION,
         retention_interval: float = 600.0,
+        http: str | None = None,
     ) -> AsyncIterator[ParticipantWorker]:
         """Run a worker until the block ends. `retention` / `dead_letter_retention`: seconds after which dedup
-        records / dead letters are purged (None keeps them), checked every `retention_interval` seconds."""
+        records / dead letters are purged (None keeps them), checked every `retention_interval` seconds.
+        `http`: ``HOST:PORT`` to serve /metrics, /healthz and /readyz on while it runs (needs the http extra)."""
         from sagas.participant.worker import ParticipantWorker
 
         worker = ParticipantWorker(
@@ -100,9 +102,17 @@ class Participant:
         )
         await worker.start()
         self._workers.append(worker)
+        server = None
         try:
+            if http is not None:
+                from sagas.web.server import participant_server
+
+                server = await participant_server(worker, http)
+                worker.http_url = server.url
             yield worker
         finally:
+            if server is not None:
+                await server.stop()
             self._workers.remove(worker)
             await worker.stop()
 

@@ -18,7 +18,7 @@ from sagas.adapters.sql.participant_tables import dedup_table
 from sagas.definitions.schema import has_nul
 from sagas.engine.ports import Broker, BrokerMessage, Consumer, Delivery
 from sagas.engine.state import MessageKind, Outcome
-from sagas.engine.supervise import LoopHealth, Supervisor
+from sagas.engine.supervise import LoopHealth, Supervisor, probe_all
 from sagas.engine.wire import (
     MAX_REASON_CHARS,
     CommandMessage,
@@ -85,6 +85,8 @@ class ParticipantWorker:
         # One transaction of this worker at a time: an in-memory database has a single connection, which the
         # consumer and the retention loop must not use at once.
         self._db_lock = asyncio.Lock()
+        self.http_url: str | None = None
+        """Where `Participant.serve(http=...)` serves /metrics, /healthz and /readyz."""
 
     async def start(self) -> None:
         async with self.db.begin() as conn:
@@ -111,6 +113,10 @@ class ParticipantWorker:
     def healthy(self) -> bool:
         """Every loop runs, and none failed repeatedly within the last minute."""
         return self._loops.running and self._loops.healthy
+
+    async def ready(self, timeout: float = 2.0) -> dict[str, str | None]:
+        """Whether the participant's database and the broker answer (None), or why not."""
+        return await probe_all({"database": _DatabaseProbe(self.db), "broker": self.broker}, timeout)
 
     async def _loop(self) -> None:
         assert self._consumer is not None
@@ -354,3 +360,12 @@ def _transient(exc: BaseException) -> bool:
 def _compensation_key(command: CommandMessage) -> str:
     """The dedup key of the compensation of the same step: its presence is the tombstone."""
     return f"{command.saga_id}/{command.step}/{MessageKind.COMPENSATION}"
+
+
+@dataclass(frozen=True)
+class _DatabaseProbe:
+    db: AsyncEngine
+
+    async def probe(self) -> None:
+        async with self.db.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))

@@ -22,9 +22,17 @@ from sqlalchemy.engine import Connection
 from sagas.adapters.sql import queries, rows, writes
 from sagas.adapters.sql.connection import Runner, open_runner
 from sagas.adapters.sql.migrate import at_head, upgrade_connection
-from sagas.adapters.sql.tables import dead_letters, definitions, inbox, saga_instances, timers
+from sagas.adapters.sql.tables import dead_letters, definitions, inbox, outbox, saga_instances, timers
 from sagas.definitions.model import SagaDefinition
-from sagas.engine.ports import DeadLetter, HistoryRecord, OutboxMessage, RetentionResult, SagaQuery, UnitOfWork
+from sagas.engine.ports import (
+    DeadLetter,
+    HistoryRecord,
+    OutboxMessage,
+    RetentionResult,
+    SagaQuery,
+    StoreGauges,
+    UnitOfWork,
+)
 from sagas.engine.state import SagaInstance, SagaStatus, TimerSpec
 from sagas.errors import ConcurrencyConflict, DefinitionConflict, StoreError, UnknownDeadLetter, UnknownDefinition
 
@@ -263,3 +271,37 @@ class SqlStore:
         if row is None:
             raise UnknownDeadLetter(f"no dead letter {dead_letter_id!r}")
         return rows.dead_letter(row)
+
+    # ---- observability (optional capabilities: Probe, Gauges) ---------------------------------------
+
+    async def probe(self) -> None:
+        """Raise StoreError unless the database answers and its schema is at the newest migration."""
+        if not await self._runner.read(at_head):
+            raise StoreError("the database schema is not at the newest migration (`sagas db upgrade`)",
+                             retriable=False)
+
+    async def gauges(self, now: float, stuck_after: float) -> StoreGauges:
+        """Sagas by status (and the stuck ones) in one grouped query; outbox, timers and dead letters in another."""
+        return await self._runner.read(partial(_gauges, now=now, stuck_after=stuck_after))
+
+
+_ACTIVE = (SagaStatus.RUNNING.value, SagaStatus.COMPENSATING.value)
+
+
+def _gauges(connection: Connection, *, now: float, stuck_after: float) -> StoreGauges:
+    i, o, t, d = saga_instances.c, outbox.c, timers.c, dead_letters.c
+    stale = sa.case((sa.and_(i.status.in_(_ACTIVE), i.updated_at < now - stuck_after), 1), else_=0)
+    by_status = dict.fromkeys(SagaStatus, 0)
+    stuck = 0
+    for status, count, stale_count in connection.execute(
+        sa.select(i.status, sa.func.count(), sa.func.coalesce(sa.func.sum(stale), 0)).group_by(i.status)
+    ):
+        by_status[SagaStatus(status)] = int(count)
+        stuck += int(stale_count)
+    pending = sa.select(sa.func.count(), sa.func.min(o.created_at)).where(o.sent_at.is_(None)).subquery()
+    due = sa.select(sa.func.count()).select_from(timers).where(t.due_at <= now).scalar_subquery()
+    stored = sa.select(sa.func.count()).select_from(dead_letters).where(d.replayed_at.is_(None)).scalar_subquery()
+    row = connection.execute(sa.select(*pending.c, due, stored)).one()
+    return StoreGauges(by_status=by_status, stuck=stuck, outbox_pending=int(row[0]),
+                       outbox_oldest_at=None if row[1] is None else float(row[1]), timers_due=int(row[2]),
+                       dead_letters=int(row[3]))
