@@ -59,6 +59,7 @@ __all__ = ["Ending", "Exploration", "ExploreFinding", "Machine", "Severity", "Vi
 SAGA_ID = "explore"
 _FINISHED = frozenset({StepStatus.FAILED, StepStatus.COMPENSATED, StepStatus.PENDING})
 _FINISHED_KEY = ("finished",)
+_UNDOING = COMPENSATION_IN_FLIGHT | {StepStatus.COMPENSATED}
 
 
 class Machine(Protocol):
@@ -236,6 +237,10 @@ class _Search:
         self.input = input
         self.steps = definition.all_steps
         self.stage_of = [(step, definition.stage_of(step.name)) for step in self.steps]
+        self.reads_own = {
+            step.name for step in self.steps if step.compensation is not None
+            and any(c[:2] == ("steps", step.name) for _, c in context_reads(step.compensation.payload))
+        }  # fmt: skip
         self.nodes: list[_Node] = []
         self.index: dict[tuple[Any, ...], int] = {}
         self.queue: deque[int] = deque()
@@ -299,7 +304,10 @@ class _Search:
             elif status in COMPENSATION_IN_FLIGHT:
                 used = state.compensation_attempt - state.compensation_attempt_offset
             sent = step.kind is StepKind.RETRIABLE and state.started_at is not None
-            parts.append((status, used, state.output is not None, sent))
+            # Going back, only a step's own compensation can still read its reply (later steps are undone first,
+            # siblings cannot read each other): whether it has one matters for no other step.
+            reply = state.output is not None and (status not in _UNDOING or step.name in self.reads_own)
+            parts.append((status, used, reply, sent))
         return tuple(parts)
 
     def witness(self, number: int) -> tuple[str, ...]:
@@ -534,6 +542,7 @@ class _Search:
             key = frozenset(found)
             reaches[number] = interned.setdefault(key, key)
         self.checks.coverage()
+        self.checks.deadline_reach()
         return Exploration(
             definition=self.definition, states=len(self.nodes), transitions=sum(len(n.edges) for n in self.nodes),
             max_attempts=self.max_attempts, complete=self.complete, endings=self._endings(counts),

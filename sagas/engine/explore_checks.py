@@ -258,6 +258,30 @@ class Checks:
 
     # ---- over the whole search ----
 
+    def deadline_reach(self) -> None:
+        """Attempts that can never go out before the deadline: even with every earlier step answering at once, the
+        timeouts and shortest backoffs of the attempts before them add up past it (the pivot, waited for past the
+        deadline, and the retriable steps after it, which the deadline no longer stops, aside)."""
+        deadline = self.definition.deadline
+        if deadline is None:
+            return
+        for step in self.definition.all_steps:
+            if step.kind is not StepKind.COMPENSATABLE:
+                continue
+            earliest = 0.0
+            for attempt in range(2, step.retry.max_attempts + 1):
+                earliest += step.timeout + step.retry.backoff(min(attempt - 1, 64), 0.0)
+                if earliest >= deadline:
+                    self.finding(
+                        (*self.paths[step.name], "retry", "max_attempts"),
+                        f"attempt {attempt} of {step.name} goes out {earliest:g}s after it starts at the earliest, "
+                        f"past the saga deadline of {deadline:g}s: only {attempt - 1} of its "
+                        f"{step.retry.max_attempts} attempts can ever be sent",
+                        "warning",
+                        tuple,
+                    )
+                    break
+
     def coverage(self) -> None:
         """Every step goes out on some path: no combination of timeouts and deadline may make one unreachable."""
         for step in self.definition.all_steps:

@@ -44,12 +44,11 @@ def to_table(exploration: Exploration, source: SourceMap | None = None, file: st
     parked state, then violations and findings; lines fit 80 columns."""
     definition = exploration.definition
     searched = "every path explored" if exploration.complete else "search stopped early: results are partial"
-    lines = [
+    title = (
         f"{definition.name} v{definition.version}: {exploration.states:,} states, "
-        f"{exploration.transitions:,} transitions; {searched} (--max-attempts {exploration.max_attempts})",
-        "",
-        f"{'ENDING':<60} {'PATHS':>19}",
-    ]
+        f"{exploration.transitions:,} transitions; {searched} (--max-attempts {exploration.max_attempts})"
+    )
+    lines = [*_wrapped(title, ""), "", f"{'ENDING':<60} {'PATHS':>19}"]
     for ending in exploration.endings:
         lines.append(f"{_clip(ending.label, 60):<60} {_count(ending.paths):>19}")
         lines += _wrapped("e.g. " + words(ending.witness, ending.label), "  ")

@@ -86,7 +86,8 @@ def test_every_interleaving_of_a_parallel_group_is_a_path() -> None:
     """Both orders in which two group members can succeed lead to the completed ending (and are counted)."""
     result = explore(saga(group("g", step("b"), step("c"))))
     successes = [
-        tuple(w for w in words if w.endswith(" ok")) for words, _ in result.paths("completed")
+        tuple(w for w in words if w.endswith(" ok"))
+        for words, _ in result.paths("completed")
         if all(w.endswith(" ok") for w in words)
     ]
     assert ("b ok", "c ok") in successes
@@ -253,8 +254,13 @@ def test_mutant_applying_a_duplicate_reply_twice_is_caught() -> None:
 
         def decide(definition: SagaDefinition, instance: SagaInstance, event: Event, *, now: float) -> Any:
             state = instance.steps.get(event.step) if isinstance(event, ReplyReceived) else None
-            if state is not None and isinstance(event, ReplyReceived) and event.kind is MessageKind.COMMAND \
-                    and state.status is StepStatus.SUCCEEDED and not instance.status.is_settled:
+            if (
+                state is not None
+                and isinstance(event, ReplyReceived)
+                and event.kind is MessageKind.COMMAND
+                and state.status is StepStatus.SUCCEEDED
+                and not instance.status.is_settled
+            ):
                 running = evolve(state, {"status": StepStatus.RUNNING})
                 instance = evolve(instance, {"steps": {**instance.steps, event.step: running}})
             return real(definition, instance, event, now=now)
@@ -300,3 +306,16 @@ def test_a_machine_that_raises_is_a_violation_not_a_crash() -> None:
     result = explore(saga(step("a"), step("b")), machine=mutant(explode))
     assert caught(result, "decide raised RuntimeError: boom")
     assert violations(explore(saga(step("a"), step("b")))) == []
+
+
+def test_attempts_the_deadline_always_cuts_off_are_a_warning_at_the_retry_policy() -> None:
+    """Five attempts of 10 s each cannot all go out within a 20 s deadline: the explorer says how many can."""
+    from sagas.definitions.model import RetryPolicy
+
+    five = RetryPolicy(max_attempts=5, initial_backoff=1.0, multiplier=1.0, max_backoff=1.0, jitter=0.0)
+    result = explore(saga(step("a", retry=five, timeout=10.0), step("b"), deadline=20.0))
+    (finding,) = [f for f in result.findings if f.path == ("steps", 0, "retry", "max_attempts")]
+    assert finding.severity == "warning"
+    assert "attempt 3 of a goes out 22s after it starts at the earliest" in finding.message
+    assert "only 2 of its 5 attempts can ever be sent" in finding.message
+    assert result.ok
