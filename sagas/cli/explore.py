@@ -23,13 +23,17 @@ class ExploreFormat(StrEnum):
     MERMAID = "mermaid"
 
 
-def source_of(file: Path) -> SourceMap | None:
-    """Positions of a YAML file's fields, so findings point at file:line:col; None for a DSL module."""
+def source_of(file: Path, definition: SagaDefinition) -> SourceMap | None:
+    """Positions of a definition's fields, so findings point at file:line:col: the YAML file's, or the DSL builder
+    calls' when that file built it; None when neither is known."""
+    from sagas.definitions.dsl import built_source
     from sagas.definitions.loader import YAML_SUFFIXES
     from sagas.definitions.yaml_source import read_yaml
 
     if file.suffix not in YAML_SUFFIXES:
-        return None
+        source = built_source(definition)
+        same = source is not None and source.file is not None and Path(source.file).resolve() == file.resolve()
+        return source if same else None
     try:
         text = file.read_bytes().decode("utf-8-sig")
     except (OSError, UnicodeDecodeError):  # it loaded a moment ago; a file changed since gets path-only findings
@@ -38,12 +42,23 @@ def source_of(file: Path) -> SourceMap | None:
 
 
 def explore_definitions(
-    file: Path, definitions: list[SagaDefinition], max_attempts: int
+    file: Path, definitions: list[SagaDefinition], max_attempts: int = 3, **options: Any
 ) -> list[tuple[Exploration, SourceMap | None]]:
     from sagas.engine.explore import explore
 
-    source = source_of(file)
-    return [(explore(definition, max_attempts=max_attempts), source) for definition in definitions]
+    return [(explore(d, max_attempts=max_attempts, **options), source_of(file, d)) for d in definitions]
+
+
+def _input(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"not JSON: {exc}", param_hint="--input") from None
+    if not isinstance(value, dict):
+        raise typer.BadParameter("a saga's input is a JSON object", param_hint="--input")
+    return value
 
 
 def exploration_problems(exploration: Exploration, source: SourceMap | None, file: Path) -> list[Problem]:
@@ -73,6 +88,12 @@ def explore(
     max_attempts: Annotated[
         int, typer.Option("--max-attempts", min=1, help="Attempts explored one by one; longer retries summarised.")
     ] = 3,
+    max_states: Annotated[
+        int, typer.Option("--max-states", min=1, help="Stop (results partial, exit 1) after this many states.")
+    ] = 200_000,
+    input_json: Annotated[
+        str | None, typer.Option("--input", help="The saga input payloads are rendered with (JSON; default {}).")
+    ] = None,
 ) -> None:
     """Drive each definition through every outcome the world and an operator can produce, and check every path.
 
@@ -83,6 +104,7 @@ def explore(
     from sagas.definitions.loader import expand, load_any
     from sagas.engine.explore_report import to_json, to_mermaid, to_table
 
+    options = {"max_states": max_states, "input": _input(input_json)}
     failed = False
     report: list[dict[str, Any]] = []
     for file in expand(paths):
@@ -95,7 +117,7 @@ def explore(
                 for problem in exc.problems:
                     typer.echo(str(problem), err=True)
             continue
-        for exploration, source in explore_definitions(file, definitions, max_attempts):
+        for exploration, source in explore_definitions(file, definitions, max_attempts, **options):
             failed = failed or not exploration.ok
             if as_json:
                 report.append({"file": str(file), **to_json(exploration, source, str(file))})

@@ -492,8 +492,9 @@ class _Search:
 
         decision = self._decide(instance, reply, where)
         if decision is not None and decision.outcome == "applied":
-            what = "a duplicate reply" if attempt == current else "a late reply to an earlier attempt"
             status = instance.steps[step.name].status
+            answered = status in (StepStatus.SUCCEEDED, StepStatus.COMPENSATED) and attempt == current
+            what = "a duplicate reply" if answered else "a late reply"
             self.checks.violation(f"{what} was applied: {words} while {step.name} is {status}", where)
         return True
 
@@ -541,7 +542,8 @@ class _Search:
                     found |= reaches[edge.target]
             key = frozenset(found)
             reaches[number] = interned.setdefault(key, key)
-        self.checks.coverage()
+        if self.complete:  # a step not reached yet is no finding when the search stopped early
+            self.checks.coverage()
         self.checks.deadline_reach()
         return Exploration(
             definition=self.definition, states=len(self.nodes), transitions=sum(len(n.edges) for n in self.nodes),

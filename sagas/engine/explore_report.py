@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from dataclasses import replace
 from typing import Any
 
 from sagas.definitions.source import Finding, SourceMap, format_path
@@ -27,9 +28,10 @@ def _count(paths: int) -> str:
 
 def problems(exploration: Exploration, source: SourceMap | None = None, file: str | None = None) -> list[Problem]:
     """The findings as `file:line:col: path: message` problems (warnings say so), each with its witness path."""
-    where = source or SourceMap(file=file)
+    # Named as the caller named the file (a DSL module's positions carry its resolved path).
+    where = replace(source, file=file or source.file) if source is not None else SourceMap(file=file)
     if where.file is None:
-        where.file = file or f"<{exploration.definition.name} v{exploration.definition.version}>"
+        where.file = f"<{exploration.definition.name} v{exploration.definition.version}>"
     return [where.problem(Finding(f.path, _finding_message(f))) for f in exploration.findings]
 
 

@@ -127,3 +127,29 @@ def test_the_documented_library_example_runs() -> None:
     namespace: dict[str, Any] = {"order_payment": load_file(ORDER)}
     exec(compile(code, "docs/definitions.md", "exec"), namespace)  # the doc's own example code
     namespace["test_the_order_saga_has_no_dead_end"]()
+
+
+def test_a_dsl_findings_point_at_the_builder_call() -> None:
+    """In a Python DSL module a finding points at the line of the builder call holding the mapping."""
+    file = SAMPLES["order_payment"] / "saga_dsl.py"
+    result = runner.invoke(app, ["explore", str(file)])
+    assert result.exit_code == 0, result.output
+    lines = file.read_text().splitlines()
+    call = next(i for i, line in enumerate(lines) if '"payment_id": "steps.charge_payment.payment_id"' in line)
+    invoke = max(i for i in range(call) if ".invoke(" in lines[i])
+    assert f"{file}:{invoke + 1}:" in result.stdout
+    assert "steps[3].payload.payment_id: warning:" in result.stdout
+
+
+def test_input_and_max_states_options(tmp_path: Path) -> None:
+    """--input renders payloads with the given input (a bad one is a usage error); --max-states stops early: exit 1."""
+    file = tmp_path / "sum.yaml"
+    file.write_text(VALID_YAML.replace("sku: input.sku", "total: sum(input.prices)"))
+    without = runner.invoke(app, ["explore", "--json", str(file)])
+    assert any("could not be rendered" in f["message"] for f in json.loads(without.stdout)[0]["findings"])
+    given = runner.invoke(app, ["explore", "--json", "--input", '{"prices": [1, 2]}', str(file)])
+    assert not any("could not be rendered" in f["message"] for f in json.loads(given.stdout)[0]["findings"])
+    assert runner.invoke(app, ["explore", "--input", "[1]", str(file)]).exit_code == 2
+    partial = runner.invoke(app, ["explore", "--max-states", "5", str(ORDER)])
+    assert partial.exit_code == 1
+    assert "search stopped early" in partial.stdout
