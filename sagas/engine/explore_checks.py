@@ -18,6 +18,7 @@ from sagas.engine.state import (
     Decision,
     Event,
     MessageKind,
+    OutgoingCommand,
     SagaInstance,
     SagaStatus,
     StepStatus,
@@ -103,6 +104,8 @@ class Checks:
         self.definition = definition
         self.paths = paths
         self.sent: set[tuple[str, MessageKind]] = set()
+        self.unrendered: set[str] = set()
+        """Steps whose payload failed to render with the sample data somewhere (so coverage cannot blame them)."""
         self._violations: dict[str, Violation] = {}
         self._findings: dict[tuple[Path, str], ExploreFinding] = {}
         self._reads: dict[tuple[str, MessageKind], list[tuple[Path, str]]] = {}
@@ -161,12 +164,22 @@ class Checks:
             self.sent.add((command.step, command.kind))
             if command.id != message_id(after.id, command.step, command.kind, command.attempt):
                 self.violation(f"command {command.id} is not named by its saga, step, kind and attempt", where)
+            if not self._same_command(after, command):
+                # A participant deduplicates by saga, step and kind: every attempt must be that same command.
+                self.violation(f"{command.kind} {command.id} is not the one its step defines (type, topic, saga): "
+                               "its retries would not share one idempotency key", where)  # fmt: skip
             if command.kind is MessageKind.COMPENSATION:
                 self._compensation(before, after, command.step, where)
             elif going_back:
                 self.violation(f"{command.step} was sent forward after compensation began", where)
             self._references(before, after, command.step, command.kind, where)
         self._render_failures(decision, where)
+
+    def _same_command(self, after: SagaInstance, command: OutgoingCommand) -> bool:
+        step = self.definition.step(command.step)
+        compensation = command.kind is MessageKind.COMPENSATION
+        expected = step.compensation.command if compensation and step.compensation else step.command
+        return (command.saga_id, command.type, command.topic) == (after.id, expected, step.command_topic)
 
     def _timers(self, before: frozenset[str], decision: Decision, event: Event | None, where: Witness) -> None:
         pending = set(before)
@@ -227,6 +240,7 @@ class Checks:
         for entry in decision.history:
             reason = str(entry.detail.get("reason", ""))
             if entry.type == "step.failed" and entry.step and reason.startswith("payload could not be rendered"):
+                self.unrendered.add(entry.step)
                 path = (*self.paths[entry.step], "payload")
                 self.finding(path, f"{reason} (with the explorer's sample input and replies)", "warning", where)
             elif entry.type == "saga.parked" and "compensation payload of step" in reason:
@@ -286,7 +300,14 @@ class Checks:
         """Every step goes out on some path: no combination of timeouts and deadline may make one unreachable."""
         for step in self.definition.all_steps:
             if (step.name, MessageKind.COMMAND) not in self.sent:
-                self.finding(self.paths[step.name], f"step {step.name} is sent on no path", "error", tuple)
+                stage = self.definition.stage_of(step.name)
+                blocking = sorted(n for n in self.unrendered if self.definition.stage_of(n) <= stage)
+                if blocking:  # with other input and replies it may well go out
+                    message = (f"step {step.name} is sent on no path with the explorer's sample data: the payload "
+                               f"of {', '.join(blocking)} never rendered")  # fmt: skip
+                    self.finding(self.paths[step.name], message, "warning", tuple)
+                else:
+                    self.finding(self.paths[step.name], f"step {step.name} is sent on no path", "error", tuple)
             elif step.compensation is not None and (step.name, MessageKind.COMPENSATION) not in self.sent:
                 path = (*self.paths[step.name], "compensation")
                 self.finding(path, f"the compensation of {step.name} runs on no path", "warning", tuple)

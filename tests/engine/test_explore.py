@@ -319,3 +319,14 @@ def test_attempts_the_deadline_always_cuts_off_are_a_warning_at_the_retry_policy
     assert "attempt 3 of a goes out 22s after it starts at the earliest" in finding.message
     assert "only 2 of its 5 attempts can ever be sent" in finding.message
     assert result.ok
+
+
+def test_a_payload_the_sample_data_cannot_render_is_a_warning_not_a_missing_step() -> None:
+    """`length(steps.a.v)` fails on the explorer's sample reply (v = 1): a warning, and b unsent is no error."""
+    result = explore(saga(step("a"), step("b", payload={"n": "length(steps.a.v)"})))
+    assert violations(result) == []
+    assert {f.severity for f in result.findings} == {"warning"}
+    paths = {f.path for f in result.findings}
+    assert ("steps", 1, "payload") in paths
+    assert any("sent on no path with the explorer's sample data" in f.message for f in result.findings)
+    assert result.ok
