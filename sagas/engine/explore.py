@@ -388,9 +388,9 @@ class _Search:
             for failure in step.failure_types:
                 yield self._reply(step, MessageKind.COMMAND, state.attempt, Outcome.FAILURE, failure), \
                     f"{name} fails ({failure})"  # fmt: skip
+            yield self._timer(TimerKind.STEP_TIMEOUT, name, state.attempt), f"{name} times out"
             yield self._reply(step, MessageKind.COMMAND, state.attempt, Outcome.RETRY, f"{step.command}.retry"), \
                 f"{name} asks to retry"  # fmt: skip
-            yield self._timer(TimerKind.STEP_TIMEOUT, name, state.attempt), f"{name} times out"
         elif status is StepStatus.BACKOFF and not self._summarised(step, state):
             yield (
                 self._timer(TimerKind.STEP_RETRY, name, state.attempt),
