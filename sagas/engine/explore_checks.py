@@ -169,7 +169,8 @@ class Checks:
                 self.violation(f"{command.kind} {command.id} is not the one its step defines (type, topic, saga): "
                                "its retries would not share one idempotency key", where)  # fmt: skip
             if command.kind is MessageKind.COMPENSATION:
-                self._compensation(before, after, command.step, where)
+                failed = {h.step for h in decision.history if h.type == "step.failed" and h.step is not None}
+                self._compensation(before, after, command.step, failed, where)
             elif going_back:
                 self.violation(f"{command.step} was sent forward after compensation began", where)
             self._references(before, after, command.step, command.kind, where)
@@ -193,7 +194,9 @@ class Checks:
         if wanted - pending:
             self.violation(f"a step waits for a timer that was never set: {sorted(wanted - pending)}", where)
 
-    def _compensation(self, before: SagaInstance | None, after: SagaInstance, name: str, where: Witness) -> None:
+    def _compensation(
+        self, before: SagaInstance | None, after: SagaInstance, name: str, failed_now: set[str], where: Witness
+    ) -> None:
         definition = self.definition
         step = definition.step(name)
         if step.kind is not StepKind.COMPENSATABLE:
@@ -203,8 +206,14 @@ class Checks:
         passed = no_way_back(definition, before)
         if passed is not None:
             self.violation(f"{name} was compensated after {passed}: there is no way back past it", where)
-        if before.steps[name].status is StepStatus.COMPENSATED:
+        previous = before.steps[name].status
+        if name in failed_now:  # failed in this very decision
+            previous = StepStatus.FAILED
+        if previous is StepStatus.COMPENSATED:
             self.violation(f"{name} was compensated twice", where)
+        elif previous is StepStatus.FAILED or previous is StepStatus.PENDING:
+            what = "failed (a business failure has no effect)" if previous is StepStatus.FAILED else "was never sent"
+            self.violation(f"{name} was compensated although it {what}", where)
         stage = definition.stage_of(name)
         for other in definition.all_steps:
             later = definition.stage_of(other.name)

@@ -330,3 +330,29 @@ def test_a_payload_the_sample_data_cannot_render_is_a_warning_not_a_missing_step
     assert ("steps", 1, "payload") in paths
     assert any("sent on no path with the explorer's sample data" in f.message for f in result.findings)
     assert result.ok
+
+
+def test_mutant_compensating_a_failed_step_is_caught() -> None:
+    """A business failure has no effect: a machine that undoes the failed step anyway is caught."""
+
+    def undo_failed(m: ModuleType) -> None:
+        m._TO_COMPENSATE = m._TO_COMPENSATE | {StepStatus.FAILED}
+
+    witness = caught(explore(LINEAR, machine=mutant(undo_failed)), "a was compensated although it failed")
+    assert witness[0].startswith("a fails")
+
+
+def test_mutant_forgetting_a_step_timeout_is_caught() -> None:
+    """A machine that sends a command without its timeout timer would wait for ever: caught at the send."""
+
+    def no_timeout(m: ModuleType) -> None:
+        real = m._Txn.timer
+
+        def timer(txn: Any, kind: Any, *args: Any) -> None:
+            if kind is not m.TimerKind.STEP_TIMEOUT:
+                real(txn, kind, *args)
+
+        m._Txn.timer = timer
+
+    result = explore(saga(step("a"), step("b")), machine=mutant(no_timeout))
+    assert caught(result, "a timer that was never set: ['explore/timer/step_timeout/b/1']") == ("a ok",)
