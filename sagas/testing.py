@@ -7,6 +7,12 @@
         assert (await h.instance(saga_id)).status == SagaStatus.COMPENSATED
 
 Time only moves when you call `advance`, so timeouts and backoffs of minutes are tested in milliseconds.
+
+`explore(definition)` searches every path the world and an operator can drive a definition down (`sagas explore`):
+
+    result = explore(order_saga)
+    assert result.ok                                        # no invariant violated, no error-level finding
+    assert "charge_payment ok" not in result.ending("compensated").witness
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 from sagas.adapters.memory import MemoryBroker
 from sagas.adapters.sql import SqlStore
 from sagas.definitions.model import SagaDefinition
+from sagas.engine.explore import Exploration, explore
 from sagas.engine.ports import HistoryRecord
 from sagas.engine.runtime import Engine, EngineSettings
 from sagas.engine.state import OperatorCommand, SagaInstance
@@ -150,4 +157,4 @@ class SagaHarness:
         return instance
 
 
-__all__ = ["EPOCH", "SagaHarness", "VirtualClock"]
+__all__ = ["EPOCH", "Exploration", "SagaHarness", "VirtualClock", "explore"]

@@ -7,7 +7,7 @@ import importlib
 from sagas.cli.app import app
 
 # Each module registers its commands on `app` when imported.
-for _module in ("sagas.cli.definitions", "sagas.cli.operate", "sagas.cli.top"):
+for _module in ("sagas.cli.definitions", "sagas.cli.explore", "sagas.cli.operate", "sagas.cli.top"):
     try:
         importlib.import_module(_module)
     except ModuleNotFoundError as exc:  # a module not written yet must not break the others

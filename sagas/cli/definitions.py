@@ -31,6 +31,9 @@ def validate(
         typer.Argument(help="YAML definitions (*.yaml, *.yml), Python DSL modules (*.py), or folders of them."),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document for scripts.")] = False,
+    explore: Annotated[
+        bool, typer.Option("--explore", help="Also explore every path (see `sagas explore`); its findings count.")
+    ] = False,
 ) -> None:
     """Check definitions; print `OK name vN (digest)` or every problem as `file:line:col: path: message`."""
     from sagas.definitions.loader import expand
@@ -51,13 +54,18 @@ def validate(
                     "", f"{definition.name} v{definition.version} is also defined in {first[1]} with other content; "
                     "a changed definition needs a new version", str(file), 1, 1,
                 ))
-        if problems:
+        if explore and not problems:
+            problems += _explored(file, definitions)
+        errors = [p for p in problems if not p.message.startswith("warning: ")]  # only explore warns
+        if errors:
             definitions = []
-        if problems:
+        if errors:
             failed += 1
             report.append({"file": str(file), "ok": False, "problems": [_problem_json(p) for p in problems]})
         else:
             report.append({"file": str(file), "ok": True, "definitions": [d.identity for d in definitions]})
+            if problems:
+                report[-1]["warnings"] = [_problem_json(p) for p in problems]
         if not as_json:
             for problem in problems:
                 typer.echo(str(problem))
@@ -72,6 +80,15 @@ def validate(
 
 
 _NOTHING_DEFINED = "no saga definitions found at module level"
+
+
+def _explored(file: Path, definitions: list[SagaDefinition]) -> list[Problem]:
+    from sagas.cli.explore import exploration_problems, explore_definitions
+
+    found: list[Problem] = []
+    for exploration, source in explore_definitions(file, definitions, max_attempts=3):
+        found += exploration_problems(exploration, source, file)
+    return found
 
 
 def _check(file: Path) -> tuple[list[SagaDefinition], list[Problem]]:

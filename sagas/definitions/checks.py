@@ -330,6 +330,27 @@ def _root_chains(node: dict[str, Any]) -> Iterator[tuple[str, ...]]:
             yield from _root_chains(child)
 
 
+def context_reads(mapping: Any, path: Path = ()) -> Iterator[tuple[Path, tuple[str, ...]]]:
+    """Every context path a payload mapping reads (`("steps", "hold", "id")`), with the path of the leaf that reads
+    it. For `sagas explore`, which checks on every path that the replies read exist; bad expressions (reported by
+    `check`) are passed over."""
+    if isinstance(mapping, str):
+        try:
+            chains = list(_root_chains(dict(compile_expression(mapping).parsed)))
+        except (JMESPathError, RecursionError):
+            return
+        for chain in chains:
+            yield path, chain
+    elif is_literal(mapping):
+        return
+    elif isinstance(mapping, dict):
+        for key, item in mapping.items():
+            yield from context_reads(item, (*path, key))
+    elif isinstance(mapping, list | tuple):
+        for index, item in enumerate(mapping):
+            yield from context_reads(item, (*path, index))
+
+
 def _reference_problem(
     chain: tuple[str, ...],
     step: _Step,

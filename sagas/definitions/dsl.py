@@ -204,7 +204,11 @@ class SagaBuilder:
         """Validate and return the definition; raises `DefinitionError` with every problem found."""
         data = copy.deepcopy({**self._data, "steps": self._steps})
         source = SourceMap(file=self._file, values=dict(self._positions))
-        return build_definition(data, source, list(self._problems))
+        definition = build_definition(data, source, list(self._problems))
+        _BUILT[definition.identity] = source
+        while len(_BUILT) > _MAX_BUILT:  # bounded: the oldest builds are forgotten first
+            del _BUILT[next(iter(_BUILT))]
+        return definition
 
     # -- internals --------------------------------------------------------------------------------------
 
@@ -234,6 +238,16 @@ class SagaBuilder:
         file, line, column = _caller()
         where = path if path is not None else self._step_path
         self._problems.append(Problem(format_path(where), message, file, line, column))
+
+
+_BUILT: dict[str, SourceMap] = {}
+_MAX_BUILT = 1024
+
+
+def built_source(definition: SagaDefinition) -> SourceMap | None:
+    """Where the builder calls of the last DSL build of this content were (for `sagas explore`'s findings), or None
+    for a definition the builder did not make."""
+    return _BUILT.get(definition.identity)
 
 
 def _caller() -> tuple[str, int, int]:

@@ -27,9 +27,10 @@ travel_booking = (
                                                "flight": "input.flight"})
             .replies(failure=["flight.sold_out"])
             .timeout("20s")
+            # Keyed by the saga id, not the booking's reply: a booking that timed out is cancelled too, and it
+            # has no reply (`sagas explore` reports a compensation that reads one).
             .with_compensation("flight.cancel", {
                 "traveller_id": "input.traveller_id",
-                "booking_id": "steps.book_flight.booking_id",
                 "reference": "saga.id",
             })
         .step("book_hotel")
