@@ -1,0 +1,89 @@
+"""Side by side: sagas and its peers in one benchmark run (`saga_throughput.py --peers`, `--repeat`).
+
+A peer runs in a child process of its own (`dbos_saga.py`: DBOS is one instance per process and sets up its own
+logging), on a fresh database of the same kind as the sagas run's, and reports its figures as JSON. Repetitions
+alternate which system goes first (sagas, peer, peer, sagas, ...), so a slow spell of this shared machine falls
+on both; the summary gives median [min..max] over the repetitions, and the ratio of each repetition's pair.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Figures:
+    """One run of one system, in the units the summary prints."""
+
+    rate: float
+    """Completed sagas (workflows) per second."""
+    p50_ms: float
+    p99_ms: float
+    cpu_ms: float
+    """CPU per saga of the process that runs the sagas (the engine's process; DBOS's process)."""
+    machine_ms: float
+    """CPU per saga of the whole machine, every process (servers and other load included)."""
+    extra: dict[str, float] = field(default_factory=dict)
+    """More CPU per saga figures, by name (participants' process, PostgreSQL, the Kafka JVM...)."""
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def run_dbos(db: str, sagas: int, concurrency: int, servers: Sequence[str]) -> tuple[Figures, str]:
+    """Run the three-step saga on DBOS Transact at `db` (a fresh SQLite file path or a PostgreSQL URL) in a child
+    process; its figures (with the CPU of the `servers` kinds it used) and a one-line description of what ran."""
+    command = [sys.executable, str(HERE / "dbos_saga.py"), "--json", "--db", db, "--sagas", str(sagas),
+               "--concurrency", str(concurrency)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"DBOS run failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["completed"] != sagas:
+        raise RuntimeError(f"DBOS completed {result['completed']} of {sagas} workflows")
+    per_saga = 1000 / sagas
+    extra = {kind: seconds * per_saga for kind, seconds in result["servers"].items() if kind in servers}
+    figures = Figures(result["completed"] / result["seconds"], percentile(result["latencies"], 0.5) * 1000,
+                      percentile(result["latencies"], 0.99) * 1000, result["cpu"] * per_saga,
+                      result["machine"] * per_saga, extra)
+    return figures, f"DBOS Transact {result['version']} ({result['store']})"
+
+
+def spread(values: Sequence[float], digits: int = 0) -> str:
+    """``median [min..max]``."""
+    def show(value: float) -> str:
+        return f"{value:,.{digits}f}"
+
+    return f"{show(statistics.median(values))} [{show(min(values))}..{show(max(values))}]"
+
+
+def summary(rows: dict[str, list[Figures]], *, baseline: str, peers: Sequence[str]) -> list[str]:
+    """Lines of the side-by-side table: one row per system, then the ratios of `baseline` to each peer, paired
+    by repetition."""
+    lines = []
+    for label, runs in rows.items():
+        extra = sorted({name for run in runs for name in run.extra})
+        parts = [f"{spread([r.rate for r in runs])} sagas/s",
+                 f"p50 {spread([r.p50_ms for r in runs], 1)} ms",
+                 f"p99 {spread([r.p99_ms for r in runs], 1)} ms",
+                 f"CPU per saga {spread([r.cpu_ms for r in runs], 2)} ms",
+                 *(f"{name} {spread([r.extra.get(name, 0.0) for r in runs], 2)} ms" for name in extra),
+                 f"machine {spread([r.machine_ms for r in runs], 2)} ms"]
+        lines.append(f"{label} ({len(runs)} runs):")
+        lines.append("    " + "; ".join(parts))
+    for peer in peers:
+        pairs = list(zip(rows[baseline], rows[peer], strict=False))
+        lines.append(f"ratio {baseline} / {peer}, per repetition: sagas/s "
+                     f"{spread([ours.rate / theirs.rate for ours, theirs in pairs], 1)}x; their CPU per saga over "
+                     f"ours {spread([theirs.cpu_ms / ours.cpu_ms for ours, theirs in pairs], 1)}x")
+    return lines
