@@ -422,6 +422,8 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="also run the same saga on DBOS Transact "
                         "(bench/peers/dbos_saga.py; pip install -e '.[bench]') on the same kind of database, "
                         "interleaved with the sagas runs, and print both side by side")
+    parser.add_argument("--dbos-api", choices=("sync", "async"), default="sync", help="how the DBOS run starts "
+                        "its workflows (bench/peers/dbos_saga.py --api): sync, from threads, is the faster here")
     parser.add_argument("--repeat", type=int, help="repetitions of each system, each on a fresh store "
                         "(default: 3 with --peers, else 1); a summary gives median [min..max]")
     args = parser.parse_args()
@@ -508,7 +510,8 @@ def main() -> None:
                     print(f"\n---- {system}, repetition {index + 1} of {repeat} ----")
                 if system == peer:
                     figures, what = run_dbos(args.db if postgres else str(setup.directory / "dbos.db"),
-                                             args.sagas, args.concurrency, [k for k in servers if k != "Kafka JVM"])
+                                             args.sagas, args.concurrency, [k for k in servers if k != "Kafka JVM"],
+                                             args.dbos_api)
                     rows[peer].append(figures)
                     peer_label = what
                     print(f"{what}: {figures.rate:,.0f} workflows/s, p50 / p99 {figures.p50_ms:,.1f} / "

@@ -40,11 +40,11 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def run_dbos(db: str, sagas: int, concurrency: int, servers: Sequence[str]) -> tuple[Figures, str]:
+def run_dbos(db: str, sagas: int, concurrency: int, servers: Sequence[str], api: str = "sync") -> tuple[Figures, str]:
     """Run the three-step saga on DBOS Transact at `db` (a fresh SQLite file path or a PostgreSQL URL) in a child
     process; its figures (with the CPU of the `servers` kinds it used) and a one-line description of what ran."""
     command = [sys.executable, str(HERE / "dbos_saga.py"), "--json", "--db", db, "--sagas", str(sagas),
-               "--concurrency", str(concurrency)]
+               "--concurrency", str(concurrency), "--api", api]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"DBOS run failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
