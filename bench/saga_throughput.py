@@ -10,11 +10,14 @@ commit rate: a design that commits once per event cannot beat it, divided by the
 
 With ``--db postgresql+asyncpg://...`` the engine's store is a fresh PostgreSQL schema (created, then dropped), and
 the raw rate is asyncpg's (one small INSERT per transaction, sequential); with ``--broker kafka://...`` messages go
-through Kafka, on topics and consumer groups named for this run (the topics are deleted at the end). The participants
-stay in-process, and their dedup databases stay SQLite files in either case.
+through Kafka, on topics and consumer groups named for this run (the topics are deleted at the end); ``amqp://...``
+the same through RabbitMQ (its exchanges and queues deleted at the end); ``db://`` through the SQL queue in the
+engine's SQLite file. The participants stay in-process unless ``--participants-process`` puts them in a child process
+(bench/peers/participants.py), and their dedup databases stay SQLite files in every case. ``--peers`` runs the same
+saga on DBOS Transact in the same run (bench/peers/), ``--repeat`` repetitions of each, interleaved.
 
     .venv/bin/python bench/saga_throughput.py [--sagas 5000] [--concurrency 200] [--db DIR|URL] [--broker URL]
-        [--profile]
+        [--participants-process] [--peers] [--repeat N] [--profile]
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from bench.peers.participants import ParticipantsProcess
 from bench.store_commit import bench_trivial as raw_commit_rate  # the same floor, measured the same way
 from sagas.adapters.kafka import KafkaBroker, parse_kafka_url
 from sagas.adapters.memory import MemoryBroker
+from sagas.adapters.rabbitmq import RabbitBroker, parse_amqp_url
 from sagas.adapters.sql import SqlStore
 from sagas.adapters.sqlqueue import SqlQueueBroker
 from sagas.definitions.model import SagaDefinition
@@ -182,6 +186,8 @@ class SagaRun:
     """CPU seconds of the participants' process during the run (`--participants-process`), else None."""
     participants_handled: int = 0
     """Commands the participants' process handled, warm-up included (its own counters)."""
+    wal_bytes: int | None = None
+    """PostgreSQL's WAL written during the run, server-wide (other clients' writes count too); None on SQLite."""
 
     def figures(self, servers: Sequence[str]) -> Figures:
         """What the side-by-side summary prints; `servers`: which of `self.servers` belong to this mode."""
@@ -190,7 +196,8 @@ class SagaRun:
         if self.participants_cpu is not None:
             extra["participants' process"] = self.participants_cpu * per_saga
         return Figures(self.completed / self.seconds, percentile(self.latencies, 0.5) * 1000,
-                       percentile(self.latencies, 0.99) * 1000, self.cpu * per_saga, self.machine * per_saga, extra)
+                       percentile(self.latencies, 0.99) * 1000, self.cpu * per_saga, self.machine * per_saga, extra,
+                       None if self.wal_bytes is None else self.wal_bytes / self.sagas / 1024)
 
 
 @dataclass
@@ -203,9 +210,9 @@ class Setup:
     """PostgreSQL URL, or None for the SQLite file store in `directory`."""
     schema: str | None = None
     broker_url: str | None = None
-    """kafka:// URL, or None for the in-memory broker."""
+    """kafka://, amqp:// or db://, or None for the in-memory broker."""
     prefix: str = ""
-    """Before every topic and group name (Kafka)."""
+    """Before every topic and group name (Kafka, RabbitMQ)."""
     batch_max: int | None = None
     """`EngineSettings.batch_max` (None: the default)."""
     participants_process: bool = False
@@ -224,10 +231,12 @@ class Setup:
             return MemoryBroker()
         if self.broker_url == "db://":
             return SqlQueueBroker(self.engine_db())  # the store's own file, as `sagas serve --broker db://` does
+        if self.broker_url.startswith(("amqp://", "amqps://")):
+            return RabbitBroker.from_url(self.broker_url)
         return KafkaBroker.from_url(self.broker_url)
 
     def participants_broker(self) -> str:
-        """The broker URL the participants' process opens: the same Kafka, or the engine's file for db://."""
+        """The broker URL the participants' process opens: the same server, or the engine's file for db://."""
         assert self.broker_url is not None
         return self.engine_db() if self.broker_url == "db://" else self.broker_url
 
@@ -241,6 +250,18 @@ class Setup:
 
     def topics(self) -> list[str]:
         return [f"{self.prefix}{service}.commands" for _, service, _ in STEPS] + [self.settings().reply_topic]
+
+    def groups(self) -> list[tuple[str, str]]:
+        """(topic, consumer group) of every consumer of the run: the participants' and the engine's."""
+        participants = [(f"{self.prefix}{service}.commands", f"{self.prefix}{service}-participant")
+                        for _, service, _ in STEPS]
+        return [*participants, (self.settings().reply_topic, self.settings().group)]
+
+
+class Servers(ServerClock):
+    """The servers of bench/broker_floor.py, and RabbitMQ's Erlang VM."""
+
+    KINDS = (*ServerClock.KINDS, ("RabbitMQ", {"name": "beam.smp"}))
 
 
 @contextlib.asynccontextmanager
@@ -291,8 +312,9 @@ async def run_sagas(
         completed = 0
         collector = GcTimer()
         gc.callbacks.append(collector)
-        threads, servers = ThreadClock(), ServerClock()
+        threads, servers = ThreadClock(), Servers()
         remote_cpu = process_cpu([remote.pid]) if remote is not None else 0.0
+        wal = await pg_wal_position(setup.db_url) if setup.db_url is not None else 0
         busy, started, cpu, loop_cpu = machine_busy(), time.perf_counter(), time.process_time(), time.thread_time()
         first_start = started
         try:
@@ -306,6 +328,8 @@ async def run_sagas(
                       servers.spent(), collector)
         if remote is not None:
             run.participants_cpu = process_cpu([remote.pid]) - remote_cpu
+        if setup.db_url is not None:
+            run.wal_bytes = await pg_wal_position(setup.db_url) - wal
     if remote is not None:  # its counters come once it has stopped
         run.participants_handled = remote.handled()
     return run
@@ -326,6 +350,17 @@ async def pg_schema(url: str, schema: str, *, create: bool) -> str:
         else:
             await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         return str(await connection.fetchval("SHOW server_version"))
+    finally:
+        await connection.close()
+
+
+async def pg_wal_position(url: str) -> int:
+    """PostgreSQL's current WAL position in bytes (server-wide)."""
+    import asyncpg
+
+    connection = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        return int(await connection.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
     finally:
         await connection.close()
 
@@ -363,6 +398,26 @@ async def delete_topics(url: str, topics: list[str]) -> None:
         await admin.close()
 
 
+async def delete_rabbit(url: str, groups: list[tuple[str, str]]) -> None:
+    """Delete what `RabbitBroker` declared for these (topic, group) pairs: each topic's exchange and its unrouted
+    exchange and queue, each group's hash exchange, partition queues and dead-letter exchange and queue."""
+    import aio_pika
+
+    settings = parse_amqp_url(url)
+    partitions = int(settings.options.get("partitions", 3))
+    connection = await aio_pika.connect(settings.url)
+    try:
+        channel = await connection.channel()
+        for topic, group in groups:
+            at = f"{topic}@{group}"
+            for queue in [*(f"{at}.{n}" for n in range(partitions)), f"{at}.dead", f"{topic}.unrouted"]:
+                await channel.queue_delete(queue)
+            for exchange in (at, f"{at}.dead", topic, f"{topic}.unrouted"):
+                await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
+
+
 def report(run: SagaRun, raw: float, raw_label: str, floor: FloorRun) -> None:
     rate = run.completed / run.seconds
     batches = max(run.stats["batches"], 1)
@@ -384,6 +439,9 @@ def report(run: SagaRun, raw: float, raw_label: str, floor: FloorRun) -> None:
         print(f"engine process alone:   {run.cpu / run.sagas * 1000:.2f} ms of CPU per saga (the figure above); the "
               f"participants' process {run.participants_cpu / run.sagas * 1000:.2f} ms per saga (from /proc; it "
               f"handled {run.participants_handled:,} commands, warm-up included)")
+    if run.wal_bytes is not None:
+        print(f"PostgreSQL WAL:         {run.wal_bytes / run.sagas / 1024:.1f} KiB per saga (server-wide: other "
+              f"clients' writes count too)")
     if run.servers:
         print("servers' CPU per saga:  " + ", ".join(f"{kind} {seconds / run.sagas * 1000:.2f} ms"
                                                     for kind, seconds in run.servers.items()))
@@ -403,8 +461,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=200, help="sagas in flight at once")
     parser.add_argument("--db", help="a directory for the SQLite files (default: a temporary one), or a "
                         "postgresql+asyncpg:// URL: the engine's store then goes in a schema created for the run")
-    parser.add_argument("--broker", help="a kafka:// URL, or db:// (the SQL queue in the engine's SQLite file); "
-                        "default: the in-memory broker")
+    parser.add_argument("--broker", help="a kafka:// or amqp:// URL, or db:// (the SQL queue in the engine's SQLite "
+                        "file); default: the in-memory broker")
     parser.add_argument("--batch-max", type=int, help="EngineSettings.batch_max: events per engine commit at most "
                         "(default: the engine's)")
     parser.add_argument("--rate", type=float, help="open loop: start sagas at this many per second, whatever "
@@ -418,7 +476,7 @@ def main() -> None:
                         "thread only: SQLite work on the store's thread shows as waiting)")
     parser.add_argument("--participants-process", action="store_true", help="run the participants in a child "
                         "process (bench/peers/participants.py), so that the engine's process is measured alone "
-                        "(needs --broker kafka://... or db://)")
+                        "(needs --broker kafka://..., amqp://... or db://)")
     parser.add_argument("--peers", action="store_true", help="also run the same saga on DBOS Transact "
                         "(bench/peers/dbos_saga.py; pip install -e '.[bench]') on the same kind of database, "
                         "interleaved with the sagas runs, and print both side by side")
@@ -434,9 +492,12 @@ def main() -> None:
     if args.broker == "db://" and postgres:
         parser.error("--broker db:// is measured on the SQLite store only")
     if args.participants_process and args.broker is None:
-        parser.error("--participants-process needs a broker another process can reach: --broker kafka://... or db://")
+        parser.error("--participants-process needs a broker another process can reach: --broker kafka://..., "
+                     "amqp://... or db://")
     repeat = args.repeat or (3 if args.peers else 1)
     kafka = args.broker is not None and args.broker.startswith("kafka://")
+    rabbit = args.broker is not None and args.broker.startswith(("amqp://", "amqps://"))
+    named = kafka or rabbit  # a server shared with others: names of this run, deleted at the end
     run_id = uuid.uuid4().hex[:10]
     with contextlib.ExitStack() as stack:
         if args.db is None or postgres:
@@ -453,13 +514,15 @@ def main() -> None:
             directory.mkdir(exist_ok=True)
             setup = Setup(directory, db_url=args.db if postgres else None,
                           schema=f"sagas_bench_{run_id}_{index}" if postgres else None, broker_url=args.broker,
-                          prefix=f"bench-{run_id}-{index}." if kafka else "", batch_max=args.batch_max,
+                          prefix=f"bench-{run_id}-{index}." if named else "", batch_max=args.batch_max,
                           participants_process=args.participants_process)
             if setup.schema is not None:
                 asyncio.run(pg_schema(args.db, setup.schema, create=True))
                 stack.callback(lambda: asyncio.run(pg_schema(args.db, setup.schema or "", create=False)))
             if kafka:
                 stack.callback(lambda: asyncio.run(delete_topics(args.broker, setup.topics())))
+            if rabbit:
+                stack.callback(lambda: asyncio.run(delete_rabbit(args.broker, setup.groups())))
             return setup
 
         setups = [prepare(index) for index in range(repeat)]
@@ -480,15 +543,22 @@ def main() -> None:
             raw_label = "sqlite3: WAL, synchronous=NORMAL, one 1-row insert per commit"
         if kafka:
             print(f"broker: Kafka {args.broker}, topics {', '.join(setups[0].topics())}... (deleted at the end)")
+        elif rabbit:
+            print(f"broker: RabbitMQ {args.broker.split('@')[-1]}, topics {', '.join(setups[0].topics())}... "
+                  f"(exchanges and queues deleted at the end)")
         elif args.broker == "db://":
             print("broker: db://, the SQL queue in the engine's SQLite file")
         else:
             print("broker: in-memory")
         where = "in a process of their own" if args.participants_process else "in-process"
         print(f"participants: {where}, dedup records in SQLite files in {base}/run-N")
-        floor_prefix = f"bench-{run_id}.floor." if kafka else ""
+        floor_prefix = f"bench-{run_id}.floor." if named else ""
         if kafka:
             stack.callback(lambda: asyncio.run(delete_topics(args.broker, floor_topics(floor_prefix))))
+        if rabbit:
+            floor_groups = [(topic, f"{topic.removesuffix('.commands')}-floor") for topic in floor_topics(floor_prefix)]
+            floor_groups[-1] = (floor_groups[-1][0], f"{floor_prefix}floor-engine")  # bench/broker_floor.py's names
+            stack.callback(lambda: asyncio.run(delete_rabbit(args.broker, floor_groups)))
         floor_broker = setups[0].broker() if args.broker != "db://" else MemoryBroker()
         if args.broker == "db://":
             print("broker floor: on the in-memory broker (bench/broker_floor.py does not run on db://)")
@@ -497,12 +567,14 @@ def main() -> None:
         profiler = cProfile.Profile() if args.profile else None
         if args.rate:
             print(f"arrivals: open loop, {args.rate:,.0f} sagas/s offered")
-        mode = ("PostgreSQL" if postgres else "SQLite") + {"db://": " + db://", None: " + memory broker"}.get(
-            args.broker, " + Kafka") + (", participants in another process" if args.participants_process else "")
+        broker_name = "Kafka" if kafka else "RabbitMQ" if rabbit else "db://" if args.broker else "memory broker"
+        mode = ("PostgreSQL" if postgres else "SQLite") + f" + {broker_name}" + (
+            ", participants in another process" if args.participants_process else "")
         ours, peer = f"sagas ({mode})", "DBOS"
         peer_label = peer
         rows: dict[str, list[Figures]] = {ours: [], peer: []} if args.peers else {ours: []}
-        servers = [kind for kind, used in (("PostgreSQL", postgres), ("Kafka JVM", kafka)) if used]
+        used = (("PostgreSQL", postgres), ("Kafka JVM", kafka), ("RabbitMQ", rabbit))
+        servers = [kind for kind, on in used if on]
         for index, setup in enumerate(setups):
             order = (ours, peer) if index % 2 == 0 else (peer, ours)  # alternate who goes first
             for system in order if args.peers else (ours,):
@@ -510,7 +582,7 @@ def main() -> None:
                     print(f"\n---- {system}, repetition {index + 1} of {repeat} ----")
                 if system == peer:
                     figures, what = run_dbos(args.db if postgres else str(setup.directory / "dbos.db"),
-                                             args.sagas, args.concurrency, [k for k in servers if k != "Kafka JVM"],
+                                             args.sagas, args.concurrency, [k for k in servers if k == "PostgreSQL"],
                                              args.dbos_api)
                     rows[peer].append(figures)
                     peer_label = what

@@ -33,6 +33,8 @@ class Figures:
     """CPU per saga of the whole machine, every process (servers and other load included)."""
     extra: dict[str, float] = field(default_factory=dict)
     """More CPU per saga figures, by name (participants' process, PostgreSQL, the Kafka JVM...)."""
+    wal_kib: float | None = None
+    """PostgreSQL's WAL per saga, server-wide; None on SQLite."""
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -53,9 +55,10 @@ def run_dbos(db: str, sagas: int, concurrency: int, servers: Sequence[str], api:
         raise RuntimeError(f"DBOS completed {result['completed']} of {sagas} workflows")
     per_saga = 1000 / sagas
     extra = {kind: seconds * per_saga for kind, seconds in result["servers"].items() if kind in servers}
+    wal = result.get("wal_bytes")
     figures = Figures(result["completed"] / result["seconds"], percentile(result["latencies"], 0.5) * 1000,
                       percentile(result["latencies"], 0.99) * 1000, result["cpu"] * per_saga,
-                      result["machine"] * per_saga, extra)
+                      result["machine"] * per_saga, extra, None if wal is None else wal / sagas / 1024)
     return figures, f"DBOS Transact {result['version']} ({result['store']})"
 
 
@@ -78,7 +81,9 @@ def summary(rows: dict[str, list[Figures]], *, baseline: str, peers: Sequence[st
                  f"p99 {spread([r.p99_ms for r in runs], 1)} ms",
                  f"CPU per saga {spread([r.cpu_ms for r in runs], 2)} ms",
                  *(f"{name} {spread([r.extra.get(name, 0.0) for r in runs], 2)} ms" for name in extra),
-                 f"machine {spread([r.machine_ms for r in runs], 2)} ms"]
+                 f"machine {spread([r.machine_ms for r in runs], 2)} ms",
+                 *([f"PostgreSQL WAL {spread([r.wal_kib or 0.0 for r in runs], 1)} KiB"]
+                   if any(r.wal_kib is not None for r in runs) else [])]
         lines.append(f"{label} ({len(runs)} runs):")
         lines.append("    " + "; ".join(parts))
     for peer in peers:

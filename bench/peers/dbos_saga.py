@@ -105,7 +105,21 @@ def register() -> tuple[Callable[[str, int], Coroutine[Any, Any, list[dict[str, 
     return order, order_sync
 
 
-def drive(sagas: int, concurrency: int, api: str) -> dict[str, Any]:
+def wal_position(url: str | None) -> int | None:
+    """PostgreSQL's current WAL position in bytes (server-wide); None for SQLite (`url` None)."""
+    if url is None:
+        return None
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(sa.text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def drive(sagas: int, concurrency: int, api: str, postgres_url: str | None = None) -> dict[str, Any]:
     """Launch DBOS, run the warm-up, then `sagas` workflows measured; `api`: "async" (start_workflow_async on one
     event loop) or "sync" (start_workflow from `concurrency` threads)."""
     from dbos import DBOS
@@ -140,12 +154,14 @@ def drive(sagas: int, concurrency: int, api: str) -> dict[str, Any]:
 
         batch(range(WARM_UP))
         latencies.clear()
-        servers, busy = ServerClock(), machine_busy()
+        servers, busy, wal = ServerClock(), machine_busy(), wal_position(postgres_url)
         started, cpu = time.perf_counter(), time.process_time()
         completed = batch(range(WARM_UP, WARM_UP + sagas))
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+        wal_end = wal_position(postgres_url)  # its own connection's CPU falls outside the window, like the start's
     return {"sagas": sagas, "completed": completed, "seconds": seconds, "latencies": latencies, "cpu": cpu,
-            "machine": machine_busy() - busy, "servers": servers.spent(), "api": api}
+            "machine": machine_busy() - busy, "servers": servers.spent(), "api": api,
+            "wal_bytes": None if wal is None or wal_end is None else wal_end - wal}
 
 
 def run(db: str, sagas: int, concurrency: int, *, api: str = "sync", as_shipped: bool = False) -> dict[str, Any]:
@@ -162,7 +178,7 @@ def run(db: str, sagas: int, concurrency: int, *, api: str = "sync", as_shipped:
         config["dbos_system_schema"] = schema
     DBOS(config=config)  # type: ignore[arg-type]  # a TypedDict: the keys above are DBOSConfig's
     try:
-        result = drive(sagas, concurrency, api)
+        result = drive(sagas, concurrency, api, url if postgres else None)
     finally:
         DBOS.destroy()
         if postgres:
