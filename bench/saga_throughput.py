@@ -31,6 +31,7 @@ import gc
 import io
 import os
 import pstats
+import signal
 import sqlite3
 import statistics
 import sys
@@ -47,8 +48,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.broker_floor import FloorRun, ServerClock, broker_floor, floor_topics, process_cpu
-from bench.peers.compare import Figures, percentile, run_dbos, summary
+from bench.broker_floor import FloorRun, broker_floor, floor_topics, process_cpu
+from bench.peers.compare import (
+    Background,
+    Figures,
+    Servers,
+    percentile,
+    pg_wal_position,
+    run_dbos,
+    server_figures,
+    summary,
+)
 from bench.peers.participants import ParticipantsProcess
 from bench.store_commit import bench_trivial as raw_commit_rate  # the same floor, measured the same way
 from sagas.adapters.kafka import KafkaBroker, parse_kafka_url
@@ -188,16 +198,27 @@ class SagaRun:
     """Commands the participants' process handled, warm-up included (its own counters)."""
     wal_bytes: int | None = None
     """PostgreSQL's WAL written during the run, server-wide (other clients' writes count too); None on SQLite."""
+    background: Background | None = None
+    """What the servers did in the seconds before the run, with the engine idle (`--background-seconds`)."""
+
+    def servers_net(self) -> dict[str, float]:
+        """The servers' CPU seconds less their background's (as measured when there is no background)."""
+        return self.servers if self.background is None else self.background.net(self.servers, self.seconds)
+
+    def wal_net(self) -> float | None:
+        if self.wal_bytes is None:
+            return None
+        return self.wal_bytes if self.background is None else self.background.net_wal(self.wal_bytes, self.seconds)
 
     def figures(self, servers: Sequence[str]) -> Figures:
         """What the side-by-side summary prints; `servers`: which of `self.servers` belong to this mode."""
         per_saga = 1000 / self.sagas
-        extra = {kind: self.servers[kind] * per_saga for kind in servers if kind in self.servers}
+        extra = server_figures(self.servers, self.servers_net(), servers, per_saga)
         if self.participants_cpu is not None:
             extra["participants' process"] = self.participants_cpu * per_saga
         return Figures(self.completed / self.seconds, percentile(self.latencies, 0.5) * 1000,
                        percentile(self.latencies, 0.99) * 1000, self.cpu * per_saga, self.machine * per_saga, extra,
-                       None if self.wal_bytes is None else self.wal_bytes / self.sagas / 1024)
+                       None if (wal := self.wal_net()) is None else wal / self.sagas / 1024)
 
 
 @dataclass
@@ -258,12 +279,6 @@ class Setup:
         return [*participants, (self.settings().reply_topic, self.settings().group)]
 
 
-class Servers(ServerClock):
-    """The servers of bench/broker_floor.py, and RabbitMQ's Erlang VM."""
-
-    KINDS = (*ServerClock.KINDS, ("RabbitMQ", {"name": "beam.smp"}))
-
-
 @contextlib.asynccontextmanager
 async def running(setup: Setup) -> AsyncIterator[tuple[Engine, ParticipantsProcess | None]]:
     broker = setup.broker()  # shared by the engine and the participants: one producer, one consumer each
@@ -284,7 +299,8 @@ async def running(setup: Setup) -> AsyncIterator[tuple[Engine, ParticipantsProce
 
 
 async def run_sagas(
-    setup: Setup, sagas: int, concurrency: int, *, gc_freeze: bool = False, rate: float | None = None
+    setup: Setup, sagas: int, concurrency: int, *, gc_freeze: bool = False, rate: float | None = None,
+    background_seconds: float = 0.0,
 ) -> SagaRun:
     async with running(setup) as (engine, remote):
         gate = asyncio.Semaphore(concurrency)
@@ -310,6 +326,7 @@ async def run_sagas(
             gc.freeze()
         latencies.clear()
         completed = 0
+        background = await asyncio.to_thread(Background.measure, background_seconds, setup.db_url)
         collector = GcTimer()
         gc.callbacks.append(collector)
         threads, servers = ThreadClock(), Servers()
@@ -325,7 +342,7 @@ async def run_sagas(
         cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
         spent, busy = threads.spent(), machine_busy() - busy
         run = SagaRun(sagas, seconds, latencies, completed, dict(engine.stats), cpu, loop_cpu, spent, busy,
-                      servers.spent(), collector)
+                      servers.spent(), collector, background=background)
         if remote is not None:
             run.participants_cpu = process_cpu([remote.pid]) - remote_cpu
         if setup.db_url is not None:
@@ -350,17 +367,6 @@ async def pg_schema(url: str, schema: str, *, create: bool) -> str:
         else:
             await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         return str(await connection.fetchval("SHOW server_version"))
-    finally:
-        await connection.close()
-
-
-async def pg_wal_position(url: str) -> int:
-    """PostgreSQL's current WAL position in bytes (server-wide)."""
-    import asyncpg
-
-    connection = await asyncpg.connect(_asyncpg_dsn(url))
-    try:
-        return int(await connection.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"))
     finally:
         await connection.close()
 
@@ -439,12 +445,17 @@ def report(run: SagaRun, raw: float, raw_label: str, floor: FloorRun) -> None:
         print(f"engine process alone:   {run.cpu / run.sagas * 1000:.2f} ms of CPU per saga (the figure above); the "
               f"participants' process {run.participants_cpu / run.sagas * 1000:.2f} ms per saga (from /proc; it "
               f"handled {run.participants_handled:,} commands, warm-up included)")
+    net = run.servers_net()
+    background = (f"; less the background measured over {run.background.seconds:.1f} s before the run, with the "
+                  f"engine idle" if run.background is not None and run.background.seconds > 0 else "")
     if run.wal_bytes is not None:
         print(f"PostgreSQL WAL:         {run.wal_bytes / run.sagas / 1024:.1f} KiB per saga (server-wide: other "
-              f"clients' writes count too)")
+              f"clients' writes count too){background}: {(run.wal_net() or 0.0) / run.sagas / 1024:.1f} KiB")
     if run.servers:
         print("servers' CPU per saga:  " + ", ".join(f"{kind} {seconds / run.sagas * 1000:.2f} ms"
-                                                    for kind, seconds in run.servers.items()))
+                                                    for kind, seconds in run.servers.items())
+              + (f"{background}: " + ", ".join(f"{kind} {seconds / run.sagas * 1000:.2f} ms"
+                                               for kind, seconds in net.items()) if background else ""))
     print(f"garbage collector:      {run.gc.seconds:.2f}s in {sum(run.gc.collections):,} collections at thresholds "
           f"{'/'.join(str(n) for n in run.gc.threshold)} "
           f"(gen0/1/2: {'/'.join(str(n) for n in run.gc.collections)}, taking "
@@ -482,10 +493,15 @@ def main() -> None:
                         "interleaved with the sagas runs, and print both side by side")
     parser.add_argument("--dbos-api", choices=("sync", "async"), default="sync", help="how the DBOS run starts "
                         "its workflows (bench/peers/dbos_saga.py --api): sync, from threads, is the faster here")
+    parser.add_argument("--background-seconds", type=float, default=2.0, help="with a server (PostgreSQL, Kafka, "
+                        "RabbitMQ): seconds spent before each run measuring what the servers do without it (other "
+                        "clients of a shared server), taken off the servers' figures; 0: none")
     parser.add_argument("--repeat", type=int, help="repetitions of each system, each on a fresh store "
                         "(default: 3 with --peers, else 1); a summary gives median [min..max]")
     args = parser.parse_args()
     configure_logging(level="WARNING")  # what `sagas serve` sets up, quieter: a debug line per command is noise
+    # SIGTERM unwinds like an error, so that the schemas, topics and queues made for the run are still dropped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     postgres = args.db is not None and args.db.startswith("postgresql")
     if args.db is not None and "://" in args.db and not postgres:
         parser.error("--db takes a directory or a postgresql+asyncpg:// URL")
@@ -588,13 +604,14 @@ def main() -> None:
                     peer_label = what
                     print(f"{what}: {figures.rate:,.0f} workflows/s, p50 / p99 {figures.p50_ms:,.1f} / "
                           f"{figures.p99_ms:,.1f} ms, CPU per saga {figures.cpu_ms:.2f} ms (its process), machine "
-                          f"{figures.machine_ms:.2f} ms" + "".join(f", {kind} {figures.extra[kind]:.2f} ms"
-                                                                 for kind in servers if kind in figures.extra))
+                          f"{figures.machine_ms:.2f} ms" + "".join(f", {kind} {ms:.2f} ms"
+                                                                 for kind, ms in figures.extra.items()))
                     continue
                 if profiler is not None:
                     profiler.enable()
                 run = asyncio.run(run_sagas(setup, args.sagas, args.concurrency, gc_freeze=args.gc_freeze,
-                                            rate=args.rate))
+                                            rate=args.rate, background_seconds=args.background_seconds
+                                            if postgres or named else 0.0))
                 if profiler is not None:
                     profiler.disable()
                 report(run, raw, raw_label, floor)

@@ -43,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from bench.broker_floor import ServerClock
+from bench.peers.compare import Background, Servers, pg_wal_position
 from bench.saga_throughput import machine_busy
 
 COMMANDS = ("Reserve", "Charge", "Ship")
@@ -105,21 +105,8 @@ def register() -> tuple[Callable[[str, int], Coroutine[Any, Any, list[dict[str, 
     return order, order_sync
 
 
-def wal_position(url: str | None) -> int | None:
-    """PostgreSQL's current WAL position in bytes (server-wide); None for SQLite (`url` None)."""
-    if url is None:
-        return None
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return int(connection.execute(sa.text("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")).scalar_one())
-    finally:
-        engine.dispose()
-
-
-def drive(sagas: int, concurrency: int, api: str, postgres_url: str | None = None) -> dict[str, Any]:
+def drive(sagas: int, concurrency: int, api: str, postgres_url: str | None = None,
+          background_seconds: float = 2.0) -> dict[str, Any]:
     """Launch DBOS, run the warm-up, then `sagas` workflows measured; `api`: "async" (start_workflow_async on one
     event loop) or "sync" (start_workflow from `concurrency` threads)."""
     from dbos import DBOS
@@ -154,14 +141,18 @@ def drive(sagas: int, concurrency: int, api: str, postgres_url: str | None = Non
 
         batch(range(WARM_UP))
         latencies.clear()
-        servers, busy, wal = ServerClock(), machine_busy(), wal_position(postgres_url)
+        background = Background.measure(background_seconds, postgres_url)
+        wal = asyncio.run(pg_wal_position(postgres_url)) if postgres_url else None
+        servers, busy = Servers(), machine_busy()
         started, cpu = time.perf_counter(), time.process_time()
         completed = batch(range(WARM_UP, WARM_UP + sagas))
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-        wal_end = wal_position(postgres_url)  # its own connection's CPU falls outside the window, like the start's
+        spent, busy = servers.spent(), machine_busy() - busy
+        wal_end = asyncio.run(pg_wal_position(postgres_url)) if postgres_url else None
+    wal_bytes = None if wal is None or wal_end is None else wal_end - wal
     return {"sagas": sagas, "completed": completed, "seconds": seconds, "latencies": latencies, "cpu": cpu,
-            "machine": machine_busy() - busy, "servers": servers.spent(), "api": api,
-            "wal_bytes": None if wal is None or wal_end is None else wal_end - wal}
+            "machine": busy, "servers": spent, "servers_net": background.net(spent, seconds), "api": api,
+            "wal_bytes": wal_bytes, "wal_net": None if wal_bytes is None else background.net_wal(wal_bytes, seconds)}
 
 
 def run(db: str, sagas: int, concurrency: int, *, api: str = "sync", as_shipped: bool = False) -> dict[str, Any]:
@@ -178,7 +169,7 @@ def run(db: str, sagas: int, concurrency: int, *, api: str = "sync", as_shipped:
         config["dbos_system_schema"] = schema
     DBOS(config=config)  # type: ignore[arg-type]  # a TypedDict: the keys above are DBOSConfig's
     try:
-        result = drive(sagas, concurrency, api, url if postgres else None)
+        result = drive(sagas, concurrency, api, db if postgres else None, 2.0 if postgres else 0.0)
     finally:
         DBOS.destroy()
         if postgres:

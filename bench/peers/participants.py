@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -81,7 +82,12 @@ async def serve(broker_url: str, directory: Path, prefix: str) -> dict[str, dict
             workers.append(await stack.enter_async_context(
                 participant(service, command, prefix).serve(broker=broker, database_url=url)))
         print("ready", flush=True)
-        await stopped.wait()
+        parent = os.getppid()
+        while not stopped.is_set():  # a benchmark that died without stopping us must not leave us running
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), 1.0)
+            if os.getppid() != parent:
+                break
     return {worker.participant.name: dict(worker.participant.stats) for worker in workers}
 
 
