@@ -10,11 +10,14 @@ commit rate: a design that commits once per event cannot beat it, divided by the
 
 With ``--db postgresql+asyncpg://...`` the engine's store is a fresh PostgreSQL schema (created, then dropped), and
 the raw rate is asyncpg's (one small INSERT per transaction, sequential); with ``--broker kafka://...`` messages go
-through Kafka, on topics and consumer groups named for this run (the topics are deleted at the end). The participants
-stay in-process, and their dedup databases stay SQLite files in either case.
+through Kafka, on topics and consumer groups named for this run (the topics are deleted at the end); ``amqp://...``
+the same through RabbitMQ (its exchanges and queues deleted at the end); ``db://`` through the SQL queue in the
+engine's SQLite file. The participants stay in-process unless ``--participants-process`` puts them in a child process
+(bench/peers/participants.py), and their dedup databases stay SQLite files in every case. ``--peers`` runs the same
+saga on DBOS Transact in the same run (bench/peers/), ``--repeat`` repetitions of each, interleaved.
 
     .venv/bin/python bench/saga_throughput.py [--sagas 5000] [--concurrency 200] [--db DIR|URL] [--broker URL]
-        [--profile]
+        [--participants-process] [--peers] [--repeat N] [--profile]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import gc
 import io
 import os
 import pstats
+import signal
 import sqlite3
 import statistics
 import sys
@@ -35,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +48,24 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.broker_floor import FloorRun, ServerClock, broker_floor, floor_topics
+from bench.broker_floor import FloorRun, broker_floor, floor_topics, process_cpu
+from bench.peers.compare import (
+    Background,
+    Figures,
+    Servers,
+    percentile,
+    pg_wal_position,
+    run_dbos,
+    server_figures,
+    summary,
+)
+from bench.peers.participants import ParticipantsProcess
 from bench.store_commit import bench_trivial as raw_commit_rate  # the same floor, measured the same way
 from sagas.adapters.kafka import KafkaBroker, parse_kafka_url
 from sagas.adapters.memory import MemoryBroker
+from sagas.adapters.rabbitmq import RabbitBroker, parse_amqp_url
 from sagas.adapters.sql import SqlStore
+from sagas.adapters.sqlqueue import SqlQueueBroker
 from sagas.definitions.model import SagaDefinition
 from sagas.engine.ports import Broker
 from sagas.engine.runtime import Engine, EngineSettings
@@ -175,6 +192,33 @@ class SagaRun:
     servers: dict[str, float]
     """CPU seconds of the Kafka JVM and of PostgreSQL's processes during the run (those running)."""
     gc: GcTimer
+    participants_cpu: float | None = None
+    """CPU seconds of the participants' process during the run (`--participants-process`), else None."""
+    participants_handled: int = 0
+    """Commands the participants' process handled, warm-up included (its own counters)."""
+    wal_bytes: int | None = None
+    """PostgreSQL's WAL written during the run, server-wide (other clients' writes count too); None on SQLite."""
+    background: Background | None = None
+    """What the servers did in the seconds before the run, with the engine idle (`--background-seconds`)."""
+
+    def servers_net(self) -> dict[str, float]:
+        """The servers' CPU seconds less their background's (as measured when there is no background)."""
+        return self.servers if self.background is None else self.background.net(self.servers, self.seconds)
+
+    def wal_net(self) -> float | None:
+        if self.wal_bytes is None:
+            return None
+        return self.wal_bytes if self.background is None else self.background.net_wal(self.wal_bytes, self.seconds)
+
+    def figures(self, servers: Sequence[str]) -> Figures:
+        """What the side-by-side summary prints; `servers`: which of `self.servers` belong to this mode."""
+        per_saga = 1000 / self.sagas
+        extra = server_figures(self.servers, self.servers_net(), servers, per_saga)
+        if self.participants_cpu is not None:
+            extra["participants' process"] = self.participants_cpu * per_saga
+        return Figures(self.completed / self.seconds, percentile(self.latencies, 0.5) * 1000,
+                       percentile(self.latencies, 0.99) * 1000, self.cpu * per_saga, self.machine * per_saga, extra,
+                       None if (wal := self.wal_net()) is None else wal / self.sagas / 1024)
 
 
 @dataclass
@@ -187,19 +231,35 @@ class Setup:
     """PostgreSQL URL, or None for the SQLite file store in `directory`."""
     schema: str | None = None
     broker_url: str | None = None
-    """kafka:// URL, or None for the in-memory broker."""
+    """kafka://, amqp:// or db://, or None for the in-memory broker."""
     prefix: str = ""
-    """Before every topic and group name (Kafka)."""
+    """Before every topic and group name (Kafka, RabbitMQ)."""
     batch_max: int | None = None
     """`EngineSettings.batch_max` (None: the default)."""
+    participants_process: bool = False
+    """The participants in a child process of their own (bench/peers/participants.py), not in this one."""
+
+    def engine_db(self) -> str:
+        return f"sqlite+aiosqlite:///{self.directory / 'engine.db'}"
 
     def store(self) -> SqlStore:
         if self.db_url is None:
-            return SqlStore(f"sqlite+aiosqlite:///{self.directory / 'engine.db'}")
+            return SqlStore(self.engine_db())
         return SqlStore(self.db_url, schema=self.schema)
 
     def broker(self) -> Broker:
-        return MemoryBroker() if self.broker_url is None else KafkaBroker.from_url(self.broker_url)
+        if self.broker_url is None:
+            return MemoryBroker()
+        if self.broker_url == "db://":
+            return SqlQueueBroker(self.engine_db())  # the store's own file, as `sagas serve --broker db://` does
+        if self.broker_url.startswith(("amqp://", "amqps://")):
+            return RabbitBroker.from_url(self.broker_url)
+        return KafkaBroker.from_url(self.broker_url)
+
+    def participants_broker(self) -> str:
+        """The broker URL the participants' process opens: the same server, or the engine's file for db://."""
+        assert self.broker_url is not None
+        return self.engine_db() if self.broker_url == "db://" else self.broker_url
 
     def settings(self) -> EngineSettings:
         settings = EngineSettings()
@@ -212,26 +272,37 @@ class Setup:
     def topics(self) -> list[str]:
         return [f"{self.prefix}{service}.commands" for _, service, _ in STEPS] + [self.settings().reply_topic]
 
+    def groups(self) -> list[tuple[str, str]]:
+        """(topic, consumer group) of every consumer of the run: the participants' and the engine's."""
+        participants = [(f"{self.prefix}{service}.commands", f"{self.prefix}{service}-participant")
+                        for _, service, _ in STEPS]
+        return [*participants, (self.settings().reply_topic, self.settings().group)]
+
 
 @contextlib.asynccontextmanager
-async def running(setup: Setup) -> AsyncIterator[Engine]:
+async def running(setup: Setup) -> AsyncIterator[tuple[Engine, ParticipantsProcess | None]]:
     broker = setup.broker()  # shared by the engine and the participants: one producer, one consumer each
     store = setup.store()
     engine = Engine(store=store, broker=broker, definitions=[definition(setup.prefix)], settings=setup.settings())
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(store.close)  # exits run last-in first-out: after the engine stopped
         await stack.enter_async_context(engine)
+        if setup.participants_process:  # started once the engine has made its tables (db://: the same file)
+            remote = ParticipantsProcess(setup.participants_broker(), setup.directory, setup.prefix)
+            yield engine, await stack.enter_async_context(remote)
+            return
         for _, service, command in STEPS:
             url = f"sqlite+aiosqlite:///{setup.directory / f'{service}.db'}"
             worker = participant(service, command, setup.prefix).serve(broker=broker, database_url=url)
             await stack.enter_async_context(worker)
-        yield engine
+        yield engine, None
 
 
 async def run_sagas(
-    setup: Setup, sagas: int, concurrency: int, *, gc_freeze: bool = False, rate: float | None = None
+    setup: Setup, sagas: int, concurrency: int, *, gc_freeze: bool = False, rate: float | None = None,
+    background_seconds: float = 0.0,
 ) -> SagaRun:
-    async with running(setup) as engine:
+    async with running(setup) as (engine, remote):
         gate = asyncio.Semaphore(concurrency)
         latencies: list[float] = []
         completed = 0
@@ -255,9 +326,12 @@ async def run_sagas(
             gc.freeze()
         latencies.clear()
         completed = 0
+        background = await asyncio.to_thread(Background.measure, background_seconds, setup.db_url)
         collector = GcTimer()
         gc.callbacks.append(collector)
-        threads, servers = ThreadClock(), ServerClock()
+        threads, servers = ThreadClock(), Servers()
+        remote_cpu = process_cpu([remote.pid]) if remote is not None else 0.0
+        wal = await pg_wal_position(setup.db_url) if setup.db_url is not None else 0
         busy, started, cpu, loop_cpu = machine_busy(), time.perf_counter(), time.process_time(), time.thread_time()
         first_start = started
         try:
@@ -267,8 +341,15 @@ async def run_sagas(
         seconds = time.perf_counter() - started
         cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
         spent, busy = threads.spent(), machine_busy() - busy
-        return SagaRun(sagas, seconds, latencies, completed, dict(engine.stats), cpu, loop_cpu, spent, busy,
-                       servers.spent(), collector)
+        run = SagaRun(sagas, seconds, latencies, completed, dict(engine.stats), cpu, loop_cpu, spent, busy,
+                      servers.spent(), collector, background=background)
+        if remote is not None:
+            run.participants_cpu = process_cpu([remote.pid]) - remote_cpu
+        if setup.db_url is not None:
+            run.wal_bytes = await pg_wal_position(setup.db_url) - wal
+    if remote is not None:  # its counters come once it has stopped
+        run.participants_handled = remote.handled()
+    return run
 
 
 def _asyncpg_dsn(url: str) -> str:
@@ -323,9 +404,24 @@ async def delete_topics(url: str, topics: list[str]) -> None:
         await admin.close()
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+async def delete_rabbit(url: str, groups: list[tuple[str, str]]) -> None:
+    """Delete what `RabbitBroker` declared for these (topic, group) pairs: each topic's exchange and its unrouted
+    exchange and queue, each group's hash exchange, partition queues and dead-letter exchange and queue."""
+    import aio_pika
+
+    settings = parse_amqp_url(url)
+    partitions = int(settings.options.get("partitions", 3))
+    connection = await aio_pika.connect(settings.url)
+    try:
+        channel = await connection.channel()
+        for topic, group in groups:
+            at = f"{topic}@{group}"
+            for queue in [*(f"{at}.{n}" for n in range(partitions)), f"{at}.dead", f"{topic}.unrouted"]:
+                await channel.queue_delete(queue)
+            for exchange in (at, f"{at}.dead", topic, f"{topic}.unrouted"):
+                await channel.exchange_delete(exchange)
+    finally:
+        await connection.close()
 
 
 def report(run: SagaRun, raw: float, raw_label: str, floor: FloorRun) -> None:
@@ -345,9 +441,21 @@ def report(run: SagaRun, raw: float, raw_label: str, floor: FloorRun) -> None:
     print(f"machine CPU (all processes: database server, broker, anything else running): {run.machine:.2f}s, "
           f"{run.machine / run.sagas * 1000:.2f} ms per saga, {run.machine / run.seconds / (os.cpu_count() or 1):.0%} "
           f"of {os.cpu_count()} CPUs")
+    if run.participants_cpu is not None:
+        print(f"engine process alone:   {run.cpu / run.sagas * 1000:.2f} ms of CPU per saga (the figure above); the "
+              f"participants' process {run.participants_cpu / run.sagas * 1000:.2f} ms per saga (from /proc; it "
+              f"handled {run.participants_handled:,} commands, warm-up included)")
+    net = run.servers_net()
+    background = (f"; less the background measured over {run.background.seconds:.1f} s before the run, with the "
+                  f"engine idle" if run.background is not None and run.background.seconds > 0 else "")
+    if run.wal_bytes is not None:
+        print(f"PostgreSQL WAL:         {run.wal_bytes / run.sagas / 1024:.1f} KiB per saga (server-wide: other "
+              f"clients' writes count too){background}: {(run.wal_net() or 0.0) / run.sagas / 1024:.1f} KiB")
     if run.servers:
         print("servers' CPU per saga:  " + ", ".join(f"{kind} {seconds / run.sagas * 1000:.2f} ms"
-                                                    for kind, seconds in run.servers.items()))
+                                                    for kind, seconds in run.servers.items())
+              + (f"{background}: " + ", ".join(f"{kind} {seconds / run.sagas * 1000:.2f} ms"
+                                               for kind, seconds in net.items()) if background else ""))
     print(f"garbage collector:      {run.gc.seconds:.2f}s in {sum(run.gc.collections):,} collections at thresholds "
           f"{'/'.join(str(n) for n in run.gc.threshold)} "
           f"(gen0/1/2: {'/'.join(str(n) for n in run.gc.collections)}, taking "
@@ -364,7 +472,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=200, help="sagas in flight at once")
     parser.add_argument("--db", help="a directory for the SQLite files (default: a temporary one), or a "
                         "postgresql+asyncpg:// URL: the engine's store then goes in a schema created for the run")
-    parser.add_argument("--broker", help="a kafka:// URL (default: the in-memory broker)")
+    parser.add_argument("--broker", help="a kafka:// or amqp:// URL, or db:// (the SQL queue in the engine's SQLite "
+                        "file); default: the in-memory broker")
     parser.add_argument("--batch-max", type=int, help="EngineSettings.batch_max: events per engine commit at most "
                         "(default: the engine's)")
     parser.add_argument("--rate", type=float, help="open loop: start sagas at this many per second, whatever "
@@ -374,59 +483,147 @@ def main() -> None:
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="time spent measuring the raw commit rate")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once the engine is up, so that "
                         "full collections skip everything allocated at start-up")
-    parser.add_argument("--profile", action="store_true", help="profile the saga run with cProfile (event loop "
+    parser.add_argument("--profile", action="store_true", help="profile the saga runs with cProfile (event loop "
                         "thread only: SQLite work on the store's thread shows as waiting)")
+    parser.add_argument("--participants-process", action="store_true", help="run the participants in a child "
+                        "process (bench/peers/participants.py), so that the engine's process is measured alone "
+                        "(needs --broker kafka://..., amqp://... or db://)")
+    parser.add_argument("--peers", action="store_true", help="also run the same saga on DBOS Transact "
+                        "(bench/peers/dbos_saga.py; pip install -e '.[bench]') on the same kind of database, "
+                        "interleaved with the sagas runs, and print both side by side")
+    parser.add_argument("--dbos-api", choices=("sync", "async"), default="sync", help="how the DBOS run starts "
+                        "its workflows (bench/peers/dbos_saga.py --api): sync, from threads, is the faster here")
+    parser.add_argument("--background-seconds", type=float, default=2.0, help="with a server (PostgreSQL, Kafka, "
+                        "RabbitMQ): seconds spent before each run measuring what the servers do without it (other "
+                        "clients of a shared server), taken off the servers' figures; 0: none")
+    parser.add_argument("--repeat", type=int, help="repetitions of each system, each on a fresh store "
+                        "(default: 3 with --peers, else 1); a summary gives median [min..max]")
     args = parser.parse_args()
     configure_logging(level="WARNING")  # what `sagas serve` sets up, quieter: a debug line per command is noise
+    # SIGTERM unwinds like an error, so that the schemas, topics and queues made for the run are still dropped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     postgres = args.db is not None and args.db.startswith("postgresql")
     if args.db is not None and "://" in args.db and not postgres:
         parser.error("--db takes a directory or a postgresql+asyncpg:// URL")
+    if args.broker == "db://" and postgres:
+        parser.error("--broker db:// is measured on the SQLite store only")
+    if args.participants_process and args.broker is None:
+        parser.error("--participants-process needs a broker another process can reach: --broker kafka://..., "
+                     "amqp://... or db://")
+    repeat = args.repeat or (3 if args.peers else 1)
+    kafka = args.broker is not None and args.broker.startswith("kafka://")
+    rabbit = args.broker is not None and args.broker.startswith(("amqp://", "amqps://"))
+    named = kafka or rabbit  # a server shared with others: names of this run, deleted at the end
     run_id = uuid.uuid4().hex[:10]
     with contextlib.ExitStack() as stack:
         if args.db is None or postgres:
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sagas-bench-")))
+            base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sagas-bench-")))
         else:
-            directory = Path(args.db)
-            directory.mkdir(parents=True, exist_ok=True)
-            for stale in directory.glob("*.db*"):
+            base = Path(args.db)
+            base.mkdir(parents=True, exist_ok=True)
+            for stale in base.glob("**/*.db*"):
                 stale.unlink()
-        setup = Setup(directory, db_url=args.db if postgres else None, schema=f"sagas_bench_{run_id}" if postgres
-                      else None, broker_url=args.broker, prefix=f"bench-{run_id}." if args.broker else "",
-                      batch_max=args.batch_max)
+
+        def prepare(index: int) -> Setup:
+            """A fresh store (directory or schema) and topics for one repetition, dropped at the end."""
+            directory = base / f"run-{index}"
+            directory.mkdir(exist_ok=True)
+            setup = Setup(directory, db_url=args.db if postgres else None,
+                          schema=f"sagas_bench_{run_id}_{index}" if postgres else None, broker_url=args.broker,
+                          prefix=f"bench-{run_id}-{index}." if named else "", batch_max=args.batch_max,
+                          participants_process=args.participants_process)
+            if setup.schema is not None:
+                asyncio.run(pg_schema(args.db, setup.schema, create=True))
+                stack.callback(lambda: asyncio.run(pg_schema(args.db, setup.schema or "", create=False)))
+            if kafka:
+                stack.callback(lambda: asyncio.run(delete_topics(args.broker, setup.topics())))
+            if rabbit:
+                stack.callback(lambda: asyncio.run(delete_rabbit(args.broker, setup.groups())))
+            return setup
+
+        setups = [prepare(index) for index in range(repeat)]
         print(f"python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, {os.cpu_count()} CPUs, "
               f"load average {'/'.join(f'{n:.1f}' for n in os.getloadavg())}, concurrency {args.concurrency}")
         if postgres:
-            assert setup.schema is not None
-            version = asyncio.run(pg_schema(args.db, setup.schema, create=True))
-            stack.callback(lambda: asyncio.run(pg_schema(args.db, setup.schema or "", create=False)))
-            raw, synchronous = asyncio.run(pg_raw_commit_rate(args.db, setup.schema, args.raw_seconds))
-            print(f"engine store: PostgreSQL {version}, schema {setup.schema} (dropped at the end)")
+            raw_schema = f"sagas_bench_{run_id}_raw"
+            version = asyncio.run(pg_schema(args.db, raw_schema, create=True))
+            stack.callback(lambda: asyncio.run(pg_schema(args.db, raw_schema, create=False)))
+            raw, synchronous = asyncio.run(pg_raw_commit_rate(args.db, raw_schema, args.raw_seconds))
+            print(f"engine store: PostgreSQL {version}, a schema per repetition "
+                  f"({', '.join(str(setup.schema) for setup in setups)}; dropped at the end)")
             raw_label = (f"PostgreSQL through asyncpg: BEGIN, one 1-row INSERT, COMMIT, sequential; "
                          f"synchronous_commit={synchronous}")
         else:
-            raw = raw_commit_rate(directory / "raw.db", args.raw_seconds)
-            print(f"engine store: SQLite file in {directory}")
+            raw = raw_commit_rate(base / "raw.db", args.raw_seconds)
+            print(f"engine store: SQLite file in {base}/run-N")
             raw_label = "sqlite3: WAL, synchronous=NORMAL, one 1-row insert per commit"
-        if args.broker:
-            print(f"broker: Kafka {args.broker}, topics {', '.join(setup.topics())} (deleted at the end)")
-            stack.callback(lambda: asyncio.run(delete_topics(args.broker, setup.topics())))
+        if kafka:
+            print(f"broker: Kafka {args.broker}, topics {', '.join(setups[0].topics())}... (deleted at the end)")
+        elif rabbit:
+            print(f"broker: RabbitMQ {args.broker.split('@')[-1]}, topics {', '.join(setups[0].topics())}... "
+                  f"(exchanges and queues deleted at the end)")
+        elif args.broker == "db://":
+            print("broker: db://, the SQL queue in the engine's SQLite file")
         else:
             print("broker: in-memory")
-        print(f"participants: in-process, dedup records in SQLite files in {directory}")
-        floor_prefix = f"{setup.prefix}floor." if args.broker else ""
-        if args.broker:
+        where = "in a process of their own" if args.participants_process else "in-process"
+        print(f"participants: {where}, dedup records in SQLite files in {base}/run-N")
+        floor_prefix = f"bench-{run_id}.floor." if named else ""
+        if kafka:
             stack.callback(lambda: asyncio.run(delete_topics(args.broker, floor_topics(floor_prefix))))
-        floor = asyncio.run(broker_floor(setup.broker(), sagas=args.floor_sagas, concurrency=args.concurrency,
+        if rabbit:
+            floor_groups = [(topic, f"{topic.removesuffix('.commands')}-floor") for topic in floor_topics(floor_prefix)]
+            floor_groups[-1] = (floor_groups[-1][0], f"{floor_prefix}floor-engine")  # bench/broker_floor.py's names
+            stack.callback(lambda: asyncio.run(delete_rabbit(args.broker, floor_groups)))
+        floor_broker = setups[0].broker() if args.broker != "db://" else MemoryBroker()
+        if args.broker == "db://":
+            print("broker floor: on the in-memory broker (bench/broker_floor.py does not run on db://)")
+        floor = asyncio.run(broker_floor(floor_broker, sagas=args.floor_sagas, concurrency=args.concurrency,
                                          prefix=floor_prefix))
         profiler = cProfile.Profile() if args.profile else None
-        if profiler is not None:
-            profiler.enable()
         if args.rate:
             print(f"arrivals: open loop, {args.rate:,.0f} sagas/s offered")
-        run = asyncio.run(run_sagas(setup, args.sagas, args.concurrency, gc_freeze=args.gc_freeze, rate=args.rate))
-        if profiler is not None:
-            profiler.disable()
-        report(run, raw, raw_label, floor)
+        broker_name = "Kafka" if kafka else "RabbitMQ" if rabbit else "db://" if args.broker else "memory broker"
+        mode = ("PostgreSQL" if postgres else "SQLite") + f" + {broker_name}" + (
+            ", participants in another process" if args.participants_process else "")
+        ours, peer = f"sagas ({mode})", "DBOS"
+        peer_label = peer
+        rows: dict[str, list[Figures]] = {ours: [], peer: []} if args.peers else {ours: []}
+        used = (("PostgreSQL", postgres), ("Kafka JVM", kafka), ("RabbitMQ", rabbit))
+        servers = [kind for kind, on in used if on]
+        for index, setup in enumerate(setups):
+            order = (ours, peer) if index % 2 == 0 else (peer, ours)  # alternate who goes first
+            for system in order if args.peers else (ours,):
+                if repeat > 1 or args.peers:
+                    print(f"\n---- {system}, repetition {index + 1} of {repeat} ----")
+                if system == peer:
+                    figures, what = run_dbos(args.db if postgres else str(setup.directory / "dbos.db"),
+                                             args.sagas, args.concurrency, [k for k in servers if k == "PostgreSQL"],
+                                             args.dbos_api)
+                    rows[peer].append(figures)
+                    peer_label = what
+                    print(f"{what}: {figures.rate:,.0f} workflows/s, p50 / p99 {figures.p50_ms:,.1f} / "
+                          f"{figures.p99_ms:,.1f} ms, CPU per saga {figures.cpu_ms:.2f} ms (its process), machine "
+                          f"{figures.machine_ms:.2f} ms" + "".join(f", {kind} {ms:.2f} ms"
+                                                                 for kind, ms in figures.extra.items()))
+                    continue
+                if profiler is not None:
+                    profiler.enable()
+                run = asyncio.run(run_sagas(setup, args.sagas, args.concurrency, gc_freeze=args.gc_freeze,
+                                            rate=args.rate, background_seconds=args.background_seconds
+                                            if postgres or named else 0.0))
+                if profiler is not None:
+                    profiler.disable()
+                report(run, raw, raw_label, floor)
+                rows[ours].append(run.figures(servers))
+        if repeat > 1 or args.peers:
+            print(f"\n==== side by side: median [min..max] over {repeat} interleaved repetitions; CPU per saga of "
+                  f"each system's own process, then of what else it used (from /proc), then the whole machine's "
+                  f"(load average now {'/'.join(f'{n:.1f}' for n in os.getloadavg())}: a shared machine) ====")
+            if args.peers:
+                rows[peer_label] = rows.pop(peer)
+            for line in summary(rows, baseline=ours, peers=[peer_label] if args.peers else []):
+                print(line)
         if profiler is not None:
             for key in ("tottime", "cumulative"):
                 out = io.StringIO()
