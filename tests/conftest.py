@@ -41,3 +41,8 @@ def kafka_url() -> str:
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
     return service_url("SAGAS_TEST_AMQP_URL")
+
+
+@pytest.fixture(scope="session")
+def amqp_management_url() -> str:
+    return service_url("SAGAS_TEST_AMQP_MANAGEMENT_URL")
