@@ -7,9 +7,6 @@ group names of those tests never meet an earlier run's queues.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -24,6 +21,7 @@ from tests.engine.test_participant import (
     test_a_repeated_business_failure_keeps_its_reason_and_data,
     test_a_reply_the_wire_cannot_carry_rolls_its_effect_back_and_is_retryable,
 )
+from tests.integration.rabbitmq_support import delete_vhost, new_vhost
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -40,30 +38,14 @@ __all__ = [
 # in two fetches; the retried batch is still whole each time).
 
 
-def management(url: str, method: str, path: str, body: bytes | None = None) -> None:
-    """One call of RabbitMQ's management API, with the URL's credentials."""
-    parts = urlsplit(url)
-    request = urllib.request.Request(
-        urlunsplit(parts._replace(netloc=f"{parts.hostname}:{parts.port}", path=f"/api/{path}")),
-        data=body, method=method, headers={"content-type": "application/json"},
-    )
-    token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
-    request.add_header("Authorization", f"Basic {token}")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        response.read()
-
-
 @pytest.fixture
 async def broker(amqp_url: str, amqp_management_url: str) -> AsyncIterator[RabbitBroker]:
     vhost = f"participant-{uuid.uuid4().hex[:10]}"
-    user = urlsplit(amqp_url).username or "guest"
-    await asyncio.to_thread(management, amqp_management_url, "PUT", f"vhosts/{quote(vhost)}")
-    await asyncio.to_thread(management, amqp_management_url, "PUT", f"permissions/{quote(vhost)}/{quote(user)}",
-                            b'{"configure": ".*", "write": ".*", "read": ".*"}')
+    await new_vhost(amqp_management_url, urlsplit(amqp_url).username or "guest", vhost)
     broker = RabbitBroker.from_url(urlunsplit(urlsplit(amqp_url)._replace(path=f"/{quote(vhost, safe='')}")))
     await broker.start()
     try:
         yield broker
     finally:
         await broker.close()
-        await asyncio.to_thread(management, amqp_management_url, "DELETE", f"vhosts/{quote(vhost)}")
+        await delete_vhost(amqp_management_url, vhost)
