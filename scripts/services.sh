@@ -21,6 +21,7 @@
 #                         $SAGAS_TEST_PROMETHEUS_TARGETS, every second, and loads docs/prometheus/alerts.yml)
 #   SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL / SAGAS_TEST_AMQP_URL   if set to something other than the default
 #                         URL, that server is external: this script neither starts nor stops it.
+#   SAGAS_TEST_AMQP_MANAGEMENT_URL   RabbitMQ's management API (rabbitmqadmin), passed through by `env`
 #   SAGAS_PG_START_TIMEOUT / SAGAS_KAFKA_START_TIMEOUT / SAGAS_RABBITMQ_START_TIMEOUT   readiness deadlines in s
 #                         (60 / 120 / 120)
 #   SAGAS_KAFKA_STOP_TIMEOUT   seconds to wait after SIGTERM before SIGKILL (20)
@@ -48,6 +49,7 @@ DEFAULT_PG_URL="postgresql+asyncpg://sagas:sagas@127.0.0.1:${PG_PORT}/sagas"
 DEFAULT_KAFKA_URL="kafka://127.0.0.1:${KAFKA_PORT}"
 DEFAULT_AMQP_URL="amqp://sagas:sagas@127.0.0.1:${RABBITMQ_PORT}/"
 DEFAULT_PROMETHEUS_URL="http://127.0.0.1:${PROMETHEUS_PORT}"
+DEFAULT_AMQP_MANAGEMENT_URL="http://sagas:sagas@127.0.0.1:${RABBITMQ_MANAGEMENT_PORT}/"
 
 # PostgreSQL layout: everything below $STATE_DIR/postgres is owned by the server's OS user.
 PG_DIR="$STATE_DIR/postgres"
@@ -424,8 +426,10 @@ rabbitmq_running() {
 
 rabbitmq_install() {
   [[ -x "$RABBITMQ_SBIN/rabbitmq-server" ]] || apt_install rabbitmq-server
-  # amqp-tools: an end-to-end test's participant is a shell script around amqp-consume / amqp-publish.
-  command -v amqp-consume >/dev/null || apt_install amqp-tools
+  # amqp-tools and jq: an end-to-end test's participant is a shell script around rabbitmqadmin (in
+  # rabbitmq-server), amqp-publish and jq.
+  command -v amqp-publish >/dev/null || apt_install amqp-tools
+  command -v jq >/dev/null || apt_install jq
   [[ -x "$RABBITMQ_SBIN/rabbitmq-server" ]] || die "rabbitmq-server not found in $RABBITMQ_SBIN after install"
 }
 
@@ -643,7 +647,8 @@ main() {
       printf 'export SAGAS_TEST_KAFKA_URL=%q\n' "${SAGAS_TEST_KAFKA_URL:-$DEFAULT_KAFKA_URL}"
       printf 'export SAGAS_TEST_AMQP_URL=%q\n' "${SAGAS_TEST_AMQP_URL:-$DEFAULT_AMQP_URL}"
       printf 'export SAGAS_TEST_PROMETHEUS_URL=%q\n' "${SAGAS_TEST_PROMETHEUS_URL:-$DEFAULT_PROMETHEUS_URL}"
-      printf 'export SAGAS_TEST_PROMETHEUS_TARGETS=%q\n' "${SAGAS_TEST_PROMETHEUS_TARGETS:-$PROMETHEUS_TARGETS}" ;;
+      printf 'export SAGAS_TEST_PROMETHEUS_TARGETS=%q\n' "${SAGAS_TEST_PROMETHEUS_TARGETS:-$PROMETHEUS_TARGETS}"
+      printf 'export SAGAS_TEST_AMQP_MANAGEMENT_URL=%q\n' "${SAGAS_TEST_AMQP_MANAGEMENT_URL:-$DEFAULT_AMQP_MANAGEMENT_URL}" ;;
     *) usage ;;
   esac
   return "$rc"

@@ -53,3 +53,8 @@ def prometheus_url() -> str:
 def prometheus_targets() -> str:
     """The directory the test Prometheus reads scrape targets from (file_sd, one JSON file per test)."""
     return service_url("SAGAS_TEST_PROMETHEUS_TARGETS")
+
+
+@pytest.fixture(scope="session")
+def amqp_management_url() -> str:
+    return service_url("SAGAS_TEST_AMQP_MANAGEMENT_URL")

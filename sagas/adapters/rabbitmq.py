@@ -31,6 +31,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -50,6 +51,21 @@ from sagas.errors import BrokerError
 __all__ = ["RabbitBroker", "RabbitConsumer", "RabbitSettings", "parse_amqp_url"]
 
 log = logging.getLogger(__name__)
+
+
+class _SaidOnce(logging.Filter):
+    """aiormq logs a server's close of the connection as an error, with a traceback, and every failed reconnect
+    attempt; this adapter already says it (one line for the loss, one for the recovery), so the operator reads one
+    outage, not a page of failures."""
+
+    SAID = ("Unexpected connection close from remote", "Cancelling cause reader exited abnormally",
+            "error when creating transport")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.SAID)
+
+
+logging.getLogger("aiormq.connection").addFilter(_SaidOnce())
 
 _OWN_OPTIONS = {"partitions": int, "prefetch": int, "delivery_limit": int, "unrouted_max": int, "retry_for": float}
 
@@ -187,7 +203,11 @@ class RabbitBroker:
                 raise BrokerError(f"{self!r}: cannot connect: {exc!r}", retriable=False) from exc
 
     async def _connect(self) -> None:
-        connection = await aio_pika.connect(self.url, timeout=10)
+        # Named after this process (aiormq reads `name` from the URL), so `rabbitmqctl list_connections name` and the
+        # management UI tell who is who.
+        named = urlsplit(self.url)
+        query = urlencode([*parse_qsl(named.query), ("name", f"sagas pid {os.getpid()}")])
+        connection = await aio_pika.connect(urlunsplit(named._replace(query=query)), timeout=10)
         try:
             publisher = await connection.channel(publisher_confirms=True, on_return_raises=True)
         except BaseException:
@@ -392,6 +412,8 @@ class RabbitConsumer:
         self.topics = topics
         self.group = group
         self._channel: AbstractChannel | None = None
+        self._connection_epoch = 0
+        """The broker connection `_channel` was opened on."""
         self._epoch = 0
         """Bumped by every new channel: deliveries of an older one are abandoned."""
         self._buffer: deque[tuple[int, str, AbstractIncomingMessage]] = deque()
@@ -407,7 +429,7 @@ class RabbitConsumer:
     async def _open(self, deadline: float) -> None:
         """A channel on the broker's connection, the group's queues declared, consuming every one of them."""
         broker = self._broker
-        connection, _ = await broker._ready(deadline)
+        connection, connection_epoch = await broker._ready(deadline)
         channel = await connection.channel()
         try:
             await channel.set_qos(prefetch_count=broker.prefetch)
@@ -420,7 +442,7 @@ class RabbitConsumer:
                 with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
                     await channel.close()
             raise
-        self._channel = channel
+        self._channel, self._connection_epoch = channel, connection_epoch
         channel.close_callbacks.add(lambda _sender, exc: self._channel_lost(epoch, exc))
 
     async def _consume_topic(
@@ -444,12 +466,15 @@ class RabbitConsumer:
         if new_group:
             await _take_unrouted(connection, topic, group_exchange)
         for queue in [*queues, dead]:
-            await queue.consume(self._receiver(epoch, topic), no_ack=False)
+            await queue.consume(self._receiver(epoch, topic, channel), no_ack=False)
 
-    def _receiver(self, epoch: int, topic: str) -> Any:
+    def _receiver(self, epoch: int, topic: str, channel: AbstractChannel) -> Any:
         async def receive(message: AbstractIncomingMessage) -> None:
             if epoch != self._epoch or self._closed:
-                return  # from a channel we gave up: it is redelivered on the new one
+                # A channel this consumer gave up on but the server still delivers to: as the single active
+                # consumer it would hold these messages for ever. Closing it hands them to the current channel.
+                _close_soon(channel)
+                return
             self._buffer.append((epoch, topic, message))
             self._arrived.set()
 
@@ -466,6 +491,8 @@ class RabbitConsumer:
 
     def _abandon(self) -> None:
         self._epoch += 1
+        if self._channel is not None:
+            _close_soon(self._channel)  # if it is still open, its consumers must go: it is no longer read
         self._channel = None
         self._buffer.clear()
         self._unacked.clear()
@@ -475,6 +502,8 @@ class RabbitConsumer:
         if self._closed:
             return
         if self._channel is not None and not self._channel.is_closed:
+            if self._connection_epoch == self._broker._epoch:
+                return  # already consuming on the new connection
             self._abandon()  # the old connection's channel: its deliveries are void
         if self._restoring is None or self._restoring.done():
             self._restoring = asyncio.ensure_future(self._restore())
@@ -535,6 +564,10 @@ class RabbitConsumer:
                     await incoming.ack()
         except (*_LOST, aiormq.exceptions.AMQPError) as exc:
             log.info("%r: acknowledgement skipped, the channel is gone: %r", self, exc)
+            # Gone, or about to be: were it still open, the messages not acknowledged would stay with this single
+            # active consumer for ever. Closed, they go back to their queues and come again on a new channel.
+            self._abandon()
+            self._reconnected()
 
     async def close(self) -> None:
         """Leave the group: what was fetched and not acknowledged goes back to the queues, for other members."""
@@ -553,6 +586,23 @@ class RabbitConsumer:
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
                 await channel.close()
+
+
+_closing: set[asyncio.Future[Any]] = set()
+
+
+def _close_soon(channel: AbstractChannel) -> None:
+    """Close a channel in the background (from a callback, which cannot wait); nothing if it is closed already."""
+    if channel.is_closed:
+        return
+
+    async def close() -> None:
+        with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
+            await channel.close()
+
+    task = asyncio.ensure_future(close())
+    _closing.add(task)  # a reference until it is done: the loop keeps only weak ones
+    task.add_done_callback(_closing.discard)
 
 
 def _death_reason(incoming: AbstractIncomingMessage, limit: int) -> str:

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from ruamel.yaml import YAML
 
+from sagas.adapters import open_broker
 from sagas.adapters.kafka import KafkaBroker
 from tests.integration.crash_participants import (
     COMMANDS,
@@ -70,14 +71,15 @@ async def run(args: argparse.Namespace) -> None:
     for participant in participants:
         participant.topic = command_topic(args.prefix, participant.name)
         participant.group = f"{args.prefix}-{participant.name}"
-    broker = KafkaBroker.from_url(args.kafka, partitions=PARTITIONS)
+    # Any broker URL: the RabbitMQ process tests run these participants too (tests/integration/test_rabbitmq_*.py).
+    broker = open_broker(args.kafka, partitions=PARTITIONS)
     await serve_until_stopped(participants, broker, args.ledger, args,
                               banner=f"participants {names} serving on {args.prefix}.*; ledger {args.ledger}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kafka", required=True, help="kafka://host:port")
+    parser.add_argument("--kafka", required=True, help="kafka://host:port (or any broker URL: amqp://...)")
     parser.add_argument("--prefix", required=True, help="Topic and group prefix of this test run.")
     add_participant_arguments(parser, transient=0.05)
     asyncio.run(run(parser.parse_args()))

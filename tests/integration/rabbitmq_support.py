@@ -1,0 +1,82 @@
+"""RabbitMQ's management API for the process tests: queue depths, who is the active consumer of a queue, virtual
+hosts. Plain urllib in a thread: the management API is HTTP with basic auth."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import urllib.request
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from tests.integration.crash_participants import COMMANDS
+from tests.integration.kafka_participants import command_topic
+
+
+def management(url: str, method: str, path: str, body: bytes | None = None) -> Any:
+    """One call of RabbitMQ's management API with the URL's credentials; the decoded JSON answer (or None)."""
+    parts = urlsplit(url)
+    request = urllib.request.Request(
+        urlunsplit(parts._replace(netloc=f"{parts.hostname}:{parts.port}", path=f"/api/{path}")),
+        data=body, method=method, headers={"content-type": "application/json"},
+    )
+    token = base64.b64encode(f"{parts.username}:{parts.password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
+async def call(url: str, method: str, path: str, body: bytes | None = None) -> Any:
+    return await asyncio.to_thread(management, url, method, path, body)
+
+
+async def participants_behind(url: str, prefix: str) -> int:
+    """Commands in this run's participants' queues not yet handled and acknowledged (ready + unacknowledged)."""
+    queues = await call(url, "GET", "queues/%2F?columns=name,messages")
+    wanted = tuple(f"{command_topic(prefix, name)}@" for name in COMMANDS)
+    return sum(int(q.get("messages") or 0) for q in queues if q["name"].startswith(wanted))
+
+
+async def active_consumer_pids(url: str, queue_prefix: str) -> set[int]:
+    """The processes (from `RabbitBroker`'s connection names, "sagas pid N") that are the single active consumer
+    of a queue whose name starts with `queue_prefix`."""
+    consumers = await call(url, "GET", "consumers/%2F")
+    pids = set()
+    for consumer in consumers:
+        if not consumer["queue"]["name"].startswith(queue_prefix) or not consumer.get("active", True):
+            continue
+        if consumer.get("activity_status") not in (None, "single_active", "up"):
+            continue
+        name = consumer.get("channel_details", {}).get("connection_name", "")
+        match = re.search(r"sagas pid (\d+)", name)
+        if match:
+            pids.add(int(match.group(1)))
+    return pids
+
+
+async def new_vhost(url: str, user: str, vhost: str) -> None:
+    await call(url, "PUT", f"vhosts/{quote(vhost, safe='')}")
+    await call(url, "PUT", f"permissions/{quote(vhost, safe='')}/{quote(user)}",
+               b'{"configure": ".*", "write": ".*", "read": ".*"}')
+
+
+async def delete_vhost(url: str, vhost: str) -> None:
+    await call(url, "DELETE", f"vhosts/{quote(vhost, safe='')}")
+
+
+async def queue_report(url: str, prefix: str) -> str:
+    """The run's queues that hold messages, with their consumers: what a drain that times out is waiting for."""
+    queues = await call(url, "GET", "queues/%2F?columns=name,messages,messages_ready,messages_unacknowledged,"
+                                    "consumers,single_active_consumer_tag")
+    consumers = await call(url, "GET", "consumers/%2F")
+    lines = []
+    for queue in queues:
+        if queue["name"].startswith(prefix) and queue.get("messages"):
+            mine = [(c.get("channel_details", {}).get("connection_name"), c.get("activity_status"))
+                    for c in consumers if c["queue"]["name"] == queue["name"]]
+            lines.append(f"{queue['name']}: ready {queue.get('messages_ready')}, unacked "
+                         f"{queue.get('messages_unacknowledged')}, consumers {mine}")
+    return "\n".join(lines)
