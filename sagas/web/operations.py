@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sagas.engine.admin import SagaAdmin, same_start
+from sagas.engine.admin import SagaAdmin
 from sagas.engine.ids import new_id
 from sagas.engine.ports import DeadLetter, HistoryRecord, SagaQuery
 from sagas.engine.state import OperatorCommand, SagaInstance, SagaStatus
@@ -70,8 +70,6 @@ class Operations:
         else:
             saga_id, created = await self.admin.start(definition, input, key=key)
             instance = await self.admin.get(saga_id)
-        if not created:
-            same_start(instance, input)
         return instance, created
 
     async def operate(self, saga_id: str, command: OperatorCommand) -> SagaInstance:

@@ -40,7 +40,7 @@ async def test_a_start_publishes_its_first_command_at_once_and_is_idempotent_by_
     assert again.json() == {"id": first["id"], "created": False, "status": "completed"}
     other = await served.client.post("/api/sagas", headers=alice(),
                                      json={"definition": "order", "input": {**ORDER, "amount": 11}, "key": "k-1"})
-    assert "another input" in str(is_problem(other, 409)["detail"])
+    assert "different input" in str(is_problem(other, 409)["detail"])
 
 
 async def test_bad_starts_are_problems_that_name_the_cause(served: Stack) -> None:
