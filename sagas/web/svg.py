@@ -20,7 +20,8 @@ MARKS = {
     StepStatus.COMPENSATED: "compensated",
     StepStatus.FAILED: "failed", StepStatus.UNKNOWN: "failed",
     StepStatus.RUNNING: "inflight", StepStatus.BACKOFF: "inflight",
-    StepStatus.COMPENSATING: "inflight", StepStatus.COMPENSATION_BACKOFF: "inflight",
+    # The step itself was done; its undoing is marked on its compensation's box.
+    StepStatus.COMPENSATING: "done", StepStatus.COMPENSATION_BACKOFF: "done",
     StepStatus.PENDING: "unreached",
 }
 LEGEND = (("done", "done"), ("compensated", "compensated"), ("failed", "failed"), ("inflight", "in flight"),

@@ -75,6 +75,7 @@ class Stack:
     store: SqlStore
     switch: Switch
     security: Security
+    app: Any
 
     async def settled(self, saga_id: str, timeout: float = 15.0) -> SagaInstance:
         return await self.engine.wait(saga_id, timeout=timeout, poll=0.05)
@@ -119,7 +120,7 @@ async def stack(db_url: str, tmp_path: Path, *, schema: str | None = None, open_
         app = operator_app(Operations(admin, engine), security)
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
         client = await stack_.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://testserver"))
-        yield Stack(client, engine, admin, store, switch, security)
+        yield Stack(client, engine, admin, store, switch, security, app)
 
 
 @contextlib.asynccontextmanager
