@@ -11,5 +11,6 @@ echo "== services"
 trap 'scripts/services.sh stop all' EXIT
 scripts/services.sh start all
 eval "$(scripts/services.sh env)"
+eval "$(scripts/browser.sh env)"   # Debian's chromium + chromium-driver for the console's browser tests
 echo "== pytest"
 .venv/bin/pytest "$@"

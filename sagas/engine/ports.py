@@ -220,6 +220,8 @@ class SagaQuery:
     created_from: float | None = None
     created_to: float | None = None
     """Created at or after `created_from` and before `created_to`."""
+    updated_before: float | None = None
+    """Not changed since: running sagas that are stuck."""
     key: str | None = None
     reason: str | None = None
     """Text the saga's failure reason contains (case-insensitive)."""

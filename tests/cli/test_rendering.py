@@ -8,6 +8,7 @@ import uuid
 import pytest
 from rich.console import Console
 
+from sagas import formatting
 from sagas.cli import operate, render
 from sagas.engine.ports import BrokerMessage, DeadLetter, HistoryRecord
 from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, StepState, StepStatus
@@ -48,7 +49,7 @@ def test_list_shows_whole_status_words_a_short_id_and_one_line_per_saga(width: i
     for inst, line in zip(sagas, lines[1:4], strict=True):
         short = line.split()[0]
         assert inst.id.endswith(short)
-        assert len(short) == render.SHORT_ID
+        assert len(short) == formatting.SHORT_ID
         assert str(inst.status) in line.split()
         assert "1h02m" in line  # the age, rounded
     assert "step 'charge_payment' fail" in lines[1]
@@ -118,7 +119,7 @@ def test_dead_letter_list_shows_the_whole_ids_dlq_show_takes(width: int) -> None
 
 def test_durations_read_as_a_person_says_them() -> None:
     """Durations are rounded to what matters at their size."""
-    assert [render.duration(s) for s in (0.0123, 1.0943757843366069, 42.4, 185, 7800, 300_000)] == [
+    assert [formatting.duration(s) for s in (0.0123, 1.0943757843366069, 42.4, 185, 7800, 300_000)] == [
         "12ms", "1.09s", "42s", "3m05s", "2h10m", "3d11h"]
 
 

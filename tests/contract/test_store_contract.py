@@ -512,6 +512,7 @@ class StoreContract:
         assert await ids(definition="order", status=SagaStatus.FAILED) == ["s05"]
         assert await ids(created_from=T0 + 1, created_to=T0 + 2) == ["s05", "s04", "s03"]
         assert await ids(key="k7") == ["s07"]
+        assert await ids(updated_before=T0 + 1) == ["s02", "s01", "s00"]
         assert await ids(reason="declined by 100%") == ["s05"]
         assert await ids(reason="100_") == []  # LIKE wildcards in the text are taken literally
         assert await ids(id_prefix="s1") == ["s11", "s10"]

@@ -37,6 +37,8 @@ def _filtered(statement: sa.Select[Any], query: SagaQuery) -> sa.Select[Any]:
         statement = statement.where(_t.created_at >= query.created_from)
     if query.created_to is not None:
         statement = statement.where(_t.created_at < query.created_to)
+    if query.updated_before is not None:
+        statement = statement.where(_t.updated_at < query.updated_before)
     if query.key is not None:
         statement = statement.where(_t.idempotency_key == query.key)
     if query.id_prefix:

@@ -1,0 +1,58 @@
+"""Tokens, sessions and CSRF fields of the HTTP API and console."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sagas.web.security import Security, TokenError, is_loopback, load_tokens, parse_tokens
+
+
+def test_tokens_come_from_the_setting_and_the_file_with_their_names(tmp_path: Path) -> None:
+    """`name=token` pairs and a file of `name token` lines give named tokens; comments and blank lines pass."""
+    file = tmp_path / "tokens"
+    file.write_text("# operators\ncarol carol-token-0123456789\n\n")
+    tokens = load_tokens("alice=alice-token-0123456789, bob=bob-token-0123456789ab", file)
+    assert tokens == {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab",
+                      "carol": "carol-token-0123456789"}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("alice", "expected 'name=token'"),
+    ("alice=short", "shorter than 16"),
+    ("a=aaaaaaaaaaaaaaaaaaaa,a=bbbbbbbbbbbbbbbbbbbb", "given twice"),
+])
+def test_a_bad_token_setting_is_refused_with_the_reason(text: str, message: str) -> None:
+    """A malformed, short or repeated token stops the server from starting (it never runs open)."""
+    with pytest.raises(TokenError, match=message):
+        parse_tokens(text)
+
+
+def test_a_missing_token_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A token file that cannot be read names itself."""
+    with pytest.raises(TokenError, match="token file"):
+        load_tokens(None, tmp_path / "missing")
+
+
+def test_a_token_is_known_by_its_name_and_sessions_cannot_be_forged() -> None:
+    """The right token gives its name; a wrong one, a tampered session or one of another process gives nobody."""
+    security = Security(tokens={"alice": "alice-token-0123456789"})
+    assert security.operator("alice-token-0123456789") == "alice"
+    assert security.operator("alice-token-012345678") is None
+    assert security.operator(None) is None
+    session = security.session("alice")
+    assert security.session_operator(session) == "alice"
+    assert security.session_operator("bob." + session.split(".")[1]) is None
+    assert Security(tokens=security.tokens).session_operator(session) is None  # another process's key
+    assert security.csrf_ok(session, security.csrf(session))
+    assert not security.csrf_ok(session, security.csrf(Security().session("alice")))
+    assert not security.csrf_ok(session, None)
+
+
+def test_loopback_is_recognised() -> None:
+    """Only loopback addresses count as loopback."""
+    assert is_loopback("127.0.0.1")
+    assert is_loopback("::1")
+    assert not is_loopback("10.0.0.1")
+    assert not is_loopback(None)
