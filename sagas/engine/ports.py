@@ -357,7 +357,8 @@ class Gauges(Protocol):
 class Observer(Protocol):
     """Told what the engine did, after it is done. Every call is synchronous, on the event loop, and must be cheap
     and never raise (an observer that raises is logged and ignored, never allowed to stop a loop). Metrics and
-    tracing are observers; `NO_OBSERVER` is the default and costs nothing."""
+    tracing are observers; `NO_OBSERVER` is the default and costs nothing. Implement one by subclassing
+    `NoObserver` and overriding what you need: events added to this Protocol later then default to doing nothing."""
 
     def committed(self, work: UnitOfWork, seconds: float) -> None:
         """A unit of work was committed (history entries, outbox, inbox, dead letters...) in `seconds`."""
@@ -385,7 +386,7 @@ class Observer(Protocol):
 
 
 class NoObserver:
-    """The observer that observes nothing."""
+    """The observer that observes nothing: the base class of observers (see `Observer`)."""
 
     def committed(self, work: UnitOfWork, seconds: float) -> None:
         pass

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from sagas.adapters.memory import MemoryBroker
 from sagas.adapters.sql import SqlStore
+from sagas.engine.ports import NoObserver
 from sagas.engine.runtime import Engine, EngineSettings
 from sagas.engine.state import SagaStatus
 from tests.engine.support import ledger_participant, three_steps
@@ -99,18 +100,9 @@ async def test_an_observer_that_raises_after_a_publish_does_not_have_the_message
     """The observer is told of a publish after the broker took the messages; when it raises, that is logged and
     ignored: no command goes out twice, and the saga completes."""
 
-    class Raising:
-        def committed(self, work: Any, seconds: float) -> None:
-            pass
-
+    class Raising(NoObserver):
         def published(self, messages: Any, seconds: float) -> None:
             raise Injected("observer broke")
-
-        def outage(self, component: Any, down: bool) -> None:
-            pass
-
-        def loop_failed(self, loop: str, error: BaseException) -> None:
-            pass
 
     async with running_engine() as engine:
         engine.observer = Raising()

@@ -36,7 +36,7 @@ def on_topics(definition: SagaDefinition, prefix: str) -> SagaDefinition:
 def moved(participant: Participant, prefix: str) -> Participant:
     clone = Participant(participant.name, topic=f"{prefix}.{participant.name}.commands",
                         group=f"{prefix}-{participant.name}", metadata=participant.metadata)
-    clone._handlers = participant._handlers
+    clone.handlers = participant.handlers
     return clone
 
 
