@@ -90,7 +90,7 @@ def explore(
     ] = 3,
     max_states: Annotated[
         int, typer.Option("--max-states", min=1, help="Stop (results partial, exit 1) after this many states.")
-    ] = 200_000,
+    ] = 50_000,
     input_json: Annotated[
         str | None, typer.Option("--input", help="The saga input payloads are rendered with (JSON; default {}).")
     ] = None,
