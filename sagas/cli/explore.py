@@ -90,15 +90,15 @@ def explore(
     ] = 3,
     max_states: Annotated[
         int, typer.Option("--max-states", min=1, help="Stop (results partial, exit 1) after this many states.")
-    ] = 200_000,
+    ] = 50_000,
     input_json: Annotated[
         str | None, typer.Option("--input", help="The saga input payloads are rendered with (JSON; default {}).")
     ] = None,
 ) -> None:
     """Drive each definition through every outcome the world and an operator can produce, and check every path.
 
-    Prints each ending (completed, compensated, parked) with its number of paths and a shortest witness, the
-    operator's ways out of each parked state, invariant violations, and findings as `file:line:col: path: message`.
+    Prints each ending with its paths and a shortest witness, the ways out of parked states, violations, findings.
+
     Exit code 1 on an invariant violation, an error-level finding or a definition that does not load.
     """
     from sagas.definitions.loader import expand, load_any

@@ -174,7 +174,7 @@ def explore(
     *,
     machine: Machine | ModuleType | None = None,
     max_attempts: int = 3,
-    max_states: int = 200_000,
+    max_states: int = 50_000,
     input: dict[str, Any] | None = None,
 ) -> Exploration:
     """Search every path the world and an operator can drive `definition` down, checking invariants on each.

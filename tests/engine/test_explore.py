@@ -242,8 +242,11 @@ def test_mutant_compensating_past_the_pivot_is_caught() -> None:
     def no_pivot(m: ModuleType) -> None:
         m._no_way_back = lambda txn: None
 
+    original = machine._no_way_back
     witness = caught(explore(LINEAR, machine=mutant(no_pivot)), "the pivot p succeeded")
     assert "p ok" in witness
+    assert machine._no_way_back is original, "the real machine is left alone"
+    assert violations(explore(LINEAR)) == []
 
 
 def test_mutant_applying_a_duplicate_reply_twice_is_caught() -> None:
