@@ -362,7 +362,7 @@ class Engine:
         due = await self.store.due_timers(now, 1000)
         fresh = [t for t in due if t.id not in self._timers_in_flight]
         if fresh:
-            self.observer.timers_fired(fresh, now)
+            self._tell(self.observer.timers_fired, fresh, now)
         for timer in fresh:
             self._timers_in_flight.add(timer.id)
             await self._queue.put(_Pending(TimerItem(timer)))
@@ -671,7 +671,7 @@ class Engine:
                 continue
             delay = 0.05
             if deliveries:
-                self.observer.fetched(deliveries)
+                self._tell(self.observer.fetched, deliveries)
             for delivery in deliveries:
                 await self._queue.put(_Pending(ReplyItem(delivery.message, delivery)))
 
