@@ -563,15 +563,13 @@ class Processor:
         result.outcome = "rejected"
         # Whatever a malformed message carries must fit the dead letters' columns, or it could not even be kept.
         fits = record_id is not None and len(record_id) <= MAX_MESSAGE_ID_CHARS - len(DEAD_LETTER_PREFIX)
-        fits = fits and "\x00" not in (record_id or "")
+        fits = fits and _storable(record_id or "")
         dead_id = f"{DEAD_LETTER_PREFIX}{record_id if fits else uuid7()}"
         saga_id = saga_id or reply_saga_id(message)
-        if saga_id is not None and (len(saga_id) > MAX_SAGA_ID_CHARS or "\x00" in saga_id):
-            saga_id = None
         letter = bounded_letter(dead_id, reason, message, now, saga_id=saga_id, max_bytes=self.dead_letter_max_bytes)
         work.dead_letters.append(letter)
         log.warning("dead letter", reason=letter.reason[:300], topic=letter.message.topic,
-                    message_id=(message.header("ce_id") or "")[:MAX_MESSAGE_ID_CHARS], saga_id=saga_id,
+                    message_id=(message.header("ce_id") or "")[:MAX_MESSAGE_ID_CHARS], saga_id=letter.saga_id,
                     size=letter.size, truncated=letter.truncated)
 
 
@@ -580,19 +578,35 @@ def bounded_letter(
 ) -> DeadLetter:
     """A dead letter that any store can hold whatever the message was: at most `max_bytes` of its body (with the
     whole body's size and SHA-256), headers cut to a bounded total and made storable (text names without NUL,
-    bytes values), a key that fits its column, a reason of bounded length without NUL."""
+    bytes values), a key and saga id that fit their columns (or none), a reason of bounded length; no text that a
+    store cannot keep (NUL, lone surrogates)."""
     value = message.value if isinstance(message.value, bytes) else bytes(message.value)
     size = message.size if message.size is not None else len(value)
     digest = hashlib.sha256(value).hexdigest() if size == len(value) else None  # a broker's prefix: never read whole
     headers, cut = _storable_headers(message.headers)
     key = message.key if isinstance(message.key, str) else None
-    if key is not None and (len(key) > MAX_MESSAGE_ID_CHARS or "\x00" in key):
+    if key is not None and (len(key) > MAX_MESSAGE_ID_CHARS or not _storable(key)):
         key = None
-    reason = reason.replace("\x00", "\\x00")
+    if not _storable(reason):
+        reason = repr(reason)
+    if saga_id is not None and (len(saga_id) > MAX_SAGA_ID_CHARS or not _storable(saga_id)):
+        saga_id = None
     if cut:
         reason += " (headers cut to fit)"
     kept = BrokerMessage(topic=message.topic, value=value[: max(max_bytes, 0)], key=key, headers=headers)
     return DeadLetter(dead_id, reason[:_MAX_REASON], kept, now, saga_id=saga_id, size=size, sha256=digest)
+
+
+def _storable(text: str) -> bool:
+    """Whether every store can keep `text`: no NUL (PostgreSQL refuses it) and valid UTF-8 (no lone surrogate,
+    which an in-process publisher can put in a str)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _storable_headers(headers: Any) -> tuple[tuple[tuple[str, bytes], ...], bool]:
@@ -611,8 +625,8 @@ def _storable_headers(headers: Any) -> tuple[tuple[tuple[str, bytes], ...], bool
         except (TypeError, ValueError):
             changed = True
             continue
-        if not isinstance(name, str) or "\x00" in name or len(name) > _MAX_HEADER_NAME:
-            name = repr(name)[:_MAX_HEADER_NAME].replace("\x00", "\\x00")
+        if not isinstance(name, str) or not _storable(name) or len(name) > _MAX_HEADER_NAME:
+            name = repr(name)[:_MAX_HEADER_NAME]  # repr escapes NUL and lone surrogates
             changed = True
         if not isinstance(value, bytes | bytearray | memoryview):
             value = repr(value)[:_MAX_HEADER_NAME].encode()

@@ -591,6 +591,22 @@ class StoreContract:
         small = await store.dead_letter("small")
         assert (small.truncated, small.size, small.sha256) == (False, 9, hashlib.sha256(b"\x80not json").hexdigest())
 
+    async def test_a_dead_letter_of_any_hostile_message_can_be_stored(self, store: Store) -> None:
+        """Header names that are not text, hold NUL or lone surrogates, values of any type, 100 KB of headers, a
+        key and reason with NUL: the letter is made storable (and says the headers were cut) on every store."""
+        headers: Any = [(5, b"x"), ("a\x00b", b"v"), ("\udcff", b"v"), ("ce_id", 7), ("big", b"y" * 100_000),
+                        ("after", b"z")]
+        message = BrokerMessage(topic="r", value=b"{}", key="k\x00", headers=headers)
+        letter = bounded_letter("dl/hostile", "bad \x00 reason \udcff", message, T0, saga_id="s\udcff",
+                                max_bytes=1024)
+        await store.commit(UnitOfWork(dead_letters=[letter]))
+        stored = await store.dead_letter("dl/hostile")
+        assert stored == letter
+        assert stored.message.key is None
+        assert "headers cut to fit" in stored.reason
+        assert sum(len(k) + len(v) for k, v in stored.message.headers) <= 16 * 1024
+        assert [k for k, _ in stored.message.headers][:4] == ["5", "'a\\x00b'", "'\\udcff'", "ce_id"]
+
     async def test_dead_letters_are_purged_after_their_own_horizon_and_kept_before_it(self, store: Store) -> None:
         """`purge` deletes dead letters recorded before `dead_letters_before` (replayed or not), keeps the later
         ones, and keeps every dead letter when it is not given."""
