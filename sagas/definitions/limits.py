@@ -28,10 +28,16 @@ VERSION_MAX = 2**31 - 1
 IDEMPOTENCY_KEY_CHARS = 200
 """An idempotency key given at start (``saga_instances.idempotency_key``)."""
 
+MESSAGE_ID_CHARS = 300
+"""The store's columns of message and timer ids (outbox, inbox, timers, dead letters) and of message keys."""
+
+STORED_SAGA_ID_CHARS = 200
+"""The store's saga id columns: what a reply's ``ce_subject`` may hold (it names a saga, known or not)."""
+
 SAGA_ID_CHARS = 100
 """A saga id given at start. A saga's id begins each of its message and timer ids
-(``<saga id>/timer/compensation_timeout/<step>/<attempt>``), whose columns hold 300 characters; with a step name of
-up to `NAME_CHARS` an id of 100 leaves room to spare. (Generated ids are UUIDs, 36 characters.)"""
+(``<saga id>/timer/compensation_timeout/<step>/<attempt>``), which must fit `MESSAGE_ID_CHARS`; with a step name
+of up to `NAME_CHARS` an id of 100 leaves room to spare. (Generated ids are UUIDs, 36 characters.)"""
 
 INPUT_BYTES = 256 * 1024
 """A saga's input, as compact JSON (UTF-8). It is stored with the saga and commands copy parts of it; a command must

@@ -38,6 +38,20 @@ def _validator(schema_json: str) -> jsonschema.protocols.Validator:
     return jsonschema.validators.validator_for(schema)(schema)
 
 
+_BY_IDENTITY: dict[str, jsonschema.protocols.Validator] = {}
+
+
+def _validator_of(definition: SagaDefinition) -> jsonschema.protocols.Validator:
+    """The input schema's validator, found by the definition's identity: serializing the schema to look it up cost
+    a tenth of a start's validation."""
+    found = _BY_IDENTITY.get(definition.identity)
+    if found is None:
+        if len(_BY_IDENTITY) >= 256:  # bounded, as `_validator` is
+            _BY_IDENTITY.clear()
+        found = _BY_IDENTITY[definition.identity] = _validator(json.dumps(definition.input_schema, sort_keys=True))
+    return found
+
+
 def validate_start(
     definition: SagaDefinition, data: Any, *, key: str | None = None, saga_id: str | None = None
 ) -> None:
@@ -72,7 +86,8 @@ def validate_input(definition: SagaDefinition, data: Any) -> None:
     label = f"input of {definition.name} v{definition.version}"
     if not isinstance(data, dict):
         raise InvalidInput(f"{label} must be a JSON object, not {type(data).__name__}")
-    if _depth(data, INPUT_DEPTH) > INPUT_DEPTH:
+    depth, nul = _scan(data, INPUT_DEPTH)
+    if depth > INPUT_DEPTH:
         raise InvalidInput(f"{label} is nested deeper than {INPUT_DEPTH} levels")
     try:
         size = len(pydantic_core.to_json(data))
@@ -80,11 +95,11 @@ def validate_input(definition: SagaDefinition, data: Any) -> None:
         raise InvalidInput(f"{label} is not JSON: {str(exc).splitlines()[0]}") from None
     if size > INPUT_BYTES:
         raise InvalidInput(f"{label} is {size:,} bytes of JSON; the limit is {INPUT_BYTES:,}")
-    if has_nul(data):
+    if nul:
         raise InvalidInput(f"{label} contains a NUL character (\\u0000)")
     if definition.input_schema is None:
         return
-    validator = _validator(json.dumps(definition.input_schema, sort_keys=True))
+    validator = _validator_of(definition)
     errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
     if not errors:
         return
@@ -93,21 +108,28 @@ def validate_input(definition: SagaDefinition, data: Any) -> None:
     raise InvalidInput(f"input of {definition.name} v{definition.version} does not match its schema: {details}{more}")
 
 
-def _depth(value: Any, limit: int) -> int:
-    """How deeply `value`'s objects and lists nest (1 for a flat object), counting no further than `limit + 1`:
-    without recursion, so that no input can exhaust the stack."""
-    deepest = 0
+def _scan(value: Any, limit: int) -> tuple[int, bool]:
+    """How deeply `value`'s objects and lists nest (1 for a flat object), counted no further than `limit + 1`, and
+    whether a string in it (keys included) holds a NUL; in one walk without recursion, so that no input can exhaust
+    the stack."""
+    deepest, nul = 0, False
     pending: list[tuple[Any, int]] = [(value, 1)]
     while pending:
         item, depth = pending.pop()
+        if isinstance(item, str):
+            nul = nul or "\x00" in item
+            continue
         if not isinstance(item, dict | list):
             continue
         deepest = max(deepest, depth)
         if depth > limit:
-            return depth
-        children = item.values() if isinstance(item, dict) else item
-        pending.extend((child, depth + 1) for child in children)
-    return deepest
+            return depth, nul
+        if isinstance(item, dict):
+            nul = nul or any("\x00" in key for key in item if isinstance(key, str))
+            pending.extend((child, depth + 1) for child in item.values())
+        else:
+            pending.extend((child, depth + 1) for child in item)
+    return deepest, nul
 
 
 def has_nul(value: Any) -> bool:

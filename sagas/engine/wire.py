@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from sagas.definitions.limits import MESSAGE_ID_CHARS, STORED_SAGA_ID_CHARS
 from sagas.definitions.schema import has_nul
 from sagas.engine.ports import BrokerMessage
 from sagas.engine.state import MessageKind, Outcome, OutgoingCommand, ReplyReceived
@@ -23,9 +24,9 @@ SCHEMA_VERSION = "1"
 SOURCE = "sagas-engine"
 MAX_MESSAGE_BYTES = 1_000_000
 MAX_ATTRIBUTE_CHARS = 1_000
-MAX_MESSAGE_ID_CHARS = 300
+MAX_MESSAGE_ID_CHARS = MESSAGE_ID_CHARS
 """The store's message id columns (inbox, outbox, dead letters)."""
-MAX_SAGA_ID_CHARS = 200
+MAX_SAGA_ID_CHARS = STORED_SAGA_ID_CHARS
 """The store's saga id columns."""
 MAX_REASON_CHARS = 500
 """What a reply carries of its reason."""

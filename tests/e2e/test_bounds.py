@@ -178,3 +178,23 @@ async def test_sagas_serve_refuses_a_definition_past_a_limit_and_writes_nothing(
     assert f": {over}: " in line
     with pytest.raises(UnknownDefinition):
         await store.load_definition(BOUNDED.name)
+
+
+def test_every_id_of_a_saga_at_the_limits_fits_its_column() -> None:
+    """With a saga id, a step name and an attempt at their limits, the longest message, reply and timer ids fit
+    the store's id columns, and the tables' widths are the limits' own."""
+    from sagas.adapters.sql import tables
+    from sagas.engine.state import MessageKind, TimerKind, message_id, timer_id
+    from sagas.engine.wire import MAX_ATTEMPT
+
+    step = "s" * limits.NAME_CHARS
+    command = message_id(SAGA_ID, step, MessageKind.COMPENSATION, MAX_ATTEMPT)
+    timers = [timer_id(SAGA_ID, kind, step, MAX_ATTEMPT) for kind in TimerKind]
+    assert len(f"{command}/reply") <= 296  # the longest reply id the wire takes (docs/protocol.md)
+    assert max(map(len, timers)) <= limits.MESSAGE_ID_CHARS
+    instances = tables.saga_instances.c
+    assert (instances.id.type.length, tables.outbox.c.id.type.length) == (
+        limits.STORED_SAGA_ID_CHARS, limits.MESSAGE_ID_CHARS)
+    assert (instances.definition.type.length, instances.idempotency_key.type.length) == (
+        limits.NAME_CHARS, limits.IDEMPOTENCY_KEY_CHARS)
+    assert tables.TOPIC_COLUMN_CHARS >= limits.TOPIC_CHARS

@@ -10,7 +10,16 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from sagas.definitions.limits import IDEMPOTENCY_KEY_CHARS, NAME_CHARS
+from sagas.definitions.limits import (
+    IDEMPOTENCY_KEY_CHARS,
+    MESSAGE_ID_CHARS,
+    NAME_CHARS,
+    STORED_SAGA_ID_CHARS,
+)
+
+TOPIC_COLUMN_CHARS = 300
+"""The topic columns: wider than any topic a definition may name (`TOPIC_CHARS`, 249), since a dead letter keeps
+the topic a message came from, whatever the broker allowed."""
 
 metadata = sa.MetaData(
     naming_convention={
@@ -32,7 +41,7 @@ Time = sa.Double[float]()
 saga_instances = sa.Table(
     "saga_instances",
     metadata,
-    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("id", sa.String(STORED_SAGA_ID_CHARS), primary_key=True),
     sa.Column("definition", sa.String(NAME_CHARS), nullable=False),
     sa.Column("definition_version", sa.Integer, nullable=False),  # VERSION_MAX fits
     sa.Column("status", sa.String(20), nullable=False),
@@ -54,7 +63,7 @@ saga_events = sa.Table(
     "saga_events",
     metadata,
     sa.Column("id", RowId, primary_key=True, autoincrement=True),
-    sa.Column("saga_id", sa.String(200), nullable=False),
+    sa.Column("saga_id", sa.String(STORED_SAGA_ID_CHARS), nullable=False),
     sa.Column("at", Time, nullable=False),
     sa.Column("type", sa.String(100), nullable=False),
     sa.Column("step", sa.String(NAME_CHARS), nullable=True),
@@ -68,10 +77,10 @@ outbox = sa.Table(
     metadata,
     # `seq` keeps the insertion order of messages created at one instant (a saga's commands stay ordered).
     sa.Column("seq", RowId, primary_key=True, autoincrement=True),
-    sa.Column("id", sa.String(300), nullable=False, unique=True),
-    sa.Column("saga_id", sa.String(200), nullable=False),
-    sa.Column("topic", sa.String(300), nullable=False),
-    sa.Column("key", sa.String(300), nullable=True),
+    sa.Column("id", sa.String(MESSAGE_ID_CHARS), nullable=False, unique=True),
+    sa.Column("saga_id", sa.String(STORED_SAGA_ID_CHARS), nullable=False),
+    sa.Column("topic", sa.String(TOPIC_COLUMN_CHARS), nullable=False),
+    sa.Column("key", sa.String(MESSAGE_ID_CHARS), nullable=True),
     sa.Column("headers", Json, nullable=False),
     sa.Column("value", sa.LargeBinary, nullable=False),
     sa.Column("created_at", Time, nullable=False),
@@ -90,8 +99,8 @@ outbox = sa.Table(
 inbox = sa.Table(
     "inbox",
     metadata,
-    sa.Column("message_id", sa.String(300), primary_key=True),
-    sa.Column("saga_id", sa.String(200), nullable=True),
+    sa.Column("message_id", sa.String(MESSAGE_ID_CHARS), primary_key=True),
+    sa.Column("saga_id", sa.String(STORED_SAGA_ID_CHARS), nullable=True),
     sa.Column("outcome", sa.String(20), nullable=False),
     sa.Column("at", Time, nullable=False),
     sa.Index(None, "at"),
@@ -100,8 +109,8 @@ inbox = sa.Table(
 timers = sa.Table(
     "timers",
     metadata,
-    sa.Column("id", sa.String(300), primary_key=True),
-    sa.Column("saga_id", sa.String(200), nullable=False),
+    sa.Column("id", sa.String(MESSAGE_ID_CHARS), primary_key=True),
+    sa.Column("saga_id", sa.String(STORED_SAGA_ID_CHARS), nullable=False),
     sa.Column("kind", sa.String(40), nullable=False),
     sa.Column("step", sa.String(NAME_CHARS), nullable=True),
     sa.Column("attempt", sa.Integer, nullable=False),
@@ -114,11 +123,11 @@ timers = sa.Table(
 dead_letters = sa.Table(
     "dead_letters",
     metadata,
-    sa.Column("id", sa.String(300), primary_key=True),
+    sa.Column("id", sa.String(MESSAGE_ID_CHARS), primary_key=True),
     sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("saga_id", sa.String(200), nullable=True),
-    sa.Column("topic", sa.String(300), nullable=False),
-    sa.Column("key", sa.String(300), nullable=True),
+    sa.Column("saga_id", sa.String(STORED_SAGA_ID_CHARS), nullable=True),
+    sa.Column("topic", sa.String(TOPIC_COLUMN_CHARS), nullable=False),
+    sa.Column("key", sa.String(MESSAGE_ID_CHARS), nullable=True),
     sa.Column("headers", Json, nullable=False),
     sa.Column("value", sa.LargeBinary, nullable=False),
     sa.Column("at", Time, nullable=False),
