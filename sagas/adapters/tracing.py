@@ -1,0 +1,203 @@
+"""OpenTelemetry traces of sagas: `EngineTracing` (an engine observer) and `ParticipantTracing` (for
+`Participant.serve(tracing=...)`). Needs only opentelemetry-api; spans go wherever the application's SDK sends them.
+
+    engine = Engine(store=..., broker=..., observer=EngineTracing(messaging_system="kafka"))
+
+One trace per saga. Its trace id and the id of its (never recorded) root span are derived from the saga id, so every
+engine of a group, a restarted engine and a retry continue the same trace with nothing more to store: the saga's id
+*is* its stored trace context. In it:
+
+- each step attempt is a PRODUCER span ``send <topic>``, begun when the command is decided (before the commit, so
+  that its context travels in the stored message's ``ce_traceparent`` / ``ce_tracestate`` headers, the CloudEvents
+  distributed-tracing extension) and ended when the broker acknowledged it;
+- a participant's handling is a CONSUMER span ``process <topic>``, child of that PRODUCER span through the headers,
+  and its reply carries the CONSUMER span's context back;
+- the engine's handling of a reply is a CONSUMER span ``process <reply topic>`` in the saga's trace, linked to the
+  participant's span; it ends when the reply's unit of work is committed.
+
+Attributes follow the OpenTelemetry messaging conventions (``messaging.system``, ``messaging.destination.name``,
+``messaging.operation.type``, ``messaging.message.id``) plus ``sagas.saga.id``, ``sagas.saga.name``,
+``sagas.step``, ``sagas.attempt`` and ``sagas.kind``. A message without the headers (a kcat participant, a row
+written by the CLI) is handled as before; its span starts a trace of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from sagas.engine.ports import BrokerMessage, Delivery, NoObserver, OutboxMessage, UnitOfWork
+from sagas.engine.state import OutgoingCommand
+from sagas.engine.wire import CommandMessage
+
+__all__ = ["EngineTracing", "ParticipantTracing", "saga_context", "trace_headers"]
+
+TRACEPARENT = "ce_traceparent"
+TRACESTATE = "ce_tracestate"
+_OPEN_MAX = 100_000
+"""Spans begun and not yet ended that are remembered; beyond, the oldest are ended as they are."""
+_propagator = TraceContextTextMapPropagator()
+
+
+def saga_context(saga_id: str) -> otel_context.Context:
+    """The context whose span is the saga's root: the same ids for the same saga, in any process, at any time."""
+    try:
+        trace_id = uuid.UUID(saga_id).int
+    except ValueError:
+        trace_id = int.from_bytes(hashlib.sha256(saga_id.encode()).digest()[:16], "big")
+    span_id = int.from_bytes(hashlib.sha256(b"root:" + saga_id.encode()).digest()[:8], "big") or 1
+    root = SpanContext(trace_id=trace_id or 1, span_id=span_id, is_remote=True,
+                       trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return trace.set_span_in_context(NonRecordingSpan(root))
+
+
+def trace_headers(span: Span) -> tuple[tuple[str, bytes], ...]:
+    """`span`'s context as the CloudEvents distributed-tracing headers."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span))
+    headers = []
+    if "traceparent" in carrier:
+        headers.append((TRACEPARENT, carrier["traceparent"].encode()))
+    if carrier.get("tracestate"):
+        headers.append((TRACESTATE, carrier["tracestate"].encode()))
+    return tuple(headers)
+
+
+def _extracted(message: BrokerMessage) -> otel_context.Context | None:
+    parent = message.header(TRACEPARENT)
+    if parent is None:
+        return None
+    carrier = {"traceparent": parent}
+    state = message.header(TRACESTATE)
+    if state is not None:
+        carrier["tracestate"] = state
+    extracted = _propagator.extract(carrier)
+    return extracted if trace.get_current_span(extracted).get_span_context().is_valid else None
+
+
+def _with_headers(message: BrokerMessage, headers: tuple[tuple[str, bytes], ...]) -> BrokerMessage:
+    kept = tuple(h for h in message.headers if h[0] not in (TRACEPARENT, TRACESTATE))
+    return BrokerMessage(topic=message.topic, value=message.value, key=message.key, headers=kept + headers)
+
+
+class _OpenSpans:
+    """Spans begun by one call and ended by a later one, bounded."""
+
+    def __init__(self) -> None:
+        self._spans: OrderedDict[str, Span] = OrderedDict()
+
+    def put(self, key: str, span: Span) -> None:
+        previous = self._spans.pop(key, None)
+        if previous is not None:  # decided again (a conflict re-ran the batch): the first never went out
+            previous.end()
+        self._spans[key] = span
+        if len(self._spans) > _OPEN_MAX:
+            self._spans.popitem(last=False)[1].end()
+
+    def end(self, key: str) -> None:
+        span = self._spans.pop(key, None)
+        if span is not None:
+            span.end()
+
+
+class EngineTracing(NoObserver):
+    """The engine's spans, on the observer seam (see the module docstring)."""
+
+    def __init__(self, *, tracer_provider: Any = None, messaging_system: str = "kafka") -> None:
+        """`messaging_system`: the broker, as the conventions name it (``kafka``, ``rabbitmq``; ``sagas.db`` for
+        db://, ``memory``)."""
+        self.tracer = trace.get_tracer("sagas.engine", tracer_provider=tracer_provider)
+        self.messaging_system = messaging_system
+        self._sending = _OpenSpans()
+        self._processing = _OpenSpans()
+
+    def outgoing(self, command: OutgoingCommand, message: BrokerMessage) -> BrokerMessage:
+        span = self.tracer.start_span(
+            f"send {command.topic}", context=saga_context(command.saga_id), kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": self.messaging_system, "messaging.destination.name": command.topic,
+                "messaging.operation.type": "send", "messaging.operation.name": "send",
+                "messaging.message.id": command.id, "sagas.saga.id": command.saga_id,
+                "sagas.saga.name": command.saga_name, "sagas.step": command.step, "sagas.attempt": command.attempt,
+                "sagas.kind": str(command.kind),
+            },
+        )
+        self._sending.put(command.id, span)
+        return _with_headers(message, trace_headers(span))
+
+    def published(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
+        for message in messages:
+            self._sending.end(message.id)
+
+    def fetched(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            message = delivery.message
+            saga_id, message_id = message.header("ce_subject"), message.header("ce_id")
+            if saga_id is None or message_id is None:
+                continue  # malformed: it becomes a dead letter, not part of a saga's trace
+            remote = _extracted(message)
+            links = [] if remote is None else [Link(trace.get_current_span(remote).get_span_context())]
+            span = self.tracer.start_span(
+                f"process {message.topic}", context=saga_context(saga_id), kind=SpanKind.CONSUMER, links=links,
+                attributes={
+                    "messaging.system": self.messaging_system, "messaging.destination.name": message.topic,
+                    "messaging.operation.type": "process", "messaging.operation.name": "process",
+                    "messaging.message.id": message_id, "sagas.saga.id": saga_id,
+                    "sagas.step": message.header("ce_sagastep") or "", "sagas.kind": "reply",
+                    "sagas.attempt": _attempt(message),
+                },
+            )
+            self._processing.put(message_id, span)
+
+    def committed(self, work: UnitOfWork, seconds: float) -> None:
+        for record in work.inbox:
+            self._processing.end(record.message_id)
+        for dead in work.dead_letters:
+            self._processing.end(dead.id)
+
+
+def _attempt(message: BrokerMessage) -> int:
+    try:
+        return int(message.header("ce_sagaattempt") or 0)
+    except ValueError:
+        return 0
+
+
+class ParticipantTracing:
+    """A participant's CONSUMER spans: each command's handling, child of the engine's PRODUCER span."""
+
+    def __init__(self, *, tracer_provider: Any = None, messaging_system: str = "kafka") -> None:
+        self.tracer = trace.get_tracer("sagas.participant", tracer_provider=tracer_provider)
+        self.messaging_system = messaging_system
+
+    def begin(self, participant: str, message: BrokerMessage, command: CommandMessage) -> Span:
+        """The span of `command`'s handling (the caller makes it current while the handler runs, and ends it)."""
+        return self.tracer.start_span(
+            f"process {message.topic}", context=_extracted(message) or otel_context.Context(),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": self.messaging_system, "messaging.destination.name": message.topic,
+                "messaging.operation.type": "process", "messaging.operation.name": "process",
+                "messaging.message.id": command.id, "messaging.consumer.group.name": participant,
+                "sagas.saga.id": command.saga_id, "sagas.saga.name": command.saga_name, "sagas.step": command.step,
+                "sagas.attempt": command.attempt, "sagas.kind": str(command.kind),
+            },
+        )
+
+    def current(self, span: Span) -> Any:
+        """A context manager making `span` current while the handler runs: its log lines carry the span's ids."""
+        return trace.use_span(span, end_on_exit=False)
+
+    def reply(self, span: Span, reply: BrokerMessage, outcome: str) -> BrokerMessage:
+        """End `span` with the answer's outcome; the reply carries its context back to the engine."""
+        span.set_attribute("sagas.outcome", outcome)
+        span.end()
+        return _with_headers(reply, trace_headers(span))
