@@ -38,7 +38,7 @@ from sagas.engine.ports import BrokerMessage, Delivery, NoObserver, OutboxMessag
 from sagas.engine.state import OutgoingCommand
 from sagas.engine.wire import CommandMessage
 
-__all__ = ["EngineTracing", "ParticipantTracing", "saga_context", "trace_headers"]
+__all__ = ["EngineTracing", "ParticipantTracing", "saga_context", "sampled", "trace_headers"]
 
 TRACEPARENT = "ce_traceparent"
 TRACESTATE = "ce_tracestate"
@@ -47,38 +47,66 @@ _OPEN_MAX = 100_000
 _propagator = TraceContextTextMapPropagator()
 
 
-def saga_context(saga_id: str) -> otel_context.Context:
-    """The context whose span is the saga's root: the same ids for the same saga, in any process, at any time."""
+_ROOTS: OrderedDict[tuple[str, bool], otel_context.Context] = OrderedDict()
+_ROOTS_MAX = 10_000
+
+
+def saga_context(saga_id: str, sampled: bool = True) -> otel_context.Context:
+    """The context whose span is the saga's root: the same ids for the same saga, in any process, at any time.
+    `sampled` is its trace flag: a parent-based sampler records the saga's spans, in every process, or none."""
+    key = (saga_id, sampled)
+    found = _ROOTS.get(key)
+    if found is not None:
+        return found
     try:
         trace_id = uuid.UUID(saga_id).int
     except ValueError:
         trace_id = int.from_bytes(hashlib.sha256(saga_id.encode()).digest()[:16], "big")
     span_id = int.from_bytes(hashlib.sha256(b"root:" + saga_id.encode()).digest()[:8], "big") or 1
-    root = SpanContext(trace_id=trace_id or 1, span_id=span_id, is_remote=True,
-                       trace_flags=TraceFlags(TraceFlags.SAMPLED))
-    return trace.set_span_in_context(NonRecordingSpan(root))
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    root = SpanContext(trace_id=trace_id or 1, span_id=span_id, is_remote=True, trace_flags=flags)
+    found = _ROOTS[key] = trace.set_span_in_context(NonRecordingSpan(root))
+    if len(_ROOTS) > _ROOTS_MAX:
+        _ROOTS.popitem(last=False)
+    return found
+
+
+def sampled(saga_id: str, ratio: float) -> bool:
+    """Whether a saga's trace is sampled at `ratio`: decided by its id alone, so every process agrees."""
+    if ratio >= 1.0:
+        return True
+    digest = hashlib.sha256(b"sample:" + saga_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") < ratio * 2**64
 
 
 def trace_headers(span: Span) -> tuple[tuple[str, bytes], ...]:
-    """`span`'s context as the CloudEvents distributed-tracing headers."""
-    carrier: dict[str, str] = {}
-    _propagator.inject(carrier, context=trace.set_span_in_context(span))
-    headers = []
-    if "traceparent" in carrier:
-        headers.append((TRACEPARENT, carrier["traceparent"].encode()))
-    if carrier.get("tracestate"):
-        headers.append((TRACESTATE, carrier["tracestate"].encode()))
-    return tuple(headers)
+    """`span`'s context as the CloudEvents distributed-tracing headers (W3C trace context, version 00)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return ()
+    parent = (TRACEPARENT, f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}".encode())
+    state = context.trace_state.to_header() if context.trace_state else ""
+    return (parent, (TRACESTATE, state.encode())) if state else (parent,)
 
 
 def _extracted(message: BrokerMessage) -> otel_context.Context | None:
     parent = message.header(TRACEPARENT)
     if parent is None:
         return None
-    carrier = {"traceparent": parent}
     state = message.header(TRACESTATE)
-    if state is not None:
-        carrier["tracestate"] = state
+    if state is None:
+        parts = parent.split("-")
+        # The common case parsed here; anything else (tracestate, another version) by the W3C propagator.
+        if len(parts) == 4 and parts[0] == "00" and len(parts[1]) == 32 and len(parts[2]) == 16 and len(parts[3]) == 2:
+            try:
+                trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+            except ValueError:
+                return None
+            if not trace_id or not span_id:
+                return None
+            remote = SpanContext(trace_id=trace_id, span_id=span_id, is_remote=True, trace_flags=TraceFlags(flags))
+            return trace.set_span_in_context(NonRecordingSpan(remote))
+    carrier = {"traceparent": parent} if state is None else {"traceparent": parent, "tracestate": state}
     extracted = _propagator.extract(carrier)
     return extracted if trace.get_current_span(extracted).get_span_context().is_valid else None
 
@@ -111,15 +139,21 @@ class _OpenSpans:
 class EngineTracing(NoObserver):
     """The engine's spans, on the observer seam (see the module docstring)."""
 
-    def __init__(self, *, tracer_provider: Any = None, messaging_system: str = "kafka") -> None:
+    def __init__(self, *, tracer_provider: Any = None, messaging_system: str = "kafka", ratio: float = 1.0) -> None:
         """`messaging_system`: the broker, as the conventions name it (``kafka``, ``rabbitmq``; ``sagas.db`` for
-        db://, ``memory``)."""
+        db://, ``memory``); `ratio`: the share of sagas whose traces are sampled, decided by the saga id (with
+        the SDK's default parent-based sampler, participants follow the flag in ``ce_traceparent``)."""
         self.tracer = trace.get_tracer("sagas.engine", tracer_provider=tracer_provider)
         self.messaging_system = messaging_system
+        self.ratio = ratio
         self._sending = _OpenSpans()
         self._processing = _OpenSpans()
 
     def outgoing(self, command: OutgoingCommand, message: BrokerMessage) -> BrokerMessage:
+        if not sampled(command.saga_id, self.ratio):
+            # No span to record, here or downstream: the unsampled root context tells the participants so.
+            root = trace.get_current_span(saga_context(command.saga_id, False))
+            return _with_headers(message, trace_headers(root))
         span = self.tracer.start_span(
             f"send {command.topic}", context=saga_context(command.saga_id), kind=SpanKind.PRODUCER,
             attributes={
@@ -141,8 +175,8 @@ class EngineTracing(NoObserver):
         for delivery in deliveries:
             message = delivery.message
             saga_id, message_id = message.header("ce_subject"), message.header("ce_id")
-            if saga_id is None or message_id is None:
-                continue  # malformed: it becomes a dead letter, not part of a saga's trace
+            if saga_id is None or message_id is None or not sampled(saga_id, self.ratio):
+                continue  # malformed (a dead letter, in no saga's trace), or the saga is not traced
             remote = _extracted(message)
             links = [] if remote is None else [Link(trace.get_current_span(remote).get_span_context())]
             span = self.tracer.start_span(
@@ -179,9 +213,13 @@ class ParticipantTracing:
         self.messaging_system = messaging_system
 
     def begin(self, participant: str, message: BrokerMessage, command: CommandMessage) -> Span:
-        """The span of `command`'s handling (the caller makes it current while the handler runs, and ends it)."""
+        """The span of `command`'s handling (the caller makes it current while the handler runs, and ends it);
+        none (the invalid span) when the engine said the saga is not sampled."""
+        parent = _extracted(message)
+        if parent is not None and not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
+            return trace.INVALID_SPAN
         return self.tracer.start_span(
-            f"process {message.topic}", context=_extracted(message) or otel_context.Context(),
+            f"process {message.topic}", context=parent or otel_context.Context(),
             kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": self.messaging_system, "messaging.destination.name": message.topic,

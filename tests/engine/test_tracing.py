@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind
 
 from sagas.adapters import open_broker
 from sagas.adapters.sql import SqlStore
-from sagas.adapters.tracing import EngineTracing, ParticipantTracing, saga_context
+from sagas.adapters.tracing import EngineTracing, ParticipantTracing, saga_context, sampled
 from sagas.engine.runtime import Engine
 from sagas.engine.wire import CommandMessage
 from sagas.logs import add_trace_ids
@@ -123,36 +123,62 @@ async def test_one_trace_per_saga_across_participants_and_an_engine_restart(
     assert producers["ship"].start_time > producers["charge"].end_time
 
 
+async def one_saga(tmp_path: Path, provider: TracerProvider, observer: Any, reserve: Any = None) -> None:
+    """One three-step saga to completion, its participants traced, its engine observed by `observer`."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}"
+    store = SqlStore(url)
+    participants = [ledger_participant("inventory", {"Reserve": reserve, "UndoReserve": None}),
+                    ledger_participant("payment", {"Charge": None, "UndoCharge": None}),
+                    ledger_participant("shipping", {"Ship": None, "UndoShip": None})]
+    engine = Engine(store=store, broker=open_broker("db://", db_url=url), definitions=[three_steps()],
+                    observer=observer)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for participant in participants:
+                await stack.enter_async_context(serving(participant, url, provider))
+            await stack.enter_async_context(engine)
+            saga_id = await engine.start_saga("order", {"order_id": "o", "amount": 1})
+            assert (await engine.wait(saga_id, timeout=30)).status == "completed"
+    finally:
+        await store.close()
+
+
 async def test_a_participant_ignoring_the_headers_still_works_and_handler_logs_carry_ids(
     tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
     """Commands without ce_traceparent (written by a tracing-free engine, or read by a participant that ignores
     them) are handled as before; with tracing on, a handler's log lines carry the trace and span ids."""
     provider, exporter = spans
-    url = f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}"
-    store = SqlStore(url)
     lines: list[dict[str, Any]] = []
 
     def logged(command: CommandMessage) -> dict[str, Any]:
         lines.append(add_trace_ids(None, "info", {"event": "handled", "step": command.step}))  # type: ignore[arg-type]
         return {"ok": True}
 
-    participants = [ledger_participant("inventory", {"Reserve": logged, "UndoReserve": None}),
-                    ledger_participant("payment", {"Charge": None, "UndoCharge": None}),
-                    ledger_participant("shipping", {"Ship": None, "UndoShip": None})]
-    plain = Engine(store=store, broker=open_broker("db://", db_url=url), definitions=[three_steps()])
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            for participant in participants:
-                await stack.enter_async_context(serving(participant, url, provider))
-            await stack.enter_async_context(plain)
-            saga_id = await plain.start_saga("order", {"order_id": "o-2", "amount": 1})
-            assert (await plain.wait(saga_id, timeout=30)).status == "completed"
-    finally:
-        await store.close()
+    await one_saga(tmp_path, provider, None, reserve=logged)
     consumers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.CONSUMER]
     assert len(consumers) == 3
     assert all(s.parent is None for s in consumers)  # no header: a trace of its own
     reserve = next(s for s in consumers if s.attributes and s.attributes["sagas.step"] == "reserve")
     assert lines == [{"event": "handled", "step": "reserve", "trace_id": f"{reserve.context.trace_id:032x}",
                       "span_id": f"{reserve.context.span_id:016x}"}]
+
+
+async def test_a_saga_left_out_by_the_ratio_records_no_span_anywhere(
+    tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """At ratio 0 the saga's commands carry an unsampled trace context: neither the engine nor the participants
+    (the SDK's default parent-based sampler) record a span, and the saga completes as before."""
+    provider, exporter = spans
+    quiet = EngineTracing(tracer_provider=provider, messaging_system="sagas.db", ratio=0.0)
+    await one_saga(tmp_path, provider, quiet)
+    assert exporter.get_finished_spans() == ()
+
+
+def test_sampling_is_decided_by_the_saga_id_alone() -> None:
+    """The same saga id is always in or always out; about `ratio` of ids are in."""
+    ids = [f"saga-{n}" for n in range(2000)]
+    chosen = [sampled(i, 0.25) for i in ids]
+    assert chosen == [sampled(i, 0.25) for i in ids]
+    assert 400 < sum(chosen) < 600
+    assert all(sampled(i, 1.0) for i in ids[:10])
