@@ -23,6 +23,8 @@ written by the CLI) is handled as before; its span starts a trace of its own.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import uuid
 from collections import OrderedDict
@@ -71,12 +73,14 @@ def saga_context(saga_id: str, sampled: bool = True) -> otel_context.Context:
     return found
 
 
+@functools.lru_cache(maxsize=10_000)
+def _sample_point(saga_id: str) -> float:
+    return int.from_bytes(hashlib.sha256(b"sample:" + saga_id.encode()).digest()[:8], "big") / 2**64
+
+
 def sampled(saga_id: str, ratio: float) -> bool:
     """Whether a saga's trace is sampled at `ratio`: decided by its id alone, so every process agrees."""
-    if ratio >= 1.0:
-        return True
-    digest = hashlib.sha256(b"sample:" + saga_id.encode()).digest()
-    return int.from_bytes(digest[:8], "big") < ratio * 2**64
+    return ratio >= 1.0 or _sample_point(saga_id) < ratio
 
 
 def trace_headers(span: Span) -> tuple[tuple[str, bytes], ...]:
@@ -232,6 +236,8 @@ class ParticipantTracing:
 
     def current(self, span: Span) -> Any:
         """A context manager making `span` current while the handler runs: its log lines carry the span's ids."""
+        if span is trace.INVALID_SPAN:
+            return contextlib.nullcontext()
         return trace.use_span(span, end_on_exit=False)
 
     def reply(self, span: Span, reply: BrokerMessage, outcome: str) -> BrokerMessage:
