@@ -97,6 +97,8 @@ class EngineMetrics(NoObserver):
         self._sampled_at = -float("inf")
         self._sent: OrderedDict[tuple[str, str, str, int], float] = OrderedDict()
         self._lag_series: set[Partition] = set()
+        # Labelled children by label values: `labels()` takes a lock and builds a key on every call.
+        self._children: dict[tuple[Any, ...], Any] = {}
         r = self.registry
         self.started = Counter("sagas_started_total", "Sagas started.", ["definition", "version"], registry=r)
         self.settled = Counter("sagas_settled_total", "Sagas settled (completed, compensated, or parked as failed).",
@@ -155,6 +157,13 @@ class EngineMetrics(NoObserver):
             self.down.labels(component).set(0)
             self.outages.labels(component)
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def bind(self, engine: Any) -> None:
         """Sample `engine`'s store and broker at scrape time (its reply topic and group for the lag)."""
         self.bind_components(engine.store, engine.broker, [engine.settings.reply_topic], engine.settings.group)
@@ -171,7 +180,7 @@ class EngineMetrics(NoObserver):
         if written:
             self.commit_batch.observe(written)
         for instance in work.inserts:
-            self.started.labels(instance.definition, str(instance.definition_version)).inc()
+            self._child(self.started, instance.definition, str(instance.definition_version)).inc()
         if work.history:
             self._history(work)
         for dead in work.dead_letters:
@@ -201,7 +210,7 @@ class EngineMetrics(NoObserver):
                     instances = {i.id: i for i in (*work.inserts, *work.updates)}
                 instance = instances.get(record.saga_id)
                 definition = instance.definition if instance is not None else "unknown"
-                self.round_trip.labels(definition, entry.step, answered[0], answered[1]).observe(
+                self._child(self.round_trip, definition, entry.step, answered[0], answered[1]).observe(
                     max(entry.at - at, 0.0))
                 continue
             status = _SETTLED.get(kind_type)
@@ -211,8 +220,8 @@ class EngineMetrics(NoObserver):
                 instance = instances.get(record.saga_id)
                 if instance is None:
                     continue
-                self.settled.labels(instance.definition, status.value).inc()
-                self.duration.labels(instance.definition, status.value).observe(
+                self._child(self.settled, instance.definition, status.value).inc()
+                self._child(self.duration, instance.definition, status.value).observe(
                     max(entry.at - instance.created_at, 0.0))
             elif kind_type == "message.duplicate":
                 self.duplicates.inc()
@@ -240,10 +249,10 @@ class EngineMetrics(NoObserver):
 
     def fetched(self, deliveries: Sequence[Delivery]) -> None:
         if len(deliveries) == 1 or len({d.message.topic for d in deliveries}) == 1:
-            self.fetched_total.labels(deliveries[0].message.topic).inc(len(deliveries))
+            self._child(self.fetched_total, deliveries[0].message.topic).inc(len(deliveries))
             return
         for delivery in deliveries:
-            self.fetched_total.labels(delivery.message.topic).inc()
+            self._child(self.fetched_total, delivery.message.topic).inc()
 
     # ---- scrape -------------------------------------------------------------------------------------
 

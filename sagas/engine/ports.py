@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from sagas.definitions.model import SagaDefinition
-from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, TimerSpec
+from sagas.engine.state import HistoryEntry, OutgoingCommand, SagaInstance, SagaStatus, TimerSpec
 
 Partition = tuple[str, int]
 """(topic, partition); a broker without partitions reports partition 0."""
@@ -384,6 +384,11 @@ class Observer(Protocol):
         """The engine's reply consumer fetched these deliveries."""
         ...
 
+    def outgoing(self, command: OutgoingCommand, message: BrokerMessage) -> BrokerMessage:
+        """Before the commit: the message that will carry `command` (stored in the outbox). Returns it, or a copy
+        with headers added (tracing puts the trace context there); nothing else may change."""
+        ...
+
 
 class NoObserver:
     """The observer that observes nothing: the base class of observers (see `Observer`)."""
@@ -405,6 +410,9 @@ class NoObserver:
 
     def fetched(self, deliveries: Sequence[Delivery]) -> None:
         pass
+
+    def outgoing(self, command: OutgoingCommand, message: BrokerMessage) -> BrokerMessage:
+        return message
 
 
 class Observers(NoObserver):
@@ -436,6 +444,11 @@ class Observers(NoObserver):
     def fetched(self, deliveries: Sequence[Delivery]) -> None:
         for observer in self.observers:
             observer.fetched(deliveries)
+
+    def outgoing(self, command: OutgoingCommand, message: BrokerMessage) -> BrokerMessage:
+        for observer in self.observers:
+            message = observer.outgoing(command, message)
+        return message
 
 
 NO_OBSERVER: Observer = NoObserver()

@@ -525,8 +525,9 @@ class Processor:
         now = decision.instance.updated_at
         for entry in decision.history:
             work.history.append(HistoryRecord(saga_id, entry))
+        outgoing = self.observer.outgoing
         for command in decision.commands:
-            message = encode_command(command, reply_topic=self.reply_topic, at=now)
+            message = outgoing(command, encode_command(command, reply_topic=self.reply_topic, at=now))
             work.outbox.append(OutboxMessage(command.id, saga_id, message, now))
             debug("command", saga_id=saga_id, step=command.step, attempt=command.attempt,
                       message_id=command.id, kind=str(command.kind))

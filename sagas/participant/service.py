@@ -18,6 +18,7 @@ from sagas.engine.supervise import LoopHealth
 from sagas.engine.wire import CommandMessage
 
 if TYPE_CHECKING:
+    from sagas.adapters.tracing import ParticipantTracing
     from sagas.participant.worker import ParticipantWorker
 
 Handler = Callable[[CommandMessage, AsyncConnection], Awaitable[dict[str, Any] | None]]
@@ -90,16 +91,19 @@ class Participant:
         dead_letter_retention: float | None = DEAD_LETTER_RETENTION,
         retention_interval: float = 600.0,
         http: str | None = None,
+        tracing: ParticipantTracing | None = None,
     ) -> AsyncIterator[ParticipantWorker]:
         """Run a worker until the block ends. `retention` / `dead_letter_retention`: seconds after which dedup
         records / dead letters are purged (None keeps them), checked every `retention_interval` seconds.
-        `http`: ``HOST:PORT`` to serve /metrics, /healthz and /readyz on while it runs (needs the http extra)."""
+        `http`: ``HOST:PORT`` to serve /metrics, /healthz and /readyz on while it runs (needs the http extra);
+        `tracing`: a span per command, child of the engine's (`sagas.adapters.tracing.ParticipantTracing`)."""
         from sagas.participant.worker import ParticipantWorker
 
         worker = ParticipantWorker(
             self, broker, participant_database(database_url), batch_max=batch_max, retention=retention,
             dead_letter_retention=dead_letter_retention, retention_interval=retention_interval,
         )
+        worker.tracing = tracing
         await worker.start()
         self._workers.append(worker)
         server = None

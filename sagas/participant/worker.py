@@ -32,6 +32,7 @@ from sagas.participant import dead_letters
 from sagas.participant.service import BusinessFailure
 
 if TYPE_CHECKING:
+    from sagas.adapters.tracing import ParticipantTracing
     from sagas.participant.service import Participant
 
 log = structlog.get_logger("sagas.participant")
@@ -87,6 +88,8 @@ class ParticipantWorker:
         self._db_lock = asyncio.Lock()
         self.http_url: str | None = None
         """Where `Participant.serve(http=...)` serves /metrics, /healthz and /readyz."""
+        self.tracing: ParticipantTracing | None = None
+        """Spans of each command's handling (`Participant.serve(tracing=...)`)."""
 
     async def start(self) -> None:
         async with self.db.begin() as conn:
@@ -237,6 +240,7 @@ class ParticipantWorker:
 
     async def _handle(self, deliveries: Sequence[Delivery]) -> list[BrokerMessage]:
         commands: list[CommandMessage] = []
+        spans: list[Any] = []  # with tracing: each command's span, in the order of `commands`
         letters: list[dict[str, Any]] = []
         now = time.time()
         for delivery in deliveries:
@@ -244,6 +248,8 @@ class ParticipantWorker:
             if reason is None:
                 try:
                     commands.append(decode_command(delivery.message))
+                    if self.tracing is not None:
+                        spans.append(self.tracing.begin(self.participant.name, delivery.message, commands[-1]))
                     continue
                 except MalformedMessage as exc:
                     reason = str(exc)
@@ -269,6 +275,9 @@ class ParticipantWorker:
                 answer = recorded.get(command.idempotency_key)
                 if answer is not None:
                     self.participant.stats["deduplicated"] += 1
+                elif spans and self.tracing is not None:
+                    with self.tracing.current(spans[len(answers)]):
+                        answer = await self._run(command, tx, recorded)
                 else:
                     answer = await self._run(command, tx, recorded)
                     if answer.outcome == Outcome.SUCCESS or (
@@ -285,11 +294,15 @@ class ParticipantWorker:
                 # answers repeats within the batch).
                 await tx.execute(_insert_dedup, records)
         now = time.time()
-        return [
+        replies = [
             encode_reply(command, outcome=a.outcome, type=a.type, data=a.data, source=self.participant.name, at=now,
                          reason=a.reason)
             for command, a in answers
         ]
+        if spans and self.tracing is not None:
+            replies = [self.tracing.reply(span, reply, str(a.outcome))
+                       for span, reply, (_, a) in zip(spans, replies, answers, strict=True)]
+        return replies
 
     async def _run(self, command: CommandMessage, tx: AsyncConnection, recorded: dict[str, _Answer]) -> _Answer:
         registration = self.participant.handlers.get(command.type)

@@ -1,0 +1,247 @@
+"""OpenTelemetry traces of sagas: `EngineTracing` (an engine observer) and `ParticipantTracing` (for
+`Participant.serve(tracing=...)`). Needs only opentelemetry-api; spans go wherever the application's SDK sends them.
+
+    engine = Engine(store=..., broker=..., observer=EngineTracing(messaging_system="kafka"))
+
+One trace per saga. Its trace id and the id of its (never recorded) root span are derived from the saga id, so every
+engine of a group, a restarted engine and a retry continue the same trace with nothing more to store: the saga's id
+*is* its stored trace context. In it:
+
+- each step attempt is a PRODUCER span ``send <topic>``, begun when the command is decided (before the commit, so
+  that its context travels in the stored message's ``ce_traceparent`` / ``ce_tracestate`` headers, the CloudEvents
+  distributed-tracing extension) and ended when the broker acknowledged it;
+- a participant's handling is a CONSUMER span ``process <topic>``, child of that PRODUCER span through the headers,
+  and its reply carries the CONSUMER span's context back;
+- the engine's handling of a reply is a CONSUMER span ``process <reply topic>`` in the saga's trace, linked to the
+  participant's span; it ends when the reply's unit of work is committed.
+
+Attributes follow the OpenTelemetry messaging conventions (``messaging.system``, ``messaging.destination.name``,
+``messaging.operation.type``, ``messaging.message.id``) plus ``sagas.saga.id``, ``sagas.saga.name``,
+``sagas.step``, ``sagas.attempt`` and ``sagas.kind``. A message without the headers (a kcat participant, a row
+written by the CLI) is handled as before; its span starts a trace of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from sagas.engine.ports import BrokerMessage, Delivery, NoObserver, OutboxMessage, UnitOfWork
+from sagas.engine.state import OutgoingCommand
+from sagas.engine.wire import CommandMessage
+
+__all__ = ["EngineTracing", "ParticipantTracing", "saga_context", "sampled", "trace_headers"]
+
+TRACEPARENT = "ce_traceparent"
+TRACESTATE = "ce_tracestate"
+_OPEN_MAX = 100_000
+"""Spans begun and not yet ended that are remembered; beyond, the oldest are ended as they are."""
+_propagator = TraceContextTextMapPropagator()
+
+
+_ROOTS: OrderedDict[tuple[str, bool], otel_context.Context] = OrderedDict()
+_ROOTS_MAX = 10_000
+
+
+def saga_context(saga_id: str, sampled: bool = True) -> otel_context.Context:
+    """The context whose span is the saga's root: the same ids for the same saga, in any process, at any time.
+    `sampled` is its trace flag: a parent-based sampler records the saga's spans, in every process, or none."""
+    key = (saga_id, sampled)
+    found = _ROOTS.get(key)
+    if found is not None:
+        return found
+    try:
+        trace_id = uuid.UUID(saga_id).int
+    except ValueError:
+        trace_id = int.from_bytes(hashlib.sha256(saga_id.encode()).digest()[:16], "big")
+    span_id = int.from_bytes(hashlib.sha256(b"root:" + saga_id.encode()).digest()[:8], "big") or 1
+    flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
+    root = SpanContext(trace_id=trace_id or 1, span_id=span_id, is_remote=True, trace_flags=flags)
+    found = _ROOTS[key] = trace.set_span_in_context(NonRecordingSpan(root))
+    if len(_ROOTS) > _ROOTS_MAX:
+        _ROOTS.popitem(last=False)
+    return found
+
+
+@functools.lru_cache(maxsize=10_000)
+def _sample_point(saga_id: str) -> float:
+    return int.from_bytes(hashlib.sha256(b"sample:" + saga_id.encode()).digest()[:8], "big") / 2**64
+
+
+def sampled(saga_id: str, ratio: float) -> bool:
+    """Whether a saga's trace is sampled at `ratio`: decided by its id alone, so every process agrees."""
+    return ratio >= 1.0 or _sample_point(saga_id) < ratio
+
+
+def trace_headers(span: Span) -> tuple[tuple[str, bytes], ...]:
+    """`span`'s context as the CloudEvents distributed-tracing headers (W3C trace context, version 00)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return ()
+    parent = (TRACEPARENT, f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}".encode())
+    state = context.trace_state.to_header() if context.trace_state else ""
+    return (parent, (TRACESTATE, state.encode())) if state else (parent,)
+
+
+def _extracted(message: BrokerMessage) -> otel_context.Context | None:
+    parent = message.header(TRACEPARENT)
+    if parent is None:
+        return None
+    state = message.header(TRACESTATE)
+    if state is None:
+        parts = parent.split("-")
+        # The common case parsed here; anything else (tracestate, another version) by the W3C propagator.
+        if len(parts) == 4 and parts[0] == "00" and len(parts[1]) == 32 and len(parts[2]) == 16 and len(parts[3]) == 2:
+            try:
+                trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3], 16)
+            except ValueError:
+                return None
+            if not trace_id or not span_id:
+                return None
+            remote = SpanContext(trace_id=trace_id, span_id=span_id, is_remote=True, trace_flags=TraceFlags(flags))
+            return trace.set_span_in_context(NonRecordingSpan(remote))
+    carrier = {"traceparent": parent} if state is None else {"traceparent": parent, "tracestate": state}
+    extracted = _propagator.extract(carrier)
+    return extracted if trace.get_current_span(extracted).get_span_context().is_valid else None
+
+
+def _with_headers(message: BrokerMessage, headers: tuple[tuple[str, bytes], ...]) -> BrokerMessage:
+    kept = tuple(h for h in message.headers if h[0] not in (TRACEPARENT, TRACESTATE))
+    return BrokerMessage(topic=message.topic, value=message.value, key=message.key, headers=kept + headers)
+
+
+class _OpenSpans:
+    """Spans begun by one call and ended by a later one, bounded."""
+
+    def __init__(self) -> None:
+        self._spans: OrderedDict[str, Span] = OrderedDict()
+
+    def put(self, key: str, span: Span) -> None:
+        previous = self._spans.pop(key, None)
+        if previous is not None:  # decided again (a conflict re-ran the batch): the first never went out
+            previous.end()
+        self._spans[key] = span
+        if len(self._spans) > _OPEN_MAX:
+            self._spans.popitem(last=False)[1].end()
+
+    def end(self, key: str) -> None:
+        span = self._spans.pop(key, None)
+        if span is not None:
+            span.end()
+
+
+class EngineTracing(NoObserver):
+    """The engine's spans, on the observer seam (see the module docstring)."""
+
+    def __init__(self, *, tracer_provider: Any = None, messaging_system: str = "kafka", ratio: float = 1.0) -> None:
+        """`messaging_system`: the broker, as the conventions name it (``kafka``, ``rabbitmq``; ``sagas.db`` for
+        db://, ``memory``); `ratio`: the share of sagas whose traces are sampled, decided by the saga id (with
+        the SDK's default parent-based sampler, participants follow the flag in ``ce_traceparent``)."""
+        self.tracer = trace.get_tracer("sagas.engine", tracer_provider=tracer_provider)
+        self.messaging_system = messaging_system
+        self.ratio = ratio
+        self._sending = _OpenSpans()
+        self._processing = _OpenSpans()
+
+    def outgoing(self, command: OutgoingCommand, message: BrokerMessage) -> BrokerMessage:
+        if not sampled(command.saga_id, self.ratio):
+            # No span to record, here or downstream: the unsampled root context tells the participants so.
+            root = trace.get_current_span(saga_context(command.saga_id, False))
+            return _with_headers(message, trace_headers(root))
+        span = self.tracer.start_span(
+            f"send {command.topic}", context=saga_context(command.saga_id), kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": self.messaging_system, "messaging.destination.name": command.topic,
+                "messaging.operation.type": "send", "messaging.operation.name": "send",
+                "messaging.message.id": command.id, "sagas.saga.id": command.saga_id,
+                "sagas.saga.name": command.saga_name, "sagas.step": command.step, "sagas.attempt": command.attempt,
+                "sagas.kind": str(command.kind),
+            },
+        )
+        self._sending.put(command.id, span)
+        return _with_headers(message, trace_headers(span))
+
+    def published(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
+        for message in messages:
+            self._sending.end(message.id)
+
+    def fetched(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            message = delivery.message
+            saga_id, message_id = message.header("ce_subject"), message.header("ce_id")
+            if saga_id is None or message_id is None or not sampled(saga_id, self.ratio):
+                continue  # malformed (a dead letter, in no saga's trace), or the saga is not traced
+            remote = _extracted(message)
+            links = [] if remote is None else [Link(trace.get_current_span(remote).get_span_context())]
+            span = self.tracer.start_span(
+                f"process {message.topic}", context=saga_context(saga_id), kind=SpanKind.CONSUMER, links=links,
+                attributes={
+                    "messaging.system": self.messaging_system, "messaging.destination.name": message.topic,
+                    "messaging.operation.type": "process", "messaging.operation.name": "process",
+                    "messaging.message.id": message_id, "sagas.saga.id": saga_id,
+                    "sagas.step": message.header("ce_sagastep") or "", "sagas.kind": "reply",
+                    "sagas.attempt": _attempt(message),
+                },
+            )
+            self._processing.put(message_id, span)
+
+    def committed(self, work: UnitOfWork, seconds: float) -> None:
+        for record in work.inbox:
+            self._processing.end(record.message_id)
+        for dead in work.dead_letters:
+            self._processing.end(dead.id)
+
+
+def _attempt(message: BrokerMessage) -> int:
+    try:
+        return int(message.header("ce_sagaattempt") or 0)
+    except ValueError:
+        return 0
+
+
+class ParticipantTracing:
+    """A participant's CONSUMER spans: each command's handling, child of the engine's PRODUCER span."""
+
+    def __init__(self, *, tracer_provider: Any = None, messaging_system: str = "kafka") -> None:
+        self.tracer = trace.get_tracer("sagas.participant", tracer_provider=tracer_provider)
+        self.messaging_system = messaging_system
+
+    def begin(self, participant: str, message: BrokerMessage, command: CommandMessage) -> Span:
+        """The span of `command`'s handling (the caller makes it current while the handler runs, and ends it);
+        none (the invalid span) when the engine said the saga is not sampled."""
+        parent = _extracted(message)
+        if parent is not None and not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
+            return trace.INVALID_SPAN
+        return self.tracer.start_span(
+            f"process {message.topic}", context=parent or otel_context.Context(),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": self.messaging_system, "messaging.destination.name": message.topic,
+                "messaging.operation.type": "process", "messaging.operation.name": "process",
+                "messaging.message.id": command.id, "messaging.consumer.group.name": participant,
+                "sagas.saga.id": command.saga_id, "sagas.saga.name": command.saga_name, "sagas.step": command.step,
+                "sagas.attempt": command.attempt, "sagas.kind": str(command.kind),
+            },
+        )
+
+    def current(self, span: Span) -> Any:
+        """A context manager making `span` current while the handler runs: its log lines carry the span's ids."""
+        if span is trace.INVALID_SPAN:
+            return contextlib.nullcontext()
+        return trace.use_span(span, end_on_exit=False)
+
+    def reply(self, span: Span, reply: BrokerMessage, outcome: str) -> BrokerMessage:
+        """End `span` with the answer's outcome; the reply carries its context back to the engine."""
+        span.set_attribute("sagas.outcome", outcome)
+        span.end()
+        return _with_headers(reply, trace_headers(span))

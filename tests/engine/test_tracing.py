@@ -1,0 +1,184 @@
+"""OpenTelemetry traces: one trace per saga through `sagas.participant` participants, parented through the
+ce_traceparent header, continued by a restarted engine; recorded with the SDK's in-memory exporter."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from sagas.adapters import open_broker
+from sagas.adapters.sql import SqlStore
+from sagas.adapters.tracing import EngineTracing, ParticipantTracing, saga_context, sampled
+from sagas.engine.runtime import Engine
+from sagas.engine.wire import CommandMessage
+from sagas.logs import add_trace_ids
+from sagas.participant import Participant
+from tests.engine.support import ledger_participant, three_steps
+
+
+@pytest.fixture
+def spans() -> Any:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
+
+
+@contextlib.asynccontextmanager
+async def serving(participant: Participant, url: str, provider: TracerProvider) -> AsyncIterator[Any]:
+    broker = open_broker("db://", db_url=url)
+    try:
+        async with participant.serve(broker=broker, tracing=ParticipantTracing(tracer_provider=provider,
+                                                                               messaging_system="sagas.db")) as w:
+            yield w
+    finally:
+        await broker.close()
+
+
+def engine(store: SqlStore, url: str, provider: TracerProvider) -> Engine:
+    return Engine(store=store, broker=open_broker("db://", db_url=url), definitions=[three_steps()],
+                  observer=EngineTracing(tracer_provider=provider, messaging_system="sagas.db"))
+
+
+async def wait_for(store: SqlStore, saga_id: str, predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        instance = (await store.load([saga_id]))[saga_id]
+        if predicate(instance):
+            return
+        assert time.monotonic() < deadline, instance
+        await asyncio.sleep(0.05)
+
+
+async def test_one_trace_per_saga_across_participants_and_an_engine_restart(
+    tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """A three-step saga whose engine is restarted while the second step's participant is down yields one trace:
+    a PRODUCER `send <topic>` span per step attempt (from both engines), each participant's CONSUMER
+    `process <topic>` span its child, and the engine's handling of each reply a CONSUMER span linked to the
+    participant's; messaging attributes and the saga's id, step, attempt and kind on each."""
+    provider, exporter = spans
+    url = f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}"
+    store = SqlStore(url)
+    inventory = ledger_participant("inventory", {"Reserve": None, "UndoReserve": None})
+    payment = ledger_participant("payment", {"Charge": None, "UndoCharge": None})
+    shipping = ledger_participant("shipping", {"Ship": None, "UndoShip": None})
+    try:
+        async with serving(inventory, url, provider), serving(shipping, url, provider):
+            first = engine(store, url, provider)
+            async with first:
+                saga_id = await first.start_saga("order", {"order_id": "o-1", "amount": 5})
+                await wait_for(store, saga_id, lambda i: i.steps["charge"].status == "running")
+            # Engine restarted; payment comes up only now and answers the command the first engine sent.
+            second = engine(store, url, provider)
+            async with second, serving(payment, url, provider):
+                assert (await second.wait(saga_id, timeout=30)).status == "completed"
+    finally:
+        await store.close()
+
+    finished: list[ReadableSpan] = list(exporter.get_finished_spans())
+    mine = [s for s in finished if s.attributes and s.attributes.get("sagas.saga.id") == saga_id]
+    saga_trace = trace.get_current_span(saga_context(saga_id)).get_span_context().trace_id
+    assert {s.context.trace_id for s in mine} == {saga_trace}
+    assert len(mine) == 9  # three sends, three participant handlings, three reply handlings
+    producers = {s.attributes["sagas.step"]: s for s in mine if s.kind is SpanKind.PRODUCER}
+    assert set(producers) == {"reserve", "charge", "ship"}
+    for step, topic in (("reserve", "inventory.commands"), ("charge", "payment.commands"),
+                        ("ship", "shipping.commands")):
+        span = producers[step]
+        assert span.name == f"send {topic}"
+        assert span.attributes["messaging.system"] == "sagas.db"
+        assert span.attributes["messaging.destination.name"] == topic
+        assert span.attributes["messaging.operation.type"] == "send"
+        assert span.attributes["sagas.attempt"] == 1
+        assert span.attributes["sagas.kind"] == "command"
+    consumers = [s for s in mine if s.kind is SpanKind.CONSUMER and s.name.endswith(".commands")]
+    assert sorted(s.attributes["sagas.step"] for s in consumers) == ["charge", "reserve", "ship"]
+    for span in consumers:
+        parent = producers[span.attributes["sagas.step"]]
+        assert span.parent is not None
+        assert span.parent.span_id == parent.context.span_id  # the participant's span is the producer's child
+        assert span.attributes["messaging.operation.type"] == "process"
+        assert span.attributes["sagas.outcome"] == "success"
+    handled = [s for s in mine if s.kind is SpanKind.CONSUMER and s.name == "process sagas.replies"]
+    assert len(handled) == 3
+    by_id = {s.context.span_id: s for s in consumers}
+    for span in handled:
+        assert len(span.links) == 1
+        linked = by_id[span.links[0].context.span_id]  # linked to the participant's handling of its command
+        assert linked.attributes["sagas.step"] == span.attributes["sagas.step"]
+    # The second engine sent "ship" after the restart: still the saga's trace.
+    assert producers["ship"].start_time > producers["charge"].end_time
+
+
+async def one_saga(tmp_path: Path, provider: TracerProvider, observer: Any, reserve: Any = None) -> None:
+    """One three-step saga to completion, its participants traced, its engine observed by `observer`."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}"
+    store = SqlStore(url)
+    participants = [ledger_participant("inventory", {"Reserve": reserve, "UndoReserve": None}),
+                    ledger_participant("payment", {"Charge": None, "UndoCharge": None}),
+                    ledger_participant("shipping", {"Ship": None, "UndoShip": None})]
+    engine = Engine(store=store, broker=open_broker("db://", db_url=url), definitions=[three_steps()],
+                    observer=observer)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for participant in participants:
+                await stack.enter_async_context(serving(participant, url, provider))
+            await stack.enter_async_context(engine)
+            saga_id = await engine.start_saga("order", {"order_id": "o", "amount": 1})
+            assert (await engine.wait(saga_id, timeout=30)).status == "completed"
+    finally:
+        await store.close()
+
+
+async def test_a_participant_ignoring_the_headers_still_works_and_handler_logs_carry_ids(
+    tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """Commands without ce_traceparent (written by a tracing-free engine, or read by a participant that ignores
+    them) are handled as before; with tracing on, a handler's log lines carry the trace and span ids."""
+    provider, exporter = spans
+    lines: list[dict[str, Any]] = []
+
+    def logged(command: CommandMessage) -> dict[str, Any]:
+        lines.append(add_trace_ids(None, "info", {"event": "handled", "step": command.step}))  # type: ignore[arg-type]
+        return {"ok": True}
+
+    await one_saga(tmp_path, provider, None, reserve=logged)
+    consumers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.CONSUMER]
+    assert len(consumers) == 3
+    assert all(s.parent is None for s in consumers)  # no header: a trace of its own
+    reserve = next(s for s in consumers if s.attributes and s.attributes["sagas.step"] == "reserve")
+    assert lines == [{"event": "handled", "step": "reserve", "trace_id": f"{reserve.context.trace_id:032x}",
+                      "span_id": f"{reserve.context.span_id:016x}"}]
+
+
+async def test_a_saga_left_out_by_the_ratio_records_no_span_anywhere(
+    tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """At ratio 0 the saga's commands carry an unsampled trace context: neither the engine nor the participants
+    (the SDK's default parent-based sampler) record a span, and the saga completes as before."""
+    provider, exporter = spans
+    quiet = EngineTracing(tracer_provider=provider, messaging_system="sagas.db", ratio=0.0)
+    await one_saga(tmp_path, provider, quiet)
+    assert exporter.get_finished_spans() == ()
+
+
+def test_sampling_is_decided_by_the_saga_id_alone() -> None:
+    """The same saga id is always in or always out; about `ratio` of ids are in."""
+    ids = [f"saga-{n}" for n in range(2000)]
+    chosen = [sampled(i, 0.25) for i in ids]
+    assert chosen == [sampled(i, 0.25) for i in ids]
+    assert 400 < sum(chosen) < 600
+    assert all(sampled(i, 1.0) for i in ids[:10])
