@@ -45,7 +45,8 @@ async def active_consumer_pids(url: str, queue_prefix: str) -> set[int]:
     of a queue whose name starts with `queue_prefix`."""
     consumers = await call(url, "GET", "consumers/%2F")
     connections = await call(url, "GET", "connections?columns=name,client_properties")
-    named = {c["name"]: str(c.get("client_properties", {}).get("connection_name", "")) for c in connections}
+    named = {c["name"]: str(properties.get("connection_name", "")) for c in connections
+             if isinstance(properties := c.get("client_properties"), dict)}  # [] for a connection still opening
     pids = set()
     for consumer in consumers:
         if not consumer["queue"]["name"].startswith(queue_prefix) or not consumer.get("active", True):
