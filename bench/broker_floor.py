@@ -14,10 +14,10 @@ batches, which cost less per saga.
   once per step and re-keyed per saga, so sizes and headers match a real run. Nothing decodes a body.
 
 Besides the rate, it reports CPU per saga: this process (the driver included: ~0.1 ms per saga with the in-memory
-broker), and the broker's server process (the Kafka JVM: any process whose command line runs ``kafka.Kafka``,
-whoever else uses it), read from /proc.
+broker), and the broker's server process (the Kafka JVM: any process whose command line runs ``kafka.Kafka``; or
+RabbitMQ's beam, ``-s rabbit boot``; whoever else uses it), read from /proc.
 
-    .venv/bin/python bench/broker_floor.py [--sagas 3000] [--concurrency 200] [--broker kafka://...]
+    .venv/bin/python bench/broker_floor.py [--sagas 3000] [--concurrency 200] [--broker kafka://...|amqp://...]
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ class ServerClock:
     """CPU seconds of the servers on this machine since construction: the Kafka JVM and PostgreSQL's processes
     (backends started meanwhile count whole; ones that ended meanwhile are lost)."""
 
-    KINDS = (("Kafka JVM", {"marker": "kafka.Kafka"}), ("PostgreSQL", {"name": "postgres"}))
+    KINDS = (("Kafka JVM", {"marker": "kafka.Kafka"}), ("PostgreSQL", {"name": "postgres"}),
+             ("RabbitMQ", {"marker": "\0rabbit\0boot"}))  # the node's beam: `erl ... -s rabbit boot`
 
     def __init__(self) -> None:
         self._start = {kind: self._sample(kind) for kind, _ in self.KINDS}
@@ -106,14 +107,16 @@ class FloorRun:
     cpu: float
     """CPU seconds of this process during the run."""
     server_cpu: float | None
-    """CPU seconds of the broker's server process (Kafka JVM) during the run; None for the in-memory broker."""
+    """CPU seconds of the broker's server process (Kafka JVM, RabbitMQ's beam) during the run; None for the
+    in-memory broker."""
+    server: str = "Kafka JVM"
 
     @property
     def rate(self) -> float:
         return self.sagas / self.seconds
 
     def describe(self) -> str:
-        server = "" if self.server_cpu is None else f", Kafka JVM {self.server_cpu / self.sagas * 1000:.2f}"
+        server = "" if self.server_cpu is None else f", {self.server} {self.server_cpu / self.sagas * 1000:.2f}"
         return (f"{self.rate:,.0f} sagas/s ({self.sagas} sagas of 3 command -> reply exchanges, no engine, no "
                 f"database); CPU per saga: this process {self.cpu / self.sagas * 1000:.2f}{server} ms")
 
@@ -209,12 +212,31 @@ async def broker_floor(broker: Broker, *, sagas: int, concurrency: int, prefix: 
             servers, cpu, started = ServerClock(), time.process_time(), time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(warmup, warmup + sagas)))
             seconds = time.perf_counter() - started
-            cpu, jvm = time.process_time() - cpu, servers.spent().get("Kafka JVM")
+            server = server_of(broker)
+            cpu, server_cpu = time.process_time() - cpu, servers.spent().get(server or "")
         for consumer in (*consumers, settled):
             await consumer.close()
-        return FloorRun(sagas, seconds, cpu, jvm if isinstance(broker, KafkaBroker) else None)
+        return FloorRun(sagas, seconds, cpu, server_cpu if server else None, server or "")
     finally:
         await broker.close()
+
+
+def server_of(broker: Broker) -> str | None:
+    """The `ServerClock` kind of the broker's server process; None for the in-memory broker."""
+    if isinstance(broker, KafkaBroker):
+        return "Kafka JVM"
+    if type(broker).__name__ == "RabbitBroker":  # not imported: aio-pika is an optional extra
+        return "RabbitMQ"
+    return None
+
+
+def open_bench_broker(url: str | None) -> Broker:
+    """The broker of a benchmark run: in-memory without a URL, else what `sagas.adapters.open_broker` makes."""
+    if url is None:
+        return MemoryBroker()
+    from sagas.adapters import open_broker
+
+    return open_broker(url)
 
 
 def floor_topics(prefix: str) -> list[str]:
@@ -225,10 +247,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sagas", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=200)
-    parser.add_argument("--broker", help="a kafka:// URL (default: the in-memory broker)")
+    parser.add_argument("--broker", help="a kafka:// or amqp:// URL (default: the in-memory broker)")
     args = parser.parse_args()
     prefix = f"floor-{uuid.uuid4().hex[:10]}." if args.broker else ""
-    broker: Broker = KafkaBroker.from_url(args.broker) if args.broker else MemoryBroker()
+    broker = open_bench_broker(args.broker)
     try:
         run = asyncio.run(broker_floor(broker, sagas=args.sagas, concurrency=args.concurrency, prefix=prefix))
     finally:

@@ -51,7 +51,8 @@ class SagasSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SAGAS_", env_nested_delimiter="__", extra="forbid")
 
     db: str = Field("sagas.db", description="Database URL, or a SQLite file path.")
-    broker: str = Field("db://", description="memory://, db:// (queue in the database), kafka://host:port,...")
+    broker: str = Field("db://", description="memory://, db:// (queue in the database), kafka://host:port,..., "
+                        "amqp://user:pw@host:port/vhost")
     reply_topic: str = DEFAULT_REPLY_TOPIC
     group: str = Field(DEFAULT_GROUP, description="Consumer group of the engine processes.")
     batch_max: int = Field(512, ge=1, le=10_000)

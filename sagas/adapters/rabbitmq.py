@@ -308,6 +308,27 @@ class RabbitBroker:
                 if not channel.is_closed:
                     await channel.close()
 
+    async def delete_topics(self, topics: Sequence[str], groups: Sequence[str]) -> None:
+        """Delete the topics' exchanges and queues, and those of these groups on them (what is missing is skipped:
+        RabbitMQ's deletes are idempotent). For tests and benchmarks that name their topics per run."""
+        connection, _ = await self._ready(time.monotonic() + self.retry_for)
+        channel = await connection.channel()
+        try:
+            for topic in topics:
+                for group in groups:
+                    group_exchange = f"{topic}@{group}"
+                    for number in range(self.partitions):
+                        await channel.queue_delete(f"{group_exchange}.{number}")
+                    await channel.queue_delete(f"{group_exchange}.dead")
+                    await channel.exchange_delete(f"{group_exchange}.dead")
+                    await channel.exchange_delete(group_exchange)
+                await channel.queue_delete(f"{topic}.unrouted")
+                await channel.exchange_delete(f"{topic}.unrouted")
+                await channel.exchange_delete(topic)
+                self._topics.discard(topic)
+        finally:
+            await channel.close()
+
     # ---- publishing -------------------------------------------------------------------------------
 
     async def publish(self, messages: Sequence[BrokerMessage]) -> None:
@@ -435,6 +456,8 @@ class RabbitConsumer:
             await channel.set_qos(prefetch_count=broker.prefetch)
             self._epoch += 1
             epoch = self._epoch
+            self._buffer.clear()  # all of older channels: void
+            self._unacked.clear()
             for topic in self.topics:
                 await self._consume_topic(connection, channel, topic, epoch)
         except BaseException:
@@ -544,8 +567,9 @@ class RabbitConsumer:
     async def commit(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge deliveries. Those of a lost channel (or of a closed consumer) are skipped: the server
         delivers them again, and acknowledging their tags on a new channel would acknowledge other messages."""
-        channel = self._channel
-        if self._closed or channel is None:
+        # Not gated on `_channel`: deliveries already arrive while `_open` is still consuming the other queues,
+        # and those of the current epoch must be acknowledged then too (on the channel they came on).
+        if self._closed:
             return
         to_ack = []
         for delivery in deliveries:

@@ -224,7 +224,8 @@ def serve(
     definitions: Annotated[list[Path], typer.Option("--definitions", "-d", help="Definition files or folders.")],
     db_url: Annotated[str | None, typer.Option("--db", help="Database URL or SQLite file (env SAGAS_DB).")] = None,
     broker_url: Annotated[
-        str | None, typer.Option("--broker", help="memory://, db://, kafka://host:port (env SAGAS_BROKER)")
+        str | None,
+        typer.Option("--broker", help="memory://, db://, kafka://host:port, amqp://host:port (env SAGAS_BROKER)"),
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="Settings file (TOML or YAML).")] = None,
     json_logs: Annotated[bool | None, typer.Option("--json-logs/--console-logs")] = None,

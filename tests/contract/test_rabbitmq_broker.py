@@ -14,10 +14,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from sagas.adapters.rabbitmq import RabbitBroker
+from sagas.adapters.rabbitmq import RabbitBroker, RabbitConsumer
 from sagas.engine.ports import Broker, Delivery
 from sagas.errors import BrokerError
 from tests.contract.test_broker_contract import OpenBroker, brokers, collect, message, unique, values
@@ -261,3 +262,35 @@ async def test_what_other_clients_send_is_delivered_never_raised(
     assert got[4].message.headers == (("a", b"1"),)
     assert got[5].message.headers == ()
     assert all(d.message.key == "saga-1" for d in got)
+
+
+@pytest.mark.slow
+async def test_deliveries_committed_while_the_consumer_is_still_being_restored_are_acknowledged(
+    open_broker: OpenBroker, group: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a reconnect, a consumer's first queues deliver while it is still consuming its other queues; what is
+    committed then is acknowledged (not kept unacknowledged by the consumer for ever, out of everyone's reach)."""
+    first_topic, second_topic = unique("first"), unique("second")
+    broker = await open_broker()
+    consumer = await broker.subscribe([first_topic, second_topic], group)
+    await broker.publish([message(first_topic, str(i)) for i in range(5)])
+    before = await collect(consumer, 5)
+    assert isinstance(consumer, RabbitConsumer)
+    release = asyncio.Event()
+    real = consumer._consume_topic
+
+    async def slow(connection: Any, channel: Any, topic: str, epoch: int) -> None:
+        if topic == second_topic:
+            await release.wait()  # the restore is held here: the first topic's queues already deliver
+        await real(connection, channel, topic, epoch)
+
+    monkeypatch.setattr(consumer, "_consume_topic", slow)
+    await services("close-connections")
+    again = await collect(consumer, 5, within=30)
+    assert values(again) == values(before)
+    await consumer.commit(again)
+    release.set()
+    await until(lambda: consumer._channel is not None, 30, "the restore to finish")
+    await consumer.close()
+    successor = await broker.subscribe([first_topic, second_topic], group)
+    assert await successor.fetch(10, timeout=1.0) == []

@@ -44,13 +44,16 @@ async def active_consumer_pids(url: str, queue_prefix: str) -> set[int]:
     """The processes (from `RabbitBroker`'s connection names, "sagas pid N") that are the single active consumer
     of a queue whose name starts with `queue_prefix`."""
     consumers = await call(url, "GET", "consumers/%2F")
+    connections = await call(url, "GET", "connections?columns=name,client_properties")
+    named = {c["name"]: str(properties.get("connection_name", "")) for c in connections
+             if isinstance(properties := c.get("client_properties"), dict)}  # [] for a connection still opening
     pids = set()
     for consumer in consumers:
         if not consumer["queue"]["name"].startswith(queue_prefix) or not consumer.get("active", True):
             continue
         if consumer.get("activity_status") not in (None, "single_active", "up"):
             continue
-        name = consumer.get("channel_details", {}).get("connection_name", "")
+        name = named.get(consumer.get("channel_details", {}).get("connection_name", ""), "")
         match = re.search(r"sagas pid (\d+)", name)
         if match:
             pids.add(int(match.group(1)))
