@@ -70,7 +70,8 @@ def headers(draw: st.DrawFn) -> Any:
             pairs.pop(draw(st.integers(0, len(pairs) - 1)))
         elif action == "replace" and pairs:
             index = draw(st.integers(0, len(pairs) - 1))
-            pairs[index] = (pairs[index][0], draw(any_value))
+            if isinstance(pairs[index], tuple) and len(pairs[index]) == 2:  # an odd pair added earlier has no name
+                pairs[index] = (pairs[index][0], draw(any_value))
         elif action == "add":
             pairs.append((draw(any_name), draw(any_value)))
         elif action == "duplicate" and pairs:
