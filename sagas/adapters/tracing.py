@@ -53,6 +53,16 @@ _ROOTS: OrderedDict[tuple[str, bool], otel_context.Context] = OrderedDict()
 _ROOTS_MAX = 10_000
 
 
+@functools.lru_cache(maxsize=10_000)
+def _trace_id(saga_id: str) -> int:
+    """The saga's trace id: its UUID's 128 bits, or the first 128 bits of the SHA-256 of another id."""
+    try:
+        trace_id = uuid.UUID(saga_id).int
+    except ValueError:
+        trace_id = int.from_bytes(hashlib.sha256(saga_id.encode()).digest()[:16], "big")
+    return trace_id or 1
+
+
 def saga_context(saga_id: str, sampled: bool = True) -> otel_context.Context:
     """The context whose span is the saga's root: the same ids for the same saga, in any process, at any time.
     `sampled` is its trace flag: a parent-based sampler records the saga's spans, in every process, or none."""
@@ -60,27 +70,23 @@ def saga_context(saga_id: str, sampled: bool = True) -> otel_context.Context:
     found = _ROOTS.get(key)
     if found is not None:
         return found
-    try:
-        trace_id = uuid.UUID(saga_id).int
-    except ValueError:
-        trace_id = int.from_bytes(hashlib.sha256(saga_id.encode()).digest()[:16], "big")
     span_id = int.from_bytes(hashlib.sha256(b"root:" + saga_id.encode()).digest()[:8], "big") or 1
     flags = TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT)
-    root = SpanContext(trace_id=trace_id or 1, span_id=span_id, is_remote=True, trace_flags=flags)
+    root = SpanContext(trace_id=_trace_id(saga_id), span_id=span_id, is_remote=True, trace_flags=flags)
     found = _ROOTS[key] = trace.set_span_in_context(NonRecordingSpan(root))
     if len(_ROOTS) > _ROOTS_MAX:
         _ROOTS.popitem(last=False)
     return found
 
 
-@functools.lru_cache(maxsize=10_000)
-def _sample_point(saga_id: str) -> float:
-    return int.from_bytes(hashlib.sha256(b"sample:" + saga_id.encode()).digest()[:8], "big") / 2**64
+_ID_LIMIT = (1 << 64) - 1
 
 
 def sampled(saga_id: str, ratio: float) -> bool:
-    """Whether a saga's trace is sampled at `ratio`: decided by its id alone, so every process agrees."""
-    return ratio >= 1.0 or _sample_point(saga_id) < ratio
+    """Whether a saga's trace is sampled at `ratio`: decided by its trace id alone, exactly as the SDK's
+    `TraceIdRatioBased` sampler decides (lower 64 bits under ``round(ratio * 2**64)``), so every process agrees,
+    whichever of the two decides."""
+    return ratio >= 1.0 or (_trace_id(saga_id) & _ID_LIMIT) < round(ratio * (_ID_LIMIT + 1))
 
 
 def trace_headers(span: Span) -> tuple[tuple[str, bytes], ...]:
@@ -212,19 +218,26 @@ def _attempt(message: BrokerMessage) -> int:
 class ParticipantTracing:
     """A participant's CONSUMER spans: each command's handling, child of the engine's PRODUCER span."""
 
-    def __init__(self, *, tracer_provider: Any = None, messaging_system: str = "kafka") -> None:
+    def __init__(self, *, tracer_provider: Any = None, messaging_system: str = "kafka", ratio: float = 1.0) -> None:
+        """`ratio`: the share of sagas traced, for commands that carry no trace context (see `begin`)."""
         self.tracer = trace.get_tracer("sagas.participant", tracer_provider=tracer_provider)
         self.messaging_system = messaging_system
+        self.ratio = ratio
 
     def begin(self, participant: str, message: BrokerMessage, command: CommandMessage) -> Span:
         """The span of `command`'s handling (the caller makes it current while the handler runs, and ends it);
-        none (the invalid span) when the engine said the saga is not sampled."""
+        none (the invalid span) when the engine said the saga is not sampled. A command without the headers
+        (written by `SagaAdmin.start`, the CLI or the HTTP API, or by an engine without tracing) is still put in
+        its saga's trace, whose ids the saga id gives: its span is a child of the saga's root."""
         parent = _extracted(message)
-        if parent is not None and not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
+        if parent is None:
+            if not sampled(command.saga_id, self.ratio):
+                return trace.INVALID_SPAN
+            parent = saga_context(command.saga_id)
+        elif not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
             return trace.INVALID_SPAN
         return self.tracer.start_span(
-            f"process {message.topic}", context=parent or otel_context.Context(),
-            kind=SpanKind.CONSUMER,
+            f"process {message.topic}", context=parent, kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": self.messaging_system, "messaging.destination.name": message.topic,
                 "messaging.operation.type": "process", "messaging.operation.name": "process",

@@ -147,7 +147,8 @@ async def test_a_participant_ignoring_the_headers_still_works_and_handler_logs_c
     tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
     """Commands without ce_traceparent (written by a tracing-free engine, or read by a participant that ignores
-    them) are handled as before; with tracing on, a handler's log lines carry the trace and span ids."""
+    them) are handled as before, their spans still in the saga's trace (children of its root, whose ids the saga id
+    gives); with tracing on, a handler's log lines carry the trace and span ids."""
     provider, exporter = spans
     lines: list[dict[str, Any]] = []
 
@@ -158,7 +159,13 @@ async def test_a_participant_ignoring_the_headers_still_works_and_handler_logs_c
     await one_saga(tmp_path, provider, None, reserve=logged)
     consumers = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.CONSUMER]
     assert len(consumers) == 3
-    assert all(s.parent is None for s in consumers)  # no header: a trace of its own
+    roots = {s.attributes["sagas.saga.id"]: trace.get_current_span(saga_context(str(s.attributes["sagas.saga.id"])))
+             for s in consumers if s.attributes}
+    for span in consumers:  # no header: a child of the saga's root, in the saga's trace
+        root = roots[span.attributes["sagas.saga.id"]].get_span_context()
+        assert span.parent is not None
+        assert span.parent.span_id == root.span_id
+        assert span.context.trace_id == root.trace_id
     reserve = next(s for s in consumers if s.attributes and s.attributes["sagas.step"] == "reserve")
     assert lines == [{"event": "handled", "step": "reserve", "trace_id": f"{reserve.context.trace_id:032x}",
                       "span_id": f"{reserve.context.span_id:016x}"}]
