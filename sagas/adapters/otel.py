@@ -9,9 +9,10 @@ environment names an exporter (``OTEL_TRACES_EXPORTER=otlp``); ``--no-tracing`` 
   ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL``: ``http/protobuf`` (default; the ``otlp`` extra) or ``grpc``
   (``opentelemetry-exporter-otlp-proto-grpc``, installed apart);
 - ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` (the service name defaults to `service_name`);
-- ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``: ``parentbased_traceidratio`` with ``0.1`` traces one saga
-  in ten; the engine decides it from the saga's trace id exactly as the SDK's ratio sampler does, so every process
-  agrees and an unsampled saga costs no span anywhere;
+- ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``: ``parentbased_traceidratio`` (or ``traceidratio``) with
+  ``0.1`` traces one saga in ten, decided by the engine from the saga's trace id (`sagas.adapters.tracing.sampled`)
+  and carried in the trace context; the sampler built here is always parent based, so every process follows that
+  decision and an unsampled saga records no span anywhere;
 - ``OTEL_BSP_*``: the batch span processor's delay and queue.
 
 A process already instrumented (``opentelemetry-instrument``, or an application that set an SDK tracer provider)
@@ -135,13 +136,15 @@ def _otlp(env: Mapping[str, str]) -> Any:
 
 
 def _sampler(env: Mapping[str, str], ratio: float) -> Any:
-    """``OTEL_TRACES_SAMPLER`` read from `env` (the SDK would read only the process's environment)."""
+    """``OTEL_TRACES_SAMPLER`` read from `env` (the SDK would read only the process's environment), always parent
+    based: a saga's spans follow the decision its root context carries (`sagas.adapters.tracing.sampled`, by the
+    saga id), so the processes of a trace agree whichever ratio sampler was named."""
     from opentelemetry.sdk.trace import sampling
 
     name = env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
     root = (sampling.ALWAYS_OFF if name.endswith("always_off") else
             sampling.TraceIdRatioBased(ratio) if name.endswith("traceidratio") else sampling.ALWAYS_ON)
-    return root if name in ("always_on", "always_off", "traceidratio") else sampling.ParentBased(root)
+    return sampling.ParentBased(root)
 
 
 def configure_tracing(enabled: bool | None, *, service_name: str, set_global: bool = False,

@@ -79,14 +79,14 @@ def saga_context(saga_id: str, sampled: bool = True) -> otel_context.Context:
     return found
 
 
-_ID_LIMIT = (1 << 64) - 1
+_RANDOM_BITS = 1 << 56
 
 
 def sampled(saga_id: str, ratio: float) -> bool:
-    """Whether a saga's trace is sampled at `ratio`: decided by its trace id alone, exactly as the SDK's
-    `TraceIdRatioBased` sampler decides (lower 64 bits under ``round(ratio * 2**64)``), so every process agrees,
-    whichever of the two decides."""
-    return ratio >= 1.0 or (_trace_id(saga_id) & _ID_LIMIT) < round(ratio * (_ID_LIMIT + 1))
+    """Whether a saga's trace is sampled at `ratio`: decided by its trace id alone, so every process agrees. The
+    lowest 56 bits decide (the part W3C trace context level 2 calls random): a UUIDv7 saga id's last 64 bits begin
+    with its fixed variant bits, which would skew a decision on all 64 (what the SDK's `TraceIdRatioBased` uses)."""
+    return ratio >= 1.0 or (_trace_id(saga_id) & (_RANDOM_BITS - 1)) < ratio * _RANDOM_BITS
 
 
 def trace_headers(span: Span) -> tuple[tuple[str, bytes], ...]:

@@ -189,3 +189,51 @@ def test_sampling_is_decided_by_the_saga_id_alone() -> None:
     assert chosen == [sampled(i, 0.25) for i in ids]
     assert 400 < sum(chosen) < 600
     assert all(sampled(i, 1.0) for i in ids[:10])
+
+
+async def test_a_step_retry_continues_the_saga_trace_with_the_right_parents(
+    tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """A step whose first attempt is answered `retry`: the retry reply's handling and the re-sent command (attempt 2)
+    are in the saga's one trace; each attempt's participant span is the child of that attempt's `send` span, each
+    reply's handling is linked to the participant span of its own attempt, and attempt 2 is sent after the retry
+    reply was handled."""
+    provider, exporter = spans
+    failed: list[int] = []
+
+    def flaky(command: CommandMessage) -> dict[str, Any]:
+        if command.attempt == 1:
+            failed.append(command.attempt)
+            raise RuntimeError("transient: try again")  # not a business error: the participant answers `retry`
+        return {"ok": True}
+
+    observer = EngineTracing(tracer_provider=provider, messaging_system="sagas.db")
+    await one_saga(tmp_path, provider, observer, reserve=flaky)
+    assert failed == [1]
+    finished = [s for s in exporter.get_finished_spans() if s.attributes]
+    saga_id = str(finished[0].attributes["sagas.saga.id"])
+    root = trace.get_current_span(saga_context(saga_id)).get_span_context()
+    assert {s.context.trace_id for s in finished} == {root.trace_id}
+    reserve = [s for s in finished if s.attributes["sagas.step"] == "reserve"]
+
+    def by_attempt(predicate: Any) -> dict[int, ReadableSpan]:
+        chosen = [s for s in reserve if predicate(s)]
+        found = {int(s.attributes["sagas.attempt"]): s for s in chosen}
+        assert len(found) == len(chosen), chosen
+        return found
+
+    sends = by_attempt(lambda s: s.kind is SpanKind.PRODUCER)
+    handled = by_attempt(lambda s: s.kind is SpanKind.CONSUMER and s.name == "process inventory.commands")
+    replies = by_attempt(lambda s: s.kind is SpanKind.CONSUMER and s.name == "process sagas.replies")
+    assert set(sends) == set(handled) == set(replies) == {1, 2}
+    for attempt in (1, 2):
+        assert sends[attempt].parent is not None
+        assert sends[attempt].parent.span_id == root.span_id  # every attempt hangs off the saga's root
+        assert handled[attempt].parent is not None
+        assert handled[attempt].parent.span_id == sends[attempt].context.span_id
+        assert replies[attempt].parent is not None
+        assert replies[attempt].parent.span_id == root.span_id
+        assert [link.context.span_id for link in replies[attempt].links] == [handled[attempt].context.span_id]
+    assert handled[1].attributes["sagas.outcome"] == "retry"
+    assert handled[2].attributes["sagas.outcome"] == "success"
+    assert sends[2].start_time >= replies[1].end_time

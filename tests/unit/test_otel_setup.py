@@ -3,6 +3,7 @@ and the clear error, with the install hint, when what it needs is missing."""
 
 from __future__ import annotations
 
+import random
 import sys
 import uuid
 from pathlib import Path
@@ -84,15 +85,35 @@ def test_the_sampling_ratio_comes_from_the_standard_sampler_variables(env: dict[
     assert sampling_ratio(env) == ratio
 
 
-def test_the_engine_samples_a_saga_exactly_as_the_sdk_ratio_sampler_does() -> None:
-    """`sampled(saga_id, r)` agrees with the SDK's TraceIdRatioBased on the saga's trace id, for every id."""
-    for ratio in (0.0, 0.1, 0.5, 0.9):
-        sampler = sampling.TraceIdRatioBased(ratio)
-        for _ in range(300):
+def test_the_engine_samples_about_the_ratio_of_uuid7_saga_ids() -> None:
+    """About `ratio` of the engine's (UUIDv7) saga ids are sampled, at every ratio: the fixed variant bits of a
+    UUIDv7 do not skew the decision, as a decision on the trace id's last 64 bits would (none under 0.5)."""
+    rng = random.Random(11)
+    ids = [str(uuid.UUID(int=(1_700_000_000_000 + n) << 80 | 0x7 << 76 | rng.getrandbits(12) << 64 | 0b10 << 62
+                         | rng.getrandbits(62))) for n in range(4000)]
+    for ratio in (0.01, 0.1, 0.5, 0.9):
+        share = sum(sampled(i, ratio) for i in ids) / len(ids)
+        assert abs(share - ratio) < 0.03, (ratio, share)
+    assert not any(sampled(i, 0.0) for i in ids)
+
+
+def test_the_sdk_sampler_follows_the_saga_decision_whichever_ratio_sampler_is_named() -> None:
+    """`traceidratio` and `parentbased_traceidratio` both build a parent-based sampler: a saga's spans follow the
+    flag of its root context (the engine's decision), never a second decision of their own."""
+    for name in ("traceidratio", "parentbased_traceidratio"):
+        env = {"OTEL_TRACES_SAMPLER": name, "OTEL_TRACES_SAMPLER_ARG": "0.5",
+               "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+        setup = configure_tracing(True, service_name="x", environ=env)
+        assert setup is not None
+        assert isinstance(setup.provider.sampler, sampling.ParentBased)
+        for _ in range(50):
             saga_id = str(uuid.uuid4())
-            trace_id = trace.get_current_span(saga_context(saga_id)).get_span_context().trace_id
-            decision = sampler.should_sample(None, trace_id, "x").decision
-            assert sampled(saga_id, ratio) is decision.is_sampled()
+            for flag in (True, False):
+                parent = saga_context(saga_id, flag)
+                span_context = trace.get_current_span(parent).get_span_context()
+                decision = setup.provider.sampler.should_sample(parent, span_context.trace_id, "x").decision
+                assert decision.is_sampled() is flag
+        setup.shutdown()
 
 
 def test_unknown_exporter_or_protocol_is_a_clear_error() -> None:
