@@ -7,7 +7,8 @@ bench/saga_throughput.py, N sagas at a bounded concurrency after a warm-up. The 
 
 - metrics: `EngineMetrics` on the engine, and `/metrics` rendered once a second (a scrape, gauges read from the store);
 - tracing: `EngineTracing` on the engine and `ParticipantTracing` on the participants, spans exported by the SDK's
-  `SimpleSpanProcessor` to an `InMemorySpanExporter` (emptied after each round): nine spans a saga;
+  `SimpleSpanProcessor` to an `InMemorySpanExporter` (emptied after each round): six spans a saga (one per step
+  attempt's round trip on the engine, one per command handled by a participant);
 - traced10: the same with `EngineTracing(ratio=0.1)`: one saga in ten traced (the others' spans are not recorded,
   by the engine nor by the participants, through the SDK's default parent-based sampler).
 
@@ -73,6 +74,8 @@ async def running(mode: str, directory: Path, exporter: InMemorySpanExporter,
             await stack.enter_async_context(participant(service, command).serve(broker=broker, database_url=url,
                                                                                 tracing=tracing))
         yield engine, metrics
+        if isinstance(observer, EngineTracing):
+            observer.close()
 
 
 async def one_round(mode: str, sagas: int, concurrency: int, exporter: InMemorySpanExporter,

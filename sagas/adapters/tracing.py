@@ -7,18 +7,25 @@ One trace per saga. Its trace id and the id of its (never recorded) root span ar
 engine of a group, a restarted engine and a retry continue the same trace with nothing more to store: the saga's id
 *is* its stored trace context. In it:
 
-- each step attempt is a PRODUCER span ``send <topic>``, begun when the command is decided (before the commit, so
-  that its context travels in the stored message's ``ce_traceparent`` / ``ce_tracestate`` headers, the CloudEvents
-  distributed-tracing extension) and ended when the broker acknowledged it;
+- each step attempt (command or compensation) is a PRODUCER span ``send <topic>`` covering its round trip: begun
+  when the command is decided (before the commit, so that its context travels in the stored message's
+  ``ce_traceparent`` / ``ce_tracestate`` headers, the CloudEvents distributed-tracing extension) and ended when its
+  reply is fetched (``sagas.outcome`` = the reply's outcome), linked to the participant's span the reply names;
+  or when the attempt times out (``timeout``), or at `EngineTracing.close` (``interrupted``);
 - a participant's handling is a CONSUMER span ``process <topic>``, child of that PRODUCER span through the headers,
   and its reply carries the CONSUMER span's context back;
-- the engine's handling of a reply is a CONSUMER span ``process <reply topic>`` in the saga's trace, linked to the
-  participant's span; it ends when the reply's unit of work is committed.
+- a reply whose attempt's span this engine does not hold (it was sent before a restart, or by another engine of the
+  group, or came after the timeout) is handled in a CONSUMER span ``process <reply topic>`` of its own, in the
+  saga's trace, linked to the participant's span, ended when the reply's unit of work is committed.
+
+One span per attempt on the engine's side, not a PRODUCER + CONSUMER pair: what each span costs in the SDK is most of
+what tracing costs (see bench/observability_overhead.py), and the round trip is what an operator looks for.
 
 Attributes follow the OpenTelemetry messaging conventions (``messaging.system``, ``messaging.destination.name``,
-``messaging.operation.type``, ``messaging.message.id``) plus ``sagas.saga.id``, ``sagas.saga.name``,
-``sagas.step``, ``sagas.attempt`` and ``sagas.kind``. A message without the headers (a kcat participant, a row
-written by the CLI) is handled as before; its span starts a trace of its own.
+``messaging.operation.type``, ``messaging.operation.name``, ``messaging.message.id``) plus ``sagas.saga.id``,
+``sagas.saga.name``, ``sagas.step``, ``sagas.attempt``, ``sagas.kind`` and ``sagas.outcome``. A message without
+the headers (a kcat participant, a row written by the CLI) is handled as before; a participant's span of a command
+without them is still in the saga's trace, a child of its root.
 """
 
 from __future__ import annotations
@@ -36,8 +43,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from sagas.engine.ports import BrokerMessage, Delivery, NoObserver, OutboxMessage, UnitOfWork
-from sagas.engine.state import OutgoingCommand
+from sagas.engine.ports import BrokerMessage, Delivery, NoObserver, UnitOfWork
+from sagas.engine.state import OutgoingCommand, message_id
 from sagas.engine.wire import CommandMessage
 
 __all__ = ["EngineTracing", "ParticipantTracing", "saga_context", "sampled", "trace_headers"]
@@ -132,22 +139,37 @@ class _OpenSpans:
     def __init__(self) -> None:
         self._spans: OrderedDict[str, Span] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._spans)
+
     def put(self, key: str, span: Span) -> None:
-        previous = self._spans.pop(key, None)
-        if previous is not None:  # decided again (a conflict re-ran the batch): the first never went out
-            previous.end()
+        # Decided again (a conflict re-ran the batch): the first never went out, and is dropped unrecorded.
+        self._spans.pop(key, None)
         self._spans[key] = span
         if len(self._spans) > _OPEN_MAX:
             self._spans.popitem(last=False)[1].end()
+
+    def pop(self, key: str) -> Span | None:
+        return self._spans.pop(key, None)
 
     def end(self, key: str) -> None:
         span = self._spans.pop(key, None)
         if span is not None:
             span.end()
 
+    def end_all(self, **attributes: Any) -> None:
+        spans, self._spans = self._spans, OrderedDict()
+        for span in spans.values():
+            span.set_attributes(attributes)
+            span.end()
+
+
+_TIMED_OUT = {"step.timed_out": "command", "compensation.timed_out": "compensation"}
+
 
 class EngineTracing(NoObserver):
-    """The engine's spans, on the observer seam (see the module docstring)."""
+    """The engine's spans, on the observer seam (see the module docstring). Call `close` once the engine has
+    stopped: it ends the spans of the attempts still waiting for their reply (`sagas serve` does)."""
 
     def __init__(self, *, tracer_provider: Any = None, messaging_system: str = "kafka", ratio: float = 1.0) -> None:
         """`messaging_system`: the broker, as the conventions name it (``kafka``, ``rabbitmq``; ``sagas.db`` for
@@ -156,56 +178,87 @@ class EngineTracing(NoObserver):
         self.tracer = trace.get_tracer("sagas.engine", tracer_provider=tracer_provider)
         self.messaging_system = messaging_system
         self.ratio = ratio
-        self._sending = _OpenSpans()
+        self._round_trips = _OpenSpans()
+        """Command id -> its PRODUCER span, from the decision to the reply fetched (or the timeout)."""
         self._processing = _OpenSpans()
+        """Reply id -> a CONSUMER span of a reply whose attempt's span is not here (sent before a restart)."""
+        self._per_topic: dict[str, tuple[str, dict[str, Any]]] = {}
+
+    def _topic(self, topic: str) -> tuple[str, dict[str, Any]]:
+        """The name and the constant attributes of the spans of `topic`, built once."""
+        found = self._per_topic.get(topic)
+        if found is None:
+            found = self._per_topic[topic] = (f"send {topic}", {
+                "messaging.system": self.messaging_system, "messaging.destination.name": topic,
+                "messaging.operation.type": "send", "messaging.operation.name": "send"})
+        return found
 
     def outgoing(self, command: OutgoingCommand, message: BrokerMessage) -> BrokerMessage:
         if not sampled(command.saga_id, self.ratio):
             # No span to record, here or downstream: the unsampled root context tells the participants so.
             root = trace.get_current_span(saga_context(command.saga_id, False))
             return _with_headers(message, trace_headers(root))
+        name, constant = self._topic(command.topic)
         span = self.tracer.start_span(
-            f"send {command.topic}", context=saga_context(command.saga_id), kind=SpanKind.PRODUCER,
+            name, context=saga_context(command.saga_id), kind=SpanKind.PRODUCER,
             attributes={
-                "messaging.system": self.messaging_system, "messaging.destination.name": command.topic,
-                "messaging.operation.type": "send", "messaging.operation.name": "send",
-                "messaging.message.id": command.id, "sagas.saga.id": command.saga_id,
+                **constant, "messaging.message.id": command.id, "sagas.saga.id": command.saga_id,
                 "sagas.saga.name": command.saga_name, "sagas.step": command.step, "sagas.attempt": command.attempt,
                 "sagas.kind": str(command.kind),
             },
         )
-        self._sending.put(command.id, span)
+        self._round_trips.put(command.id, span)
         return _with_headers(message, trace_headers(span))
-
-    def published(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
-        for message in messages:
-            self._sending.end(message.id)
 
     def fetched(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:
             message = delivery.message
-            saga_id, message_id = message.header("ce_subject"), message.header("ce_id")
-            if saga_id is None or message_id is None or not sampled(saga_id, self.ratio):
-                continue  # malformed (a dead letter, in no saga's trace), or the saga is not traced
+            causation = message.header("ce_sagacausation")
+            span = None if causation is None else self._round_trips.pop(causation)
             remote = _extracted(message)
+            if span is not None:  # the attempt's round trip ends here, linked to the participant's handling
+                if remote is not None:
+                    span.add_link(trace.get_current_span(remote).get_span_context())
+                span.set_attribute("sagas.outcome", message.header("ce_sagaoutcome") or "")
+                span.end()
+                continue
+            saga_id, reply_id = message.header("ce_subject"), message.header("ce_id")
+            if saga_id is None or reply_id is None or not sampled(saga_id, self.ratio):
+                continue  # malformed (a dead letter, in no saga's trace), or the saga is not traced
             links = [] if remote is None else [Link(trace.get_current_span(remote).get_span_context())]
             span = self.tracer.start_span(
                 f"process {message.topic}", context=saga_context(saga_id), kind=SpanKind.CONSUMER, links=links,
                 attributes={
                     "messaging.system": self.messaging_system, "messaging.destination.name": message.topic,
                     "messaging.operation.type": "process", "messaging.operation.name": "process",
-                    "messaging.message.id": message_id, "sagas.saga.id": saga_id,
+                    "messaging.message.id": reply_id, "sagas.saga.id": saga_id,
                     "sagas.step": message.header("ce_sagastep") or "", "sagas.kind": "reply",
                     "sagas.attempt": _attempt(message),
                 },
             )
-            self._processing.put(message_id, span)
+            self._processing.put(reply_id, span)
 
     def committed(self, work: UnitOfWork, seconds: float) -> None:
-        for record in work.inbox:
-            self._processing.end(record.message_id)
-        for dead in work.dead_letters:
-            self._processing.end(dead.id)
+        if len(self._processing):
+            for record in work.inbox:
+                self._processing.end(record.message_id)
+            for dead in work.dead_letters:
+                self._processing.end(dead.id)
+        for history in work.history:
+            kind = _TIMED_OUT.get(history.entry.type)
+            if kind is not None and history.entry.step is not None and history.entry.attempt is not None:
+                span = self._round_trips.pop(message_id(history.saga_id, history.entry.step, kind,
+                                                        history.entry.attempt))
+                if span is not None:
+                    span.set_attribute("sagas.outcome", "timeout")
+                    span.end()
+
+    def close(self) -> None:
+        """End the spans still open (attempts whose reply has not come), marked ``sagas.outcome=interrupted``:
+        an engine that stops without it leaves them unrecorded. The replies, handled by the next engine, get
+        a `process` span of their own."""
+        self._round_trips.end_all(**{"sagas.outcome": "interrupted"})
+        self._processing.end_all()
 
 
 def _attempt(message: BrokerMessage) -> int:

@@ -286,7 +286,7 @@ def serve(
         options = settings.kafka.broker_options() if settings.broker.startswith("kafka://") else {}
         broker = open_broker(settings.broker, db_url=normalize_db_url(settings.db), **options)
         observers: list[Observer] = []
-        metrics = None
+        metrics, tracing = None, None
         if settings.http is not None:
             from sagas.adapters.prometheus import EngineMetrics
 
@@ -296,8 +296,9 @@ def serve(
             from sagas.adapters.otel import messaging_system
             from sagas.adapters.tracing import EngineTracing
 
-            observers.append(EngineTracing(tracer_provider=traced.provider, ratio=traced.ratio,
-                                           messaging_system=messaging_system(broker)))
+            tracing = EngineTracing(tracer_provider=traced.provider, ratio=traced.ratio,
+                                    messaging_system=messaging_system(broker))
+            observers.append(tracing)
         observer = None if not observers else observers[0] if len(observers) == 1 else Observers(*observers)
         engine = Engine(store=store, broker=broker, definitions=loaded, settings=settings.engine_settings(),
                         observer=observer)
@@ -315,6 +316,8 @@ def serve(
                     await stop.wait()
         finally:
             await store.close()
+            if tracing is not None:
+                tracing.close()  # the attempts still waiting for a reply
             if traced is not None:
                 await asyncio.to_thread(traced.shutdown)  # flushes the spans still batched
 
