@@ -10,7 +10,7 @@ environment names an exporter (``OTEL_TRACES_EXPORTER=otlp``); ``--no-tracing`` 
   (``opentelemetry-exporter-otlp-proto-grpc``, installed apart);
 - ``OTEL_SERVICE_NAME`` and ``OTEL_RESOURCE_ATTRIBUTES`` (the service name defaults to `service_name`);
 - ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``: ``parentbased_traceidratio`` (or ``traceidratio``) with
-  ``0.1`` traces one saga in ten, decided by the engine from the saga's trace id (`sagas.adapters.tracing.sampled`)
+  ``0.1`` traces one saga in ten, decided by the engine from a hash of the saga id (`sagas.adapters.tracing.sampled`)
   and carried in the trace context; the sampler built here is always parent based, so every process follows that
   decision and an unsampled saga records no span anywhere;
 - ``OTEL_BSP_*``: the batch span processor's delay and queue.

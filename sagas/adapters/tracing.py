@@ -86,14 +86,17 @@ def saga_context(saga_id: str, sampled: bool = True) -> otel_context.Context:
     return found
 
 
-_RANDOM_BITS = 1 << 56
+@functools.lru_cache(maxsize=10_000)
+def _sample_point(saga_id: str) -> float:
+    return int.from_bytes(hashlib.sha256(b"sample:" + saga_id.encode()).digest()[:8], "big") / 2**64
 
 
 def sampled(saga_id: str, ratio: float) -> bool:
-    """Whether a saga's trace is sampled at `ratio`: decided by its trace id alone, so every process agrees. The
-    lowest 56 bits decide (the part W3C trace context level 2 calls random): a UUIDv7 saga id's last 64 bits begin
-    with its fixed variant bits, which would skew a decision on all 64 (what the SDK's `TraceIdRatioBased` uses)."""
-    return ratio >= 1.0 or (_trace_id(saga_id) & (_RANDOM_BITS - 1)) < ratio * _RANDOM_BITS
+    """Whether a saga's trace is sampled at `ratio`: decided by a hash of its id alone, so every process agrees.
+    Not by the trace id's own bits (what the SDK's `TraceIdRatioBased` reads): the engine's UUIDv7 ids have fixed
+    variant bits there, and the ids of one millisecond count up from one random start, so whole bursts of sagas
+    would be in or out together."""
+    return ratio >= 1.0 or _sample_point(saga_id) < ratio
 
 
 def trace_headers(span: Span) -> tuple[tuple[str, bytes], ...]:

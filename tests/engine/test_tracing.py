@@ -20,7 +20,9 @@ from opentelemetry.trace import SpanKind
 from sagas.adapters import open_broker
 from sagas.adapters.sql import SqlStore
 from sagas.adapters.tracing import EngineTracing, ParticipantTracing, saga_context, sampled
+from sagas.engine.ports import BrokerMessage, Delivery, HistoryRecord, UnitOfWork
 from sagas.engine.runtime import Engine
+from sagas.engine.state import HistoryEntry, MessageKind, OutgoingCommand, message_id
 from sagas.engine.wire import CommandMessage
 from sagas.logs import add_trace_ids
 from sagas.participant import Participant
@@ -248,3 +250,36 @@ async def test_a_step_retry_continues_the_saga_trace_with_the_right_parents(
     assert handled[2].attributes["sagas.outcome"] == "success"
     assert sends[2].attributes["sagas.outcome"] == "success"
     assert sends[2].start_time >= sends[1].end_time  # re-sent after the retry reply, after its backoff
+
+
+def test_an_attempt_that_times_out_or_is_in_flight_at_the_stop_ends_with_that_outcome(
+    spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """An attempt's round-trip span ends with `timeout` when the commit records its timeout, a later attempt's span
+    still open at `close` ends with `interrupted`, and a late reply to the timed-out attempt gets a reply span of
+    its own (its round trip already ended)."""
+    provider, exporter = spans
+    tracing = EngineTracing(tracer_provider=provider, messaging_system="memory")
+    saga_id = "01a23704-3095-76a4-aa53-a86efb234a63"
+
+    def command(attempt: int) -> OutgoingCommand:
+        return OutgoingCommand(id=message_id(saga_id, "reserve", MessageKind.COMMAND, attempt), saga_id=saga_id,
+                               saga_name="order", step="reserve", kind=MessageKind.COMMAND, attempt=attempt,
+                               topic="inventory.commands", type="Reserve", payload={})
+
+    first = tracing.outgoing(command(1), BrokerMessage(topic="inventory.commands", value=b"{}"))
+    assert first.header("ce_traceparent") is not None
+    timed_out = HistoryEntry(at=1.0, type="step.timed_out", step="reserve", attempt=1)
+    tracing.committed(UnitOfWork(history=[HistoryRecord(saga_id, timed_out)]), 0.001)
+    tracing.outgoing(command(2), BrokerMessage(topic="inventory.commands", value=b"{}"))
+    late = BrokerMessage(topic="sagas.replies", value=b"{}", headers=(
+        ("ce_id", f"{command(1).id}/reply".encode()), ("ce_subject", saga_id.encode()),
+        ("ce_sagastep", b"reserve"), ("ce_sagaattempt", b"1"), ("ce_sagacausation", command(1).id.encode()),
+        ("ce_sagaoutcome", b"success")))
+    tracing.fetched([Delivery(late)])
+    tracing.close()
+    finished = {(s.name, s.attributes["sagas.attempt"]): s for s in exporter.get_finished_spans()}
+    assert set(finished) == {("send inventory.commands", 1), ("send inventory.commands", 2),
+                             ("process sagas.replies", 1)}
+    assert finished["send inventory.commands", 1].attributes["sagas.outcome"] == "timeout"
+    assert finished["send inventory.commands", 2].attributes["sagas.outcome"] == "interrupted"
