@@ -109,11 +109,26 @@ def trace_headers(span: Span) -> tuple[tuple[str, bytes], ...]:
     return (parent, (TRACESTATE, state.encode())) if state else (parent,)
 
 
-def _extracted(message: BrokerMessage) -> otel_context.Context | None:
-    parent = message.header(TRACEPARENT)
+_WANTED = frozenset({TRACEPARENT, TRACESTATE, "ce_sagacausation", "ce_sagaoutcome", "ce_subject", "ce_id",
+                     "ce_sagastep", "ce_sagaattempt"})
+
+
+def _headers(message: BrokerMessage) -> dict[str, str]:
+    """The trace context and reply headers of `message`, in one pass over its headers (never raises)."""
+    found: dict[str, str] = {}
+    try:
+        for key, value in message.headers:
+            if key in _WANTED and key not in found and isinstance(value, bytes | bytearray | memoryview):
+                found[key] = bytes(value).decode("utf-8", errors="replace")
+    except (TypeError, ValueError):  # headers that are not pairs
+        pass
+    return found
+
+
+def _remote(parent: str | None, state: str | None) -> SpanContext | None:
+    """The valid span context of a ``traceparent`` (and ``tracestate``) header, or None."""
     if parent is None:
         return None
-    state = message.header(TRACESTATE)
     if state is None:
         parts = parent.split("-")
         # The common case parsed here; anything else (tracestate, another version) by the W3C propagator.
@@ -124,16 +139,38 @@ def _extracted(message: BrokerMessage) -> otel_context.Context | None:
                 return None
             if not trace_id or not span_id:
                 return None
-            remote = SpanContext(trace_id=trace_id, span_id=span_id, is_remote=True, trace_flags=TraceFlags(flags))
-            return trace.set_span_in_context(NonRecordingSpan(remote))
+            return SpanContext(trace_id=trace_id, span_id=span_id, is_remote=True, trace_flags=TraceFlags(flags))
     carrier = {"traceparent": parent} if state is None else {"traceparent": parent, "tracestate": state}
-    extracted = _propagator.extract(carrier)
-    return extracted if trace.get_current_span(extracted).get_span_context().is_valid else None
+    context = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
+    return context if context.is_valid else None
+
+
+@functools.lru_cache(maxsize=10_000)
+def _unsampled(saga_id: str) -> tuple[tuple[str, bytes], ...]:
+    """The headers of an unsampled saga's commands: its root context, flagged not sampled."""
+    return trace_headers(trace.get_current_span(saga_context(saga_id, False)))
 
 
 def _with_headers(message: BrokerMessage, headers: tuple[tuple[str, bytes], ...]) -> BrokerMessage:
-    kept = tuple(h for h in message.headers if h[0] not in (TRACEPARENT, TRACESTATE))
-    return BrokerMessage(topic=message.topic, value=message.value, key=message.key, headers=kept + headers)
+    kept = [h for h in message.headers if h[0] != TRACEPARENT and h[0] != TRACESTATE]
+    return BrokerMessage(topic=message.topic, value=message.value, key=message.key, headers=(*kept, *headers))
+
+
+class _Current:
+    """`span` current while the handler runs (what `trace.use_span` does, without its generator and exception
+    recording: the worker answers a handler's exception itself)."""
+
+    __slots__ = ("context", "token")
+
+    def __init__(self, span: Span) -> None:
+        self.context = trace.set_span_in_context(span)
+        self.token: object = None
+
+    def __enter__(self) -> None:
+        self.token = otel_context.attach(self.context)
+
+    def __exit__(self, *exc: object) -> None:
+        otel_context.detach(self.token)  # type: ignore[arg-type]
 
 
 class _OpenSpans:
@@ -199,8 +236,7 @@ class EngineTracing(NoObserver):
     def outgoing(self, command: OutgoingCommand, message: BrokerMessage) -> BrokerMessage:
         if not sampled(command.saga_id, self.ratio):
             # No span to record, here or downstream: the unsampled root context tells the participants so.
-            root = trace.get_current_span(saga_context(command.saga_id, False))
-            return _with_headers(message, trace_headers(root))
+            return _with_headers(message, _unsampled(command.saga_id))
         name, constant = self._topic(command.topic)
         span = self.tracer.start_span(
             name, context=saga_context(command.saga_id), kind=SpanKind.PRODUCER,
@@ -216,27 +252,32 @@ class EngineTracing(NoObserver):
     def fetched(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:
             message = delivery.message
-            causation = message.header("ce_sagacausation")
+            found = _headers(message)
+            causation = found.get("ce_sagacausation")
             span = None if causation is None else self._round_trips.pop(causation)
-            remote = _extracted(message)
-            if span is not None:  # the attempt's round trip ends here, linked to the participant's handling
-                if remote is not None:
-                    span.add_link(trace.get_current_span(remote).get_span_context())
-                span.set_attribute("sagas.outcome", message.header("ce_sagaoutcome") or "")
+            if span is not None:  # the attempt's round trip ends here
+                remote = _remote(found.get(TRACEPARENT), found.get(TRACESTATE))
+                if remote is not None and remote.trace_id != span.get_span_context().trace_id:
+                    span.add_link(remote)  # the participant's span is in a trace of its own: link it
+                span.set_attribute("sagas.outcome", found.get("ce_sagaoutcome", ""))
                 span.end()
                 continue
-            saga_id, reply_id = message.header("ce_subject"), message.header("ce_id")
+            saga_id, reply_id = found.get("ce_subject"), found.get("ce_id")
             if saga_id is None or reply_id is None or not sampled(saga_id, self.ratio):
                 continue  # malformed (a dead letter, in no saga's trace), or the saga is not traced
-            links = [] if remote is None else [Link(trace.get_current_span(remote).get_span_context())]
+            remote = _remote(found.get(TRACEPARENT), found.get(TRACESTATE))
+            try:
+                attempt = int(found.get("ce_sagaattempt") or 0)
+            except ValueError:
+                attempt = 0
             span = self.tracer.start_span(
-                f"process {message.topic}", context=saga_context(saga_id), kind=SpanKind.CONSUMER, links=links,
+                f"process {message.topic}", context=saga_context(saga_id), kind=SpanKind.CONSUMER,
+                links=[] if remote is None else [Link(remote)],
                 attributes={
                     "messaging.system": self.messaging_system, "messaging.destination.name": message.topic,
                     "messaging.operation.type": "process", "messaging.operation.name": "process",
                     "messaging.message.id": reply_id, "sagas.saga.id": saga_id,
-                    "sagas.step": message.header("ce_sagastep") or "", "sagas.kind": "reply",
-                    "sagas.attempt": _attempt(message),
+                    "sagas.step": found.get("ce_sagastep", ""), "sagas.kind": "reply", "sagas.attempt": attempt,
                 },
             )
             self._processing.put(reply_id, span)
@@ -264,13 +305,6 @@ class EngineTracing(NoObserver):
         self._processing.end_all()
 
 
-def _attempt(message: BrokerMessage) -> int:
-    try:
-        return int(message.header("ce_sagaattempt") or 0)
-    except ValueError:
-        return 0
-
-
 class ParticipantTracing:
     """A participant's CONSUMER spans: each command's handling, child of the engine's PRODUCER span."""
 
@@ -285,13 +319,15 @@ class ParticipantTracing:
         none (the invalid span) when the engine said the saga is not sampled. A command without the headers
         (written by `SagaAdmin.start`, the CLI or the HTTP API, or by an engine without tracing) is still put in
         its saga's trace, whose ids the saga id gives: its span is a child of the saga's root."""
-        parent = _extracted(message)
-        if parent is None:
+        remote = _remote(message.header(TRACEPARENT), message.header(TRACESTATE))
+        if remote is None:
             if not sampled(command.saga_id, self.ratio):
                 return trace.INVALID_SPAN
             parent = saga_context(command.saga_id)
-        elif not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
+        elif not remote.trace_flags.sampled:
             return trace.INVALID_SPAN
+        else:
+            parent = trace.set_span_in_context(NonRecordingSpan(remote))
         return self.tracer.start_span(
             f"process {message.topic}", context=parent, kind=SpanKind.CONSUMER,
             attributes={
@@ -307,10 +343,12 @@ class ParticipantTracing:
         """A context manager making `span` current while the handler runs: its log lines carry the span's ids."""
         if span is trace.INVALID_SPAN:
             return contextlib.nullcontext()
-        return trace.use_span(span, end_on_exit=False)
+        return _Current(span)
 
     def reply(self, span: Span, reply: BrokerMessage, outcome: str) -> BrokerMessage:
         """End `span` with the answer's outcome; the reply carries its context back to the engine."""
+        if span is trace.INVALID_SPAN:
+            return reply  # not sampled: the reply goes as it is
         span.set_attribute("sagas.outcome", outcome)
         span.end()
         return _with_headers(reply, trace_headers(span))
