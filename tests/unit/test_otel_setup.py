@@ -166,3 +166,21 @@ def test_the_messaging_system_is_named_after_the_broker() -> None:
     """db:// brokers are `sagas.db`; an unknown broker class is `sagas`."""
     assert messaging_system(SqlQueueBroker.__new__(SqlQueueBroker)) == "sagas.db"
     assert messaging_system(object()) == "sagas"
+
+
+def test_the_tracing_setting_comes_from_the_environment_a_file_or_the_option(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`tracing` is unset by default (the OTEL_* environment decides), true from SAGAS_TRACING, and the option
+    (`--tracing/--no-tracing`) wins over the file and the environment."""
+    from sagas.settings import SagasSettings
+
+    monkeypatch.delenv("SAGAS_TRACING", raising=False)
+    assert SagasSettings.load(None).tracing is None
+    monkeypatch.setenv("SAGAS_TRACING", "true")
+    assert SagasSettings.load(None).tracing is True
+    monkeypatch.delenv("SAGAS_TRACING")
+    file = tmp_path / "sagas.toml"
+    file.write_text("tracing = true\n")
+    assert SagasSettings.load(file).tracing is True
+    assert SagasSettings.load(file, tracing=False).tracing is False
