@@ -51,8 +51,9 @@ __all__ = ["EngineTracing", "ParticipantTracing", "saga_context", "sampled", "tr
 
 TRACEPARENT = "ce_traceparent"
 TRACESTATE = "ce_tracestate"
-_OPEN_MAX = 100_000
-"""Spans begun and not yet ended that are remembered; beyond, the oldest are ended as they are."""
+_OPEN_MAX = 10_000
+"""Spans begun and not yet ended that are remembered (an SDK span holds a few kB: attempts waiting for a human's reply
+could be many); beyond, the oldest are ended as they are, marked ``sagas.outcome=pending``."""
 _propagator = TraceContextTextMapPropagator()
 
 
@@ -187,7 +188,9 @@ class _OpenSpans:
         self._spans.pop(key, None)
         self._spans[key] = span
         if len(self._spans) > _OPEN_MAX:
-            self._spans.popitem(last=False)[1].end()
+            oldest = self._spans.popitem(last=False)[1]
+            oldest.set_attribute("sagas.outcome", "pending")
+            oldest.end()
 
     def pop(self, key: str) -> Span | None:
         return self._spans.pop(key, None)

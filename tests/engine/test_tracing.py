@@ -305,3 +305,22 @@ def test_a_reply_from_a_participant_tracing_in_a_trace_of_its_own_is_linked(
         (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331)]
     assert finished[2].links == ()
     assert finished[1].attributes["sagas.outcome"] == finished[2].attributes["sagas.outcome"] == "success"
+
+
+def test_open_round_trips_are_bounded_and_the_oldest_ends_as_pending(
+    spans: tuple[TracerProvider, InMemorySpanExporter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond the bound of open round-trip spans the oldest is ended, marked `pending`; the others stay open."""
+    import sagas.adapters.tracing as tracing_module
+
+    provider, exporter = spans
+    monkeypatch.setattr(tracing_module, "_OPEN_MAX", 2)
+    tracing = EngineTracing(tracer_provider=provider, messaging_system="memory")
+    for n in range(3):
+        saga_id = f"saga-{n}"
+        tracing.outgoing(OutgoingCommand(id=message_id(saga_id, "reserve", MessageKind.COMMAND, 1), saga_id=saga_id,
+                                         saga_name="order", step="reserve", kind=MessageKind.COMMAND, attempt=1,
+                                         topic="inventory.commands", type="Reserve", payload={}),
+                         BrokerMessage(topic="inventory.commands", value=b"{}"))
+    assert [(s.attributes["sagas.saga.id"], s.attributes["sagas.outcome"]) for s in exporter.get_finished_spans()] == [
+        ("saga-0", "pending")]
