@@ -16,10 +16,11 @@ Targets (issue 11): metrics at most 5 % more CPU per saga, tracing at most 15 % 
 
 Two figures per configuration: the whole process's CPU per saga (median [min..max] over the rounds, and the median's
 difference to "off": what the targets are about, but on a loaded machine each round's figure moves by 10 % or
-more), and the CPU spent inside the observer's and the participants' tracing calls themselves, on the event loop's
-thread (`time.thread_time`, less what timing a call costs), per saga: a direct reading of what observability adds,
-much steadier, though it leaves out what happens elsewhere (the scrape's queries in the database thread, bigger
-messages, the garbage collector).
+more; "paired": the median of each round's difference to the "off" round run just before it, less exposed to the
+machine's load drifting over the run), and the CPU spent inside the observer's and the participants' tracing
+calls themselves, on the event loop's thread (`time.thread_time`, less what timing a call costs), per saga: a
+direct reading of what observability adds, much steadier, though it leaves out what happens elsewhere (the scrape's
+queries in the database thread, bigger messages, the garbage collector).
 
     .venv/bin/python bench/observability_overhead.py [--sagas 1000] [--rounds 5] [--concurrency 100]
 """
@@ -185,14 +186,17 @@ async def main_async(args: argparse.Namespace) -> None:
     base = statistics.median(r[0] for r in results["off"])
     print(f"\n{args.sagas} sagas x {args.rounds} rounds, interleaved; CPU per saga (whole process), median [min..max]; "
           "CPU per saga inside the observer and tracing calls (event-loop thread), median")
-    print(f"{'mode':10}{'CPU/saga ms':>26}{'vs off':>9}{'in calls':>12}{'vs off':>9}{'sagas/s':>9}{'target':>8}")
+    print("  paired: the median over rounds of each round's CPU per saga against the 'off' round just before it")
+    print(f"{'mode':10}{'CPU/saga ms':>26}{'vs off':>9}{'paired':>9}{'in calls':>12}{'vs off':>9}{'sagas/s':>9}"
+          f"{'target':>8}")
     for mode in MODES:
+        paired = statistics.median(r[0] / off[0] - 1 for r, off in zip(results[mode], results["off"], strict=True))
         cpus = [r[0] * 1e3 for r in results[mode]]
         cpu = statistics.median(cpus)
         inside = statistics.median(r[3] for r in results[mode])
         rate = statistics.median(r[1] for r in results[mode])
         spread = f"{cpu:.3f} [{min(cpus):.3f}..{max(cpus):.3f}]"
-        print(f"{mode:10}{spread:>26}{(cpu / (base * 1e3) - 1) * 100:+8.1f}%{inside * 1e6:9.1f} us"
+        print(f"{mode:10}{spread:>26}{(cpu / (base * 1e3) - 1) * 100:+8.1f}%{paired * 100:+8.1f}%{inside * 1e6:9.1f} us"
               f"{inside / base * 100:+8.1f}%{rate:9.1f}{TARGETS.get(mode, ''):>8}")
     provider.shutdown()
 
