@@ -40,7 +40,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sagas.engine.ports import BrokerMessage, Delivery, NoObserver, UnitOfWork
@@ -353,5 +353,7 @@ class ParticipantTracing:
         if span is trace.INVALID_SPAN:
             return reply  # not sampled: the reply goes as it is
         span.set_attribute("sagas.outcome", outcome)
+        if outcome == "retry":  # the handler failed on its own (a business failure is an answer, not an error)
+            span.set_status(Status(StatusCode.ERROR, "handler failed; answered retry"))
         span.end()
         return _with_headers(reply, trace_headers(span))

@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from sagas.adapters import open_broker
 from sagas.adapters.sql import SqlStore
@@ -245,6 +245,8 @@ async def test_a_step_retry_continues_the_saga_trace_with_the_right_parents(
         assert handled[attempt].parent.span_id == sends[attempt].context.span_id
         assert sends[attempt].links == ()  # the participant's span is its child, in the same trace
     assert handled[1].attributes["sagas.outcome"] == "retry"
+    assert handled[1].status.status_code is StatusCode.ERROR  # the handler failed on its own
+    assert handled[2].status.status_code is StatusCode.UNSET
     assert sends[1].attributes["sagas.outcome"] == "retry"  # the retry reply ended attempt 1's round trip
     assert handled[2].attributes["sagas.outcome"] == "success"
     assert sends[2].attributes["sagas.outcome"] == "success"
