@@ -74,6 +74,10 @@ class SagasSettings(BaseSettings):
     http: str | None = Field(
         None, description="HOST:PORT to serve /metrics, /healthz and /readyz on (:PORT is 127.0.0.1); unset: off."
     )
+    tracing: bool | None = Field(
+        None, description="OpenTelemetry traces (the otlp extra): true, false, or unset to follow the standard "
+        "OTEL_* environment (on when OTEL_TRACES_EXPORTER names an exporter). See docs/observability.md.",
+    )
     stuck_after: float = Field(300.0, gt=0, description="Seconds without a transition after which a running or "
                                "compensating saga counts as stuck (metrics).")
 

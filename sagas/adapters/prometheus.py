@@ -17,14 +17,17 @@ class, loop and component; never a saga id. docs/observability.md lists every me
 
 from __future__ import annotations
 
+import itertools
 import time
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from sagas.engine.ports import (
     Backlog,
@@ -74,6 +77,56 @@ def dead_letter_class(reason: str, saga_id: str | None) -> str:
     return "rejected" if saga_id is not None else "malformed"
 
 
+class _Histogram(Collector):
+    """A histogram family kept as plain integers per label values, turned into the Prometheus form when scraped.
+    Observing is a `bisect` and two additions, with no lock: every observer call runs on the event loop's thread
+    (a prometheus-client `Histogram.observe` takes two locks and walks the bounds). The series and buckets are those
+    a prometheus-client `Histogram` would expose, without its ``_created`` samples."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        self._labels = [floatToGoString(b) for b in self.bounds]  # type: ignore[no-untyped-call]
+        self.series: dict[tuple[str, ...], list[Any]] = {}
+        """Label values -> [count per bucket (the last: above every bound), sum]."""
+        if not self.labelnames:
+            self.child()
+        registry.register(self)
+
+    def child(self, *values: str) -> list[Any]:
+        found = self.series.get(values)
+        if found is None:
+            found = self.series[values] = [[0] * (len(self.bounds) + 1), 0.0]
+        return found
+
+    def observe(self, value: float, *values: str) -> None:
+        series = self.child(*values)
+        series[0][bisect_left(self.bounds, value)] += 1
+        series[1] += value
+
+    def observe_all(self, values: Sequence[float]) -> None:
+        """Several observations of the unlabelled series, in one call."""
+        counts, bounds = self.child()[0], self.bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+        self.series[()][1] += sum(values)
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def describe(self) -> Any:
+        yield self._family()
+
+    def collect(self) -> Any:
+        family = self._family()
+        for values, (counts, total) in list(self.series.items()):
+            cumulative = list(itertools.accumulate(counts))  # the last, above every bound, is +Inf's
+            family.add_metric(list(values), [*zip(self._labels, cumulative[:-1], strict=True),
+                                             ("+Inf", cumulative[-1])], total)
+        yield family
+
+
 class EngineMetrics(NoObserver):
     """The engine's metrics in their own registry; an `Observer`, and what `/metrics` serves."""
 
@@ -103,23 +156,22 @@ class EngineMetrics(NoObserver):
         self.started = Counter("sagas_started_total", "Sagas started.", ["definition", "version"], registry=r)
         self.settled = Counter("sagas_settled_total", "Sagas settled (completed, compensated, or parked as failed).",
                                ["definition", "status"], registry=r)
-        self.duration = Histogram("sagas_saga_duration_seconds", "Saga start to settled.",
-                                  ["definition", "status"], buckets=_DURATION_BUCKETS, registry=r)
-        self.round_trip = Histogram(
+        self.duration = _Histogram("sagas_saga_duration_seconds", "Saga start to settled.",
+                                   ["definition", "status"], _DURATION_BUCKETS, r)
+        self.round_trip = _Histogram(
             "sagas_step_round_trip_seconds", "A step attempt's command (or compensation) committed to its reply "
-            "applied (or its timeout fired).", ["definition", "step", "kind", "outcome"],
-            buckets=_ROUND_TRIP_BUCKETS, registry=r)
-        self.publish_latency = Histogram("sagas_publish_latency_seconds",
-                                         "Outbox message committed to acknowledged by the broker.",
-                                         buckets=_FAST_BUCKETS, registry=r)
+            "applied (or its timeout fired).", ["definition", "step", "kind", "outcome"], _ROUND_TRIP_BUCKETS, r)
+        self.publish_latency = _Histogram("sagas_publish_latency_seconds",
+                                          "Outbox message committed to acknowledged by the broker.", (),
+                                          _FAST_BUCKETS, r)
         self.published_total = Counter("sagas_messages_published_total", "Messages acknowledged by the broker.",
                                  registry=r)
         self.fetched_total = Counter("sagas_replies_fetched_total", "Replies fetched by the engine's consumer.",
                                ["topic"], registry=r)
-        self.commit_seconds = Histogram("sagas_commit_duration_seconds", "One unit of work's transaction.",
-                                        buckets=_FAST_BUCKETS, registry=r)
-        self.commit_batch = Histogram("sagas_commit_batch_sagas", "Sagas written by one transaction.",
-                                      buckets=_BATCH_BUCKETS, registry=r)
+        self.commit_seconds = _Histogram("sagas_commit_duration_seconds", "One unit of work's transaction.", (),
+                                         _FAST_BUCKETS, r)
+        self.commit_batch = _Histogram("sagas_commit_batch_sagas", "Sagas written by one transaction.", (),
+                                       _BATCH_BUCKETS, r)
         self.dead_letters_total = Counter("sagas_dead_letters_total", "Messages put in the dead letters.",
                                           ["reason"], registry=r)
         self.duplicates = Counter("sagas_duplicate_replies_total", "Replies dropped as already applied.",
@@ -127,8 +179,8 @@ class EngineMetrics(NoObserver):
         self.late = Counter("sagas_ignored_replies_total",
                             "Replies ignored: late (a superseded attempt) or for a settled saga.", registry=r)
         self.timers_fired_total = Counter("sagas_timers_fired_total", "Due timers fired.", registry=r)
-        self.timer_lateness = Histogram("sagas_timer_lateness_seconds", "A timer's firing after its due time.",
-                                        buckets=_FAST_BUCKETS, registry=r)
+        self.timer_lateness = _Histogram("sagas_timer_lateness_seconds", "A timer's firing after its due time.",
+                                         (), _FAST_BUCKETS, r)
         self.outages = Counter("sagas_outages_total", "Store or broker outages begun.", ["component"], registry=r)
         self.down = Gauge("sagas_component_down", "1 while the store or broker is out.", ["component"], registry=r)
         self.restarts = Counter("sagas_loop_restarts_total", "Engine loops restarted after failing.", ["loop"],
@@ -210,8 +262,7 @@ class EngineMetrics(NoObserver):
                     instances = {i.id: i for i in (*work.inserts, *work.updates)}
                 instance = instances.get(record.saga_id)
                 definition = instance.definition if instance is not None else "unknown"
-                self._child(self.round_trip, definition, entry.step, answered[0], answered[1]).observe(
-                    max(entry.at - at, 0.0))
+                self.round_trip.observe(max(entry.at - at, 0.0), definition, entry.step, answered[0], answered[1])
                 continue
             status = _SETTLED.get(kind_type)
             if status is not None:
@@ -221,8 +272,7 @@ class EngineMetrics(NoObserver):
                 if instance is None:
                     continue
                 self._child(self.settled, instance.definition, status.value).inc()
-                self._child(self.duration, instance.definition, status.value).observe(
-                    max(entry.at - instance.created_at, 0.0))
+                self.duration.observe(max(entry.at - instance.created_at, 0.0), instance.definition, status.value)
             elif kind_type == "message.duplicate":
                 self.duplicates.inc()
             elif kind_type == "message.ignored":
@@ -231,8 +281,7 @@ class EngineMetrics(NoObserver):
     def published(self, messages: Sequence[OutboxMessage], seconds: float) -> None:
         now = self.clock()
         self.published_total.inc(len(messages))
-        for message in messages:
-            self.publish_latency.observe(max(now - message.created_at, 0.0))
+        self.publish_latency.observe_all([max(now - message.created_at, 0.0) for message in messages])
 
     def outage(self, component: Literal["store", "broker"], down: bool) -> None:
         if down:
@@ -244,8 +293,7 @@ class EngineMetrics(NoObserver):
 
     def timers_fired(self, timers: Sequence[TimerSpec], now: float) -> None:
         self.timers_fired_total.inc(len(timers))
-        for timer in timers:
-            self.timer_lateness.observe(max(now - timer.due_at, 0.0))
+        self.timer_lateness.observe_all([max(now - timer.due_at, 0.0) for timer in timers])
 
     def fetched(self, deliveries: Sequence[Delivery]) -> None:
         if len(deliveries) == 1 or len({d.message.topic for d in deliveries}) == 1:

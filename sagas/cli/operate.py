@@ -232,6 +232,11 @@ def serve(
     http: Annotated[
         str | None, typer.Option("--http", help="HOST:PORT for /metrics, /healthz, /readyz (env SAGAS_HTTP).")
     ] = None,
+    tracing: Annotated[
+        bool | None,
+        typer.Option("--tracing/--no-tracing", help="OpenTelemetry traces to OTLP (env SAGAS_TRACING; default: on "
+                     "when OTEL_TRACES_EXPORTER is set). Endpoint, service name, sampler: the OTEL_* variables."),
+    ] = None,
 ) -> None:
     """Run the engine until SIGTERM or SIGINT, then shut down gracefully."""
     import signal
@@ -240,15 +245,22 @@ def serve(
 
     from sagas.adapters import normalize_db_url, open_broker, open_store
     from sagas.definitions import discover
+    from sagas.engine.ports import Observer, Observers
     from sagas.engine.runtime import Engine
     from sagas.logs import configure_logging
     from sagas.settings import SagasSettings
 
     configure_logging(json=json_logs)
     try:
-        settings = SagasSettings.load(config, db=db_url, broker=broker_url, http=http)
+        settings = SagasSettings.load(config, db=db_url, broker=broker_url, http=http, tracing=tracing)
     except (ValidationError, OSError, ValueError) as exc:
         raise fail(f"settings: {exc}") from None
+    from sagas.adapters.otel import TracingUnavailable, configure_tracing
+
+    try:
+        traced = configure_tracing(settings.tracing, service_name="sagas-engine", set_global=True)
+    except TracingUnavailable as exc:
+        raise fail(str(exc)) from None
     if settings.http is not None:
         try:
             from sagas.web.server import parse_address
@@ -273,11 +285,21 @@ def serve(
         store = open_store(settings.db)
         options = settings.kafka.broker_options() if settings.broker.startswith("kafka://") else {}
         broker = open_broker(settings.broker, db_url=normalize_db_url(settings.db), **options)
-        observer, metrics = None, None
+        observers: list[Observer] = []
+        metrics, tracing = None, None
         if settings.http is not None:
             from sagas.adapters.prometheus import EngineMetrics
 
-            observer = metrics = EngineMetrics(stuck_after=settings.stuck_after)
+            metrics = EngineMetrics(stuck_after=settings.stuck_after)
+            observers.append(metrics)
+        if traced is not None:
+            from sagas.adapters.otel import messaging_system
+            from sagas.adapters.tracing import EngineTracing
+
+            tracing = EngineTracing(tracer_provider=traced.provider, ratio=traced.ratio,
+                                    messaging_system=messaging_system(broker))
+            observers.append(tracing)
+        observer = None if not observers else observers[0] if len(observers) == 1 else Observers(*observers)
         engine = Engine(store=store, broker=broker, definitions=loaded, settings=settings.engine_settings(),
                         observer=observer)
         try:
@@ -294,6 +316,10 @@ def serve(
                     await stop.wait()
         finally:
             await store.close()
+            if tracing is not None:
+                tracing.close()  # the attempts still waiting for a reply
+            if traced is not None:
+                await asyncio.to_thread(traced.shutdown)  # flushes the spans still batched
 
     _run(go)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -91,13 +92,27 @@ class Participant:
         dead_letter_retention: float | None = DEAD_LETTER_RETENTION,
         retention_interval: float = 600.0,
         http: str | None = None,
-        tracing: ParticipantTracing | None = None,
+        tracing: ParticipantTracing | bool | None = None,
     ) -> AsyncIterator[ParticipantWorker]:
         """Run a worker until the block ends. `retention` / `dead_letter_retention`: seconds after which dedup
         records / dead letters are purged (None keeps them), checked every `retention_interval` seconds.
         `http`: ``HOST:PORT`` to serve /metrics, /healthz and /readyz on while it runs (needs the http extra);
-        `tracing`: a span per command, child of the engine's (`sagas.adapters.tracing.ParticipantTracing`)."""
+        `tracing`: a span per command, child of the engine's: a `sagas.adapters.tracing.ParticipantTracing`, or
+        True / False, or None (the default) to follow the standard OTEL_* environment (off unless
+        ``OTEL_TRACES_EXPORTER`` names an exporter; see `sagas.adapters.otel`)."""
         from sagas.participant.worker import ParticipantWorker
+
+        setup = None
+        if tracing is None or isinstance(tracing, bool):
+            from sagas.adapters.otel import configure_tracing, messaging_system
+
+            setup = configure_tracing(tracing, service_name=self.name)
+            tracing = None
+            if setup is not None:
+                from sagas.adapters.tracing import ParticipantTracing
+
+                tracing = ParticipantTracing(tracer_provider=setup.provider, messaging_system=messaging_system(broker),
+                                             ratio=setup.ratio)
 
         worker = ParticipantWorker(
             self, broker, participant_database(database_url), batch_max=batch_max, retention=retention,
@@ -119,6 +134,8 @@ class Participant:
                 await server.stop()
             self._workers.remove(worker)
             await worker.stop()
+            if setup is not None:
+                await asyncio.to_thread(setup.shutdown)  # flushes the spans still batched
 
     def health(self) -> dict[str, LoopHealth]:
         """The loops of the workers serving now (consumer, retention), by name; with several workers, by
