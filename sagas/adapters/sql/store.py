@@ -20,7 +20,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
 from sagas.adapters.sql import queries, rows, writes
-from sagas.adapters.sql.connection import Runner, open_runner
+from sagas.adapters.sql.connection import Runner, SqliteRunner, open_runner
 from sagas.adapters.sql.migrate import at_head, upgrade_connection
 from sagas.adapters.sql.tables import dead_letters, definitions, inbox, outbox, saga_instances, timers
 from sagas.definitions.model import SagaDefinition
@@ -87,6 +87,12 @@ class SqlStore:
 
     async def close(self) -> None:
         await self._runner.close()
+
+    async def checkpoint(self) -> None:
+        """SQLite: checkpoint the WAL when it has grown (see `connection.SqliteRunner.checkpoint`); the engine calls
+        this from a loop of its own. Nothing to do on PostgreSQL."""
+        if isinstance(self._runner, SqliteRunner):
+            await self._runner.checkpoint()
 
     # ---- writes -------------------------------------------------------------------------------------
 
