@@ -7,7 +7,9 @@ are copied N times under new time-ordered ids (`sagas.engine.ids.new_id`, as the
 spread over the week before the run, so every table and index holds what N settled sagas leave behind. Each
 repetition then runs `bench/saga_throughput.py`'s embedded mode (SQLite file store, in-memory broker, three
 in-process participants) on that file (the runs share it: each adds its few thousand sagas) and, alternately
-before or after it, on a fresh empty store.
+before or after it, on a fresh empty store. Then the store's writer alone, the same way: `bench/store_commit.py
+--steps` units (200 saga steps a commit, over 10,000 sagas of their own) on the prefilled file and on an empty one,
+interleaved, CPU per saga step.
 
     .venv/bin/python bench/store_size.py [--prefill 1000000] [--sagas 3000] [--concurrency 200] [--repeat 3]
         [--dir DIR]
@@ -29,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.saga_throughput import SagaRun, Setup, run_sagas
+from bench.store_commit import bench_steps
 from sagas.engine.ids import new_id
 from sagas.logs import configure_logging
 
@@ -119,6 +122,7 @@ def main() -> None:
     parser.add_argument("--sagas", type=int, default=3000, help="sagas per run (after 50 warm-up sagas)")
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each store, interleaved")
+    parser.add_argument("--step-seconds", type=float, default=3.0, help="time spent committing per writer-alone run")
     parser.add_argument("--dir", type=Path, help="where the files go (default: a temporary directory)")
     args = parser.parse_args()
     configure_logging(level="WARNING")
@@ -163,6 +167,21 @@ def main() -> None:
         writer = [p.threads.get("store writer", 0.0) / max(e.threads.get("store writer", 0.0), 1e-9)
                   for e, p in zip(runs["empty"], runs["prefilled"], strict=True)]
         print(f"prefilled / empty, per pair: CPU per saga {_spread(ratios, 3)}, writer CPU {_spread(writer, 3)}")
+        steps: dict[str, list[tuple[float, float, float]]] = {"empty": [], "prefilled": []}
+        for index in range(args.repeat):
+            for kind in ("empty", "prefilled") if index % 2 == 0 else ("prefilled", "empty"):
+                path = template if kind == "prefilled" else base / f"steps-{index}.db"
+                steps[kind].append(asyncio.run(bench_steps(path, 200, args.step_seconds, 10_000)))
+                if kind == "empty":
+                    for leftover in base.glob(f"steps-{index}.db*"):
+                        leftover.unlink()
+        print(f"\n==== the store's writer alone (store_commit.py --steps units, 200 a commit), {args.repeat} "
+              f"interleaved runs of {args.step_seconds} s ====")
+        for kind, done in steps.items():
+            print(f"{kind:>9}: {_spread([d[0] for d in done], 1)} commits/s; wall {_spread([d[1] for d in done], 1)}"
+                  f" us, CPU {_spread([d[2] for d in done], 1)} us per saga step")
+        cpu_ratios = [p[2] / e[2] for e, p in zip(steps["empty"], steps["prefilled"], strict=True)]
+        print(f"prefilled / empty, per pair: CPU per saga step {_spread(cpu_ratios, 3)}")
 
 
 if __name__ == "__main__":
