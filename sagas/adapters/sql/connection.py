@@ -199,14 +199,32 @@ def open_async_engine(url: str | URL, *, begin: str | None = "BEGIN IMMEDIATE", 
     return engine
 
 
-class _Lane:
+class _OwnThread:
+    """A connection used by one thread only: its `_close` runs there, once."""
+
+    def __init__(self, name: str) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.closed = False
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self._close)
+        self.executor.shutdown(wait=True)
+
+
+class _Lane(_OwnThread):
     """One SQLite connection and the single thread that owns it."""
 
     def __init__(self, engine: Engine, name: str) -> None:
+        super().__init__(name)
         self.engine = engine
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.connection: Connection | None = None
-        self.closed = False
 
     def _run(self, work: Callable[[Connection], T]) -> T:
         if self.connection is None:
@@ -232,14 +250,6 @@ class _Lane:
             self.connection.close()
             self.connection = None
         self.engine.dispose()
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._close)
-        self.executor.shutdown(wait=True)
 
 
 class SqliteRunner:
@@ -276,18 +286,17 @@ class SqliteRunner:
             await self._checkpointer.close()
 
 
-class _Checkpointer:
+class _Checkpointer(_OwnThread):
     """WAL checkpoints of one database file, on a plain sqlite3 connection (autocommit: a checkpoint cannot run
     inside a transaction) and a thread of their own, off the writer's commits."""
 
     def __init__(self, path: str) -> None:
+        super().__init__("sagas-sqlite-checkpoint")
         self.path = path
         self.wal = path + "-wal"
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagas-sqlite-checkpoint")
         self.connection: sqlite3.Connection | None = None
         self.done: tuple[int, int] | None = None  # the WAL's (size, mtime) after a checkpoint that copied all of it
         self.stats = {"passive": 0, "truncate": 0, "busy": 0}
-        self.closed = False
 
     async def run(self) -> str | None:
         try:
@@ -326,14 +335,6 @@ class _Checkpointer:
         if self.connection is not None:
             self.connection.close()
             self.connection = None
-
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._close)
-        self.executor.shutdown(wait=True)
 
 
 # ---- PostgreSQL ---------------------------------------------------------------------------------------

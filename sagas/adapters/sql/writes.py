@@ -140,27 +140,14 @@ def _statements(dialect: str) -> _DialectStatements:
 
     until: sa.BindParameter[float] = sa.bindparam("until")
     limit: sa.BindParameter[int] = sa.bindparam("limit")
-    pending = (
-        sa.select(outbox.c.seq)
-        .where(*_PENDING)
-        .order_by(outbox.c.created_at, outbox.c.seq)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    due = (
-        sa.select(timers.c.id)
-        .where(*_DUE)
-        .order_by(timers.c.due_at, timers.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    deadlines_due = (
-        sa.select(saga_instances.c.id)
-        .where(*_DEADLINE_DUE)
-        .order_by(saga_instances.c.step_deadline, saga_instances.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    def claimable(
+        column: sa.Column[Any], where: tuple[sa.ColumnElement[bool], ...], *order: sa.Column[Any]
+    ) -> sa.Select[Any]:
+        return sa.select(column).where(*where).order_by(*order).limit(limit).with_for_update(skip_locked=True)
+
+    pending = claimable(outbox.c.seq, _PENDING, outbox.c.created_at, outbox.c.seq)
+    due = claimable(timers.c.id, _DUE, timers.c.due_at, timers.c.id)
+    deadlines_due = claimable(saga_instances.c.id, _DEADLINE_DUE, saga_instances.c.step_deadline, saga_instances.c.id)
     return _DialectStatements(
         insert_definition=insert(definitions).on_conflict_do_nothing(),
         insert_dead_letters=insert(dead_letters).on_conflict_do_nothing(),
