@@ -110,12 +110,14 @@ def step_unit(sagas: list[SagaInstance], serial: int, sent: list[str]) -> UnitOf
     return work
 
 
-async def bench_steps(path: Path, size: int, seconds: float, saga_count: int) -> tuple[float, float, float]:
+async def bench_steps(
+    path: Path, size: int, seconds: float, saga_count: int, *, tag: str = ""
+) -> tuple[float, float, float]:
     """Commits/s, wall and CPU µs per saga step of `SqlStore.commit` for `step_unit`s of `size` sagas, cycling
-    through `saga_count` sagas (so the indexes hold that many)."""
+    through `saga_count` sagas of their own (ids ``saga-<tag><n>``, so the indexes hold that many more)."""
     store = SqlStore(f"sqlite+aiosqlite:///{path}")
     await store.initialize()
-    everyone = [saga(i) for i in range(saga_count)]
+    everyone = [saga(i).model_copy(update={"id": f"saga-{tag}{i:06}"}) for i in range(saga_count)]
     for start in range(0, saga_count, 500):
         chunk = [_at_step(s, 1) for s in everyone[start : start + 500]]
         await store.commit(UnitOfWork(inserts=chunk, timers=[_timeout(s.id, 1) for s in chunk]))

@@ -171,7 +171,7 @@ def main() -> None:
         for index in range(args.repeat):
             for kind in ("empty", "prefilled") if index % 2 == 0 else ("prefilled", "empty"):
                 path = template if kind == "prefilled" else base / f"steps-{index}.db"
-                steps[kind].append(asyncio.run(bench_steps(path, 200, args.step_seconds, 10_000)))
+                steps[kind].append(asyncio.run(bench_steps(path, 200, args.step_seconds, 10_000, tag=f"{index}-")))
                 if kind == "empty":
                     for leftover in base.glob(f"steps-{index}.db*"):
                         leftover.unlink()
