@@ -133,6 +133,7 @@ class ThreadClock:
     ROLES = (
         ("sagas-sqlite-write", "store writer"),
         ("sagas-sqlite-read", "store reader"),
+        ("sagas-sqlite-checkpoint", "store checkpoints"),
         ("MainThread", "event loop"),
     )
 

@@ -10,7 +10,14 @@ A unit of work of size N is what a group commit of N replies for N different sag
 
 Every database is a fresh file in WAL mode with synchronous=NORMAL. Only the commit calls are timed.
 
+``--steps`` times instead what the engine commits for a reply that moves each of N sagas to its next step: the
+instance update, two history rows, the next command in the outbox, the reply's inbox id, the previous commands'
+sent marks, the step timeout of the new step set and the previous one's cancelled; commits/s, wall and CPU time
+(every thread of the process) per saga step, over `--repeat` rounds, median [min..max]. It uses only the store's
+public API, so another version of the package can be timed side by side (``PYTHONPATH=<its root>``).
+
     .venv/bin/python bench/store_commit.py [--seconds 1.5] [--sizes 1,10,100,500]
+    .venv/bin/python bench/store_commit.py --steps [--sizes 200] [--repeat 5] [--saga-count 10000]
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import asyncio
 import json
 import sqlite3
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +39,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from sagas.adapters.sql import SqlStore, upgrade
 from sagas.engine.ports import BrokerMessage, HistoryRecord, InboxRecord, OutboxMessage, UnitOfWork
-from sagas.engine.state import HistoryEntry, SagaInstance, StepState
+from sagas.engine.state import HistoryEntry, SagaInstance, StepState, StepStatus, TimerKind, TimerSpec, timer_id
 
 T = TypeVar("T")
 
@@ -61,6 +69,105 @@ def unit(sagas: list[SagaInstance], serial: int) -> UnitOfWork:
         work.outbox.append(OutboxMessage(mid, instance.id, message, float(serial)))
         work.inbox.append(InboxRecord(f"reply/{mid}", instance.id, "applied", float(serial)))
     return work
+
+
+_STEPS = ("reserve", "charge", "ship")
+
+
+def _at_step(instance: SagaInstance, serial: int) -> SagaInstance:
+    """`instance` with step `serial % 3` running at attempt `serial` (the others succeeded)."""
+    running = _STEPS[serial % 3]
+    steps = {
+        name: StepState(status=StepStatus.RUNNING, attempt=serial) if name == running
+        else StepState(status=StepStatus.SUCCEEDED, attempt=1)
+        for name in _STEPS
+    }
+    return instance.model_copy(update={"steps": steps, "stage": serial % 3, "updated_at": float(serial)})
+
+
+def _timeout(saga_id: str, serial: int) -> TimerSpec:
+    step = _STEPS[serial % 3]
+    return TimerSpec(id=timer_id(saga_id, TimerKind.STEP_TIMEOUT, step, serial), saga_id=saga_id,
+                     timer=TimerKind.STEP_TIMEOUT, step=step, attempt=serial, due_at=float(serial) + 30.0)
+
+
+def step_unit(sagas: list[SagaInstance], serial: int, sent: list[str]) -> UnitOfWork:
+    """What a reply moving each saga to its next step commits (see the module's docstring)."""
+    work = UnitOfWork(sent=list(sent))
+    for instance in sagas:
+        mid = f"{instance.id}/{serial}"
+        work.updates.append(_at_step(instance, serial))
+        work.history.append(HistoryRecord(instance.id, HistoryEntry(at=float(serial), type="step.succeeded",
+                                                                    step=_STEPS[(serial - 1) % 3])))
+        work.history.append(HistoryRecord(instance.id, HistoryEntry(at=float(serial), type="step.started",
+                                                                    step=_STEPS[serial % 3], attempt=serial)))
+        value = json.dumps({"order_id": instance.id, "serial": serial}).encode()
+        message = BrokerMessage("payments.commands", value, instance.id, (("ce_id", mid.encode()),))
+        work.outbox.append(OutboxMessage(mid, instance.id, message, float(serial)))
+        work.inbox.append(InboxRecord(f"reply/{mid}", instance.id, "applied", float(serial)))
+        work.timers.append(_timeout(instance.id, serial))
+        work.cancel_timers.append(_timeout(instance.id, serial - 1).id)
+    return work
+
+
+async def bench_steps(
+    path: Path, size: int, seconds: float, saga_count: int, *, tag: str = ""
+) -> tuple[float, float, float]:
+    """Commits/s, wall and CPU µs per saga step of `SqlStore.commit` for `step_unit`s of `size` sagas, cycling
+    through `saga_count` sagas of their own (ids ``saga-<tag><n>``, so the indexes hold that many more)."""
+    store = SqlStore(f"sqlite+aiosqlite:///{path}")
+    await store.initialize()
+    everyone = [saga(i).model_copy(update={"id": f"saga-{tag}{i:06}"}) for i in range(saga_count)]
+    for start in range(0, saga_count, 500):
+        chunk = [_at_step(s, 1) for s in everyone[start : start + 500]]
+        await store.commit(UnitOfWork(inserts=chunk, timers=[_timeout(s.id, 1) for s in chunk]))
+    versions = dict.fromkeys((s.id for s in everyone), 1)
+    blocks = [everyone[i : i + size] for i in range(0, saga_count - size + 1, size)]
+    serials = [1] * len(blocks)
+    commits, spent, cpu, sent = 0, 0.0, 0.0, []
+    checkpoints = asyncio.create_task(_checkpoints(store))  # what the engine's loop does (a store that has it)
+    while spent < seconds:
+        block = commits % len(blocks)
+        group = blocks[block]
+        serials[block] += 1
+        serial = serials[block]
+        current = [s.model_copy(update={"version": versions[s.id]}) for s in group]
+        work = step_unit(current, serial, sent)
+        started, started_cpu = time.perf_counter(), time.process_time()
+        await store.commit(work)
+        spent += time.perf_counter() - started
+        cpu += time.process_time() - started_cpu
+        commits += 1
+        sent = [m.id for m in work.outbox]
+        for s in group:
+            versions[s.id] += 1
+    checkpoints.cancel()
+    await store.close()
+    steps = commits * size
+    return commits / spent, spent / steps * 1e6, cpu / steps * 1e6
+
+
+async def _checkpoints(store: SqlStore) -> None:
+    checkpoint = getattr(store, "checkpoint", None)
+    while checkpoint is not None:
+        await checkpoint()
+        await asyncio.sleep(0.1)
+
+
+def main_steps(sizes: list[int], seconds: float, repeat: int, saga_count: int) -> None:
+    print(f"SQLite {sqlite3.sqlite_version}; SqlStore commits of saga steps (update, 2 history rows, outbox, inbox,"
+          f" sent marks, a timeout set and one cancelled per saga); {saga_count:,} sagas stored; {seconds}s x {repeat}")
+    print(f"{'sagas/commit':>12} | {'commits/s':>26} | {'wall us/step':>24} | {'CPU us/step':>24}")
+    with tempfile.TemporaryDirectory() as directory:
+        for size in sizes:
+            runs = [asyncio.run(bench_steps(Path(directory, f"st{size}-{r}.db"), size, seconds, saga_count))
+                    for r in range(repeat)]
+
+            def spread(index: int, runs: list[tuple[float, float, float]] = runs) -> str:
+                values = sorted(r[index] for r in runs)
+                return f"{statistics.median(values):,.1f} [{values[0]:,.1f}..{values[-1]:,.1f}]"
+
+            print(f"{size:>12} | {spread(0):>26} | {spread(1):>24} | {spread(2):>24}")
 
 
 class AiosqliteRunner:
@@ -125,7 +232,8 @@ def bench_raw(path: Path, size: int, seconds: float) -> float:
     ids = [f"saga-{i:06}" for i in range(size)]
     snapshot = saga(0).model_dump_json()
     db.executemany(
-        "INSERT INTO saga_instances VALUES (?, 'order', 1, 'running', 0, NULL, 1, 1.0, 1.0, ?)",
+        "INSERT INTO saga_instances (id, definition, definition_version, status, stage, idempotency_key, version,"
+        " created_at, updated_at, snapshot) VALUES (?, 'order', 1, 'running', 0, NULL, 1, 1.0, 1.0, ?)",
         [(i, snapshot) for i in ids],
     )
     marks = ",".join("?" * size)
@@ -185,9 +293,16 @@ def bench_trivial(path: Path, seconds: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=1.5, help="time spent committing per measurement")
-    parser.add_argument("--sizes", default="1,10,100,500", help="unit-of-work sizes (events per commit)")
+    parser.add_argument("--sizes", default=None, help="unit-of-work sizes (events per commit; 1,10,100,500, or 200"
+                        " with --steps)")
+    parser.add_argument("--steps", action="store_true", help="time saga-step units of the store alone (see above)")
+    parser.add_argument("--repeat", type=int, default=5, help="--steps: rounds per size")
+    parser.add_argument("--saga-count", type=int, default=10_000, help="--steps: sagas stored and cycled through")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = [int(s) for s in (args.sizes or ("200" if args.steps else "1,10,100,500")).split(",")]
+    if args.steps:
+        main_steps(sizes, args.seconds, args.repeat, args.saga_count)
+        return
     with tempfile.TemporaryDirectory() as directory:
         trivial = bench_trivial(Path(directory, "trivial.db"), args.seconds)
         print(f"SQLite {sqlite3.sqlite_version}, WAL, synchronous=NORMAL; {args.seconds}s per cell; 4 rows/event")

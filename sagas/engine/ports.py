@@ -116,6 +116,20 @@ class Probe(Protocol):
 
 
 @runtime_checkable
+class Checkpoints(Protocol):
+    """Optional capability of a store: housekeeping kept off the commit path (SQLite's WAL checkpoints), which the
+    engine calls from a supervised loop of its own every `CHECKPOINT_INTERVAL` seconds."""
+
+    async def checkpoint(self) -> None:
+        """Do what is due, if anything (cheap when nothing is); raise StoreError when the database fails."""
+        ...
+
+
+CHECKPOINT_INTERVAL = 0.1
+"""Seconds between the engine's calls of `Checkpoints.checkpoint`."""
+
+
+@runtime_checkable
 class Backlog(Protocol):
     """Optional capability of a broker: how far a consumer group is behind, read when metrics are scraped."""
 

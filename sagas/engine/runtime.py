@@ -31,7 +31,17 @@ from sagas.definitions.model import SagaDefinition
 from sagas.definitions.registry import DefinitionRegistry
 from sagas.definitions.schema import validate_start
 from sagas.engine.ids import new_id
-from sagas.engine.ports import NO_OBSERVER, Broker, Consumer, Observer, OutboxMessage, Store, TopicCreator
+from sagas.engine.ports import (
+    CHECKPOINT_INTERVAL,
+    NO_OBSERVER,
+    Broker,
+    Checkpoints,
+    Consumer,
+    Observer,
+    OutboxMessage,
+    Store,
+    TopicCreator,
+)
 from sagas.engine.processor import (
     DEAD_LETTER_MAX_BYTES,
     DEFAULT_KNOWN_MAX,
@@ -216,6 +226,8 @@ class Engine:
         timer_interval, retention = self.settings.timer_interval, self.settings.retention
         if timer_interval is not None:
             self._loops.spawn("timers", lambda: self._timer_loop(timer_interval))
+        if isinstance(self.store, Checkpoints):
+            self._loops.spawn("checkpoint", self._checkpoint_loop)
         if retention is not None or self.settings.dead_letter_retention is not None:
             self._loops.spawn("retention", lambda: self._retention_loop(retention, self.settings.dead_letter_retention))
         if self.settings.gc_threshold is not None and not self._gc_raised:
@@ -229,7 +241,7 @@ class Engine:
         if not self._loops.running:
             return
         self._stopping.set()
-        for name in ("consumer", "timers", "relay", "retention"):
+        for name in ("consumer", "timers", "relay", "retention", "checkpoint"):
             await self._loops.cancel(name)
         await self._drain()
         for name in ("writer", "publisher"):
@@ -701,6 +713,21 @@ class Engine:
                          history=removed.history, instances=removed.instances, dead_letters=removed.dead_letters)
 
         await self._polling(purge, self.settings.retention_interval, "retention clean-up failed; will retry")
+
+    async def _checkpoint_loop(self) -> None:
+        """The store's housekeeping (`Checkpoints`): a store error is logged and retried later; it says nothing of
+        an outage's end (a call that found nothing to do did not reach the database)."""
+        assert isinstance(self.store, Checkpoints)
+        delay = CHECKPOINT_INTERVAL
+        while True:
+            try:
+                await self.store.checkpoint()
+                delay = CHECKPOINT_INTERVAL
+            except StoreError as exc:
+                if not self._store_failed(exc):
+                    log.error("store checkpoint failed; will retry", error=str(exc))
+                delay = min(max(delay * 2, CHECKPOINT_INTERVAL), self.settings.outage_backoff_max)
+            await asyncio.sleep(delay)
 
     async def _timer_loop(self, interval: float) -> None:
         await self._polling(self.fire_due_timers, interval, "timer poll failed; will retry")

@@ -18,7 +18,7 @@ from sagas.engine.runtime import Engine, EngineSettings
 from sagas.engine.state import SagaStatus
 from tests.engine.support import ledger_participant, three_steps
 
-LOOPS = ["consumer", "writer", "publisher", "relay", "timers", "retention"]
+LOOPS = ["consumer", "writer", "publisher", "relay", "timers", "retention", "checkpoint"]
 
 
 class Injected(RuntimeError):
@@ -47,7 +47,8 @@ def arm(engine: Engine, loop: str, marker: str, fired: asyncio.Event) -> None:
     elif loop == "publisher":
         engine._publish_queue.get = fail_once(engine._publish_queue.get, marker, fired)  # type: ignore[method-assign]
     else:
-        name = {"relay": "pending_outbox", "timers": "due_timers", "retention": "purge"}[loop]
+        names = {"relay": "pending_outbox", "timers": "due_timers", "retention": "purge", "checkpoint": "checkpoint"}
+        name = names[loop]
         setattr(engine.store, name, fail_once(getattr(engine.store, name), marker, fired))
 
 

@@ -21,6 +21,13 @@ SQLite settings, and why:
   instead of failing at once.
 - Write transactions start with ``BEGIN IMMEDIATE``: the write lock is taken up front, so two processes never
   both read under a shared lock and then deadlock upgrading it (SQLITE_BUSY that busy_timeout cannot resolve).
+- The store's writer has automatic checkpoints off (``wal_autocheckpoint=0``): SQLite would otherwise copy the WAL
+  back into the database inside the COMMIT that crosses 1,000 pages, on the engine's commit path. The store's
+  `checkpoint()` does it instead, on a connection and thread of its own (the engine calls it from a supervised
+  loop): PASSIVE once the WAL passes `WAL_CHECKPOINT_BYTES`, TRUNCATE once it passes `WAL_MAX_BYTES` (it waits
+  for readers, blocking new writers for at most `_CHECKPOINT_BUSY_TIMEOUT`). ``journal_size_limit`` shrinks the
+  WAL file back when the writer restarts it. A process that writes without the loop (the CLI) writes little, and
+  SQLite checkpoints when its last connection closes.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +130,15 @@ WRITE = "sagas_write"
 ``begin=None``: the queue reads and writes through one engine."""
 
 
+WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
+"""WAL size from which `SqliteRunner.checkpoint` runs a PASSIVE checkpoint (about SQLite's own automatic
+checkpoint, 1,000 pages of 4 KiB); also the writer's ``journal_size_limit``."""
+WAL_MAX_BYTES = 64 * 1024 * 1024
+"""WAL size from which `SqliteRunner.checkpoint` runs a TRUNCATE checkpoint, which waits for readers to move on."""
+_CHECKPOINT_BUSY_TIMEOUT = 1.0
+"""Seconds a TRUNCATE checkpoint may wait for readers (new writers wait meanwhile); busy, it is tried again."""
+
+
 def _configured(engine: Engine, url: URL, *, begin: str | None) -> None:
     """Apply `configure_sqlite` to every new connection of `engine` and start its transactions with `begin`
     (``None``: ``BEGIN IMMEDIATE`` when the connection has the `WRITE` execution option, else ``BEGIN``)."""
@@ -141,7 +158,8 @@ def _configured(engine: Engine, url: URL, *, begin: str | None) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-def _sqlite_engine(url: URL, *, begin: str) -> Engine:
+def _sqlite_engine(url: URL, *, begin: str, writer: bool = False) -> Engine:
+    """The engine of one lane; `writer`: the store's writer, whose checkpoints `SqliteRunner.checkpoint` runs."""
     engine = sa.create_engine(
         url.set(drivername="sqlite+pysqlite"),
         # One connection per engine, used only by the runner's own thread; :memory: must keep its connection.
@@ -150,6 +168,13 @@ def _sqlite_engine(url: URL, *, begin: str) -> Engine:
         json_serializer=json_serializer,
     )
     _configured(engine, url, begin=begin)
+    if writer:
+
+        @event.listens_for(engine, "connect")
+        def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.execute("PRAGMA wal_autocheckpoint = 0")
+            dbapi_connection.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
+
     return engine
 
 
@@ -174,14 +199,32 @@ def open_async_engine(url: str | URL, *, begin: str | None = "BEGIN IMMEDIATE", 
     return engine
 
 
-class _Lane:
+class _OwnThread:
+    """A connection used by one thread only: its `_close` runs there, once."""
+
+    def __init__(self, name: str) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.closed = False
+
+    def _close(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self._close)
+        self.executor.shutdown(wait=True)
+
+
+class _Lane(_OwnThread):
     """One SQLite connection and the single thread that owns it."""
 
     def __init__(self, engine: Engine, name: str) -> None:
+        super().__init__(name)
         self.engine = engine
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.connection: Connection | None = None
-        self.closed = False
 
     def _run(self, work: Callable[[Connection], T]) -> T:
         if self.connection is None:
@@ -208,14 +251,6 @@ class _Lane:
             self.connection = None
         self.engine.dispose()
 
-    async def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self._close)
-        self.executor.shutdown(wait=True)
-
 
 class SqliteRunner:
     """Writes on one thread and connection (``BEGIN IMMEDIATE``), reads on another (``BEGIN``, a WAL
@@ -225,9 +260,10 @@ class SqliteRunner:
     dialect = "sqlite"
 
     def __init__(self, url: URL) -> None:
-        self._writer = _Lane(_sqlite_engine(url, begin="BEGIN IMMEDIATE"), "sagas-sqlite-write")
         memory = url.database in (None, "", ":memory:")
+        self._writer = _Lane(_sqlite_engine(url, begin="BEGIN IMMEDIATE", writer=not memory), "sagas-sqlite-write")
         self._reader = self._writer if memory else _Lane(_sqlite_engine(url, begin="BEGIN"), "sagas-sqlite-read")
+        self._checkpointer = None if memory else _Checkpointer(str(url.database))
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         return await self._writer.run(work)
@@ -235,10 +271,70 @@ class SqliteRunner:
     async def read(self, work: Callable[[Connection], T]) -> T:
         return await self._reader.run(work)
 
+    async def checkpoint(self) -> str | None:
+        """Checkpoint the WAL if it is large enough to need it (see the module's docstring); which mode ran, or None
+        (nothing to do: a look at the file's size, no thread hop)."""
+        if self._checkpointer is None or self._writer.closed:
+            return None
+        return await self._checkpointer.run()
+
     async def close(self) -> None:
         await self._writer.close()
         if self._reader is not self._writer:
             await self._reader.close()
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
+
+
+class _Checkpointer(_OwnThread):
+    """WAL checkpoints of one database file, on a plain sqlite3 connection (autocommit: a checkpoint cannot run
+    inside a transaction) and a thread of their own, off the writer's commits."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("sagas-sqlite-checkpoint")
+        self.path = path
+        self.wal = path + "-wal"
+        self.connection: sqlite3.Connection | None = None
+        self.done: tuple[int, int] | None = None  # the WAL's (size, mtime) after a checkpoint that copied all of it
+        self.stats = {"passive": 0, "truncate": 0, "busy": 0}
+
+    async def run(self) -> str | None:
+        try:
+            stat = os.stat(self.wal)
+        except FileNotFoundError:
+            return None
+        size = stat.st_size
+        if self.closed or size < WAL_CHECKPOINT_BYTES or (size, stat.st_mtime_ns) == self.done:
+            return None
+        mode = "TRUNCATE" if size >= WAL_MAX_BYTES else "PASSIVE"
+        loop = asyncio.get_running_loop()
+        with _mapped_errors():
+            return await loop.run_in_executor(self.executor, self._checkpoint, mode)
+
+    def _checkpoint(self, mode: str) -> str:
+        if self.connection is None:
+            connection = sqlite3.connect(self.path, timeout=_CHECKPOINT_BUSY_TIMEOUT, check_same_thread=False)
+            connection.isolation_level = None
+            connection.execute(f"PRAGMA busy_timeout = {int(_CHECKPOINT_BUSY_TIMEOUT * 1000)}")
+            self.connection = connection
+        try:
+            busy, frames, copied = self.connection.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        except sqlite3.Error as error:
+            self._close()
+            raise exc.DBAPIError.instance(f"PRAGMA wal_checkpoint({mode})", None, error, sqlite3.Error) from error
+        self.stats["truncate" if mode == "TRUNCATE" else "passive"] += 1
+        if busy:
+            self.stats["busy"] += 1
+        elif frames == copied:  # until the writer appends again (the file's mtime changes), nothing to do
+            with contextlib.suppress(FileNotFoundError):
+                stat = os.stat(self.wal)
+                self.done = (stat.st_size, stat.st_mtime_ns)
+        return mode
+
+    def _close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
 
 
 # ---- PostgreSQL ---------------------------------------------------------------------------------------

@@ -33,18 +33,22 @@ def _json(value: Any) -> Encoded:
 
 INSTANCE_COLUMNS = (
     "id", "definition", "definition_version", "status", "stage", "idempotency_key", "version", "created_at",
-    "updated_at", "snapshot",
+    "updated_at", "snapshot", "step_deadline", "step_timeouts",
 )
+NO_TIMEOUTS: tuple[float | None, str | None] = (None, None)
 
 
-def instance_values(instance: SagaInstance, *, version: int) -> tuple[Any, ...]:
-    """The row of `instance` stored as `version` (its snapshot says that version too)."""
+def instance_values(
+    instance: SagaInstance, *, version: int, timeouts: tuple[float | None, str | None] = NO_TIMEOUTS
+) -> tuple[Any, ...]:
+    """The row of `instance` stored as `version` (its snapshot says that version too); `timeouts`: its
+    `step_deadline` and `step_timeouts` (`deadlines.encode`)."""
     if instance.version != version:
         instance = evolve(instance, {"version": version})
     return (
         instance.id, instance.definition, instance.definition_version, str(instance.status), instance.stage,
         instance.idempotency_key, version, instance.created_at, instance.updated_at,
-        Encoded(_instance_json(instance).decode()),
+        Encoded(_instance_json(instance).decode()), *timeouts,
     )
 
 
@@ -53,16 +57,27 @@ UPDATED_COLUMNS = ("status", "stage", "version", "updated_at", "snapshot")
 it starts (`machine.start`). Setting only these keeps SQLite from rewriting the entries of the indexes on the fixed
 columns on every update (it rewrites an index whenever the SET names one of its columns, changed or not)."""
 UPDATE_COLUMNS = (*UPDATED_COLUMNS, "b_id", "b_expected")
+TIMEOUT_COLUMNS = ("step_deadline", "step_timeouts", "deadline_claimed_until")
+"""Set as well by an update whose unit sets or cancels the saga's step timeouts (`deadlines.py`); the claim is
+cleared."""
+UPDATED_TIMEOUT_COLUMNS = (*UPDATED_COLUMNS, *TIMEOUT_COLUMNS)
+UPDATE_TIMEOUT_COLUMNS = (*UPDATED_TIMEOUT_COLUMNS, "b_id", "b_expected")
 
 
-def update_values(instance: SagaInstance) -> tuple[Any, ...]:
+def update_values(
+    instance: SagaInstance, timeouts: tuple[float | None, str | None] | None = None
+) -> tuple[Any, ...]:
     """The row updating `instance`, which carries the version it was read at, to the next version: the
-    `UPDATED_COLUMNS`, then the id and the version it was read at (the WHERE clause's `b_id` and `b_expected`)."""
+    `UPDATED_COLUMNS` (with `timeouts`: the `TIMEOUT_COLUMNS` too), then the id and the version it was read at (the
+    WHERE clause's `b_id` and `b_expected`)."""
     version = instance.version
     stored = evolve(instance, {"version": version + 1})
+    snapshot = Encoded(_instance_json(stored).decode())
+    if timeouts is None:
+        return (str(instance.status), instance.stage, version + 1, instance.updated_at, snapshot, instance.id, version)
     return (
-        str(instance.status), instance.stage, version + 1, instance.updated_at,
-        Encoded(_instance_json(stored).decode()), instance.id, version,
+        str(instance.status), instance.stage, version + 1, instance.updated_at, snapshot, *timeouts, None,
+        instance.id, version,
     )
 
 

@@ -19,8 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection
 
-from sagas.adapters.sql import queries, rows, writes
-from sagas.adapters.sql.connection import Runner, open_runner
+from sagas.adapters.sql import deadlines, queries, rows, writes
+from sagas.adapters.sql.connection import Runner, SqliteRunner, open_runner
 from sagas.adapters.sql.migrate import at_head, upgrade_connection
 from sagas.adapters.sql.tables import dead_letters, definitions, inbox, outbox, saga_instances, timers
 from sagas.definitions.model import SagaDefinition
@@ -48,6 +48,7 @@ _find_by_key = sa.select(_snapshot).where(
     saga_instances.c.definition == sa.bindparam("definition"),
     saga_instances.c.idempotency_key == sa.bindparam("key"),
 )
+_timeouts_of = sa.select(saga_instances.c.step_timeouts).where(saga_instances.c.id == sa.bindparam("saga_id"))
 _timers_of = sa.select(timers).where(timers.c.saga_id == sa.bindparam("saga_id")).order_by(timers.c.due_at, timers.c.id)
 
 
@@ -87,6 +88,12 @@ class SqlStore:
 
     async def close(self) -> None:
         await self._runner.close()
+
+    async def checkpoint(self) -> None:
+        """SQLite: checkpoint the WAL when it has grown (see `connection.SqliteRunner.checkpoint`); the engine calls
+        this from a loop of its own. Nothing to do on PostgreSQL."""
+        if isinstance(self._runner, SqliteRunner):
+            await self._runner.checkpoint()
 
     # ---- writes -------------------------------------------------------------------------------------
 
@@ -197,8 +204,15 @@ class SqlStore:
         return await self._runner.read(run)
 
     async def timers_of(self, saga_id: str) -> list[TimerSpec]:
-        found = await self._runner.read(lambda c: c.execute(_timers_of, {"saga_id": saga_id}).all())
-        return [rows.timer(row) for row in found]
+        """The timers table's rows and the step timeouts on the saga's row, soonest first."""
+
+        def run(connection: Connection) -> list[TimerSpec]:
+            found = [rows.timer(row) for row in connection.execute(_timers_of, {"saga_id": saga_id})]
+            stored = connection.execute(_timeouts_of, {"saga_id": saga_id}).scalar_one_or_none()
+            found += deadlines.decode(saga_id, stored)
+            return sorted(found, key=lambda t: (t.due_at, t.id))
+
+        return await self._runner.read(run)
 
     async def load_definition(self, name: str, version: int | None = None) -> SagaDefinition:
         statement = sa.select(definitions.c.body).where(definitions.c.name == name)
@@ -299,7 +313,12 @@ def _gauges(connection: Connection, *, now: float, stuck_after: float) -> StoreG
         by_status[SagaStatus(status)] = int(count)
         stuck += int(stale_count)
     pending = sa.select(sa.func.count(), sa.func.min(o.created_at)).where(o.sent_at.is_(None)).subquery()
-    due = sa.select(sa.func.count()).select_from(timers).where(t.due_at <= now).scalar_subquery()
+    # A saga whose step deadline is due counts as one timer, however many of its timeouts are due.
+    due = (
+        sa.select(sa.func.count()).select_from(timers).where(t.due_at <= now).scalar_subquery()
+        + sa.select(sa.func.count()).select_from(saga_instances)
+        .where(i.step_deadline.is_not(None), i.step_deadline <= now).scalar_subquery()
+    )
     stored = sa.select(sa.func.count()).select_from(dead_letters).where(d.replayed_at.is_(None)).scalar_subquery()
     row = connection.execute(sa.select(*pending.c, due, stored)).one()
     return StoreGauges(by_status=by_status, stuck=stuck, outbox_pending=int(row[0]),

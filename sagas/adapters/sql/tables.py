@@ -51,12 +51,23 @@ saga_instances = sa.Table(
     sa.Column("created_at", Time, nullable=False),
     sa.Column("updated_at", Time, nullable=False),
     sa.Column("snapshot", OrderedJson, nullable=False),
+    # The saga's pending step timeouts (`deadlines.py`): the soonest due time, all of them as JSON text, and the
+    # claim's lease (as `timers.claimed_until`). Migration 0004.
+    sa.Column("step_deadline", Time, nullable=True),
+    sa.Column("step_timeouts", sa.Text, nullable=True),
+    sa.Column("deadline_claimed_until", Time, nullable=True),
     # NULL keys are distinct in both databases: sagas started without a key never collide.
     sa.UniqueConstraint("definition", "idempotency_key"),
     sa.Index(None, "created_at"),
     sa.Index(None, "status", "created_at"),
     sa.Index(None, "definition", "created_at"),
     sa.Index(None, "status", "updated_at"),  # purge of finished sagas
+    sa.Index(
+        "ix_saga_instances_step_deadline",
+        "step_deadline",
+        sqlite_where=sa.text("step_deadline IS NOT NULL"),
+        postgresql_where=sa.text("step_deadline IS NOT NULL"),
+    ),
 )
 
 saga_events = sa.Table(

@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.engine.interfaces import DBAPICursor
 
-from sagas.adapters.sql import rows
+from sagas.adapters.sql import deadlines, rows
 from sagas.adapters.sql.tables import (
     dead_letters,
     definitions,
@@ -62,6 +62,20 @@ _update_instance = (
     .where(saga_instances.c.id == sa.bindparam("b_id"), saga_instances.c.version == sa.bindparam("b_expected"))
     .values({name: sa.bindparam(name) for name in rows.UPDATED_COLUMNS})
 )
+_update_instance_timeouts = (
+    sa.update(saga_instances)
+    .where(saga_instances.c.id == sa.bindparam("b_id"), saga_instances.c.version == sa.bindparam("b_expected"))
+    .values({name: sa.bindparam(name) for name in rows.UPDATED_TIMEOUT_COLUMNS})
+)
+_stored_timeouts = sa.select(saga_instances.c.id, saga_instances.c.step_timeouts).where(saga_instances.c.id.in_(_IDS))
+_stored_timeouts_locked = _stored_timeouts.order_by(saga_instances.c.id).with_for_update()
+_EDIT_COLUMNS = ("step_deadline", "step_timeouts", "b_id")
+_edit_timeouts = (
+    sa.update(saga_instances)
+    .where(saga_instances.c.id == sa.bindparam("b_id"))
+    .values(step_deadline=sa.bindparam("step_deadline"), step_timeouts=sa.bindparam("step_timeouts"),
+            deadline_claimed_until=sa.null())
+)
 _insert_events = saga_events.insert()
 _insert_outbox = outbox.insert()
 _insert_inbox = inbox.insert()
@@ -79,8 +93,14 @@ _DUE = (  # timers to fire: due, not claimed by a live engine
     timers.c.due_at <= sa.bindparam("due"),
     sa.or_(timers.c.claimed_until.is_(None), timers.c.claimed_until <= _NOW),
 )
+_DEADLINE_DUE = (  # instances with a step timeout to fire: due, not claimed by a live engine
+    saga_instances.c.step_deadline.is_not(None),  # the partial index's condition, spelled out for SQLite's planner
+    saga_instances.c.step_deadline <= sa.bindparam("due"),
+    sa.or_(saga_instances.c.deadline_claimed_until.is_(None), saga_instances.c.deadline_claimed_until <= _NOW),
+)
 _any_pending = sa.select(outbox.c.seq).where(*_PENDING).limit(1)
 _any_due = sa.select(timers.c.id).where(*_DUE).limit(1)
+_any_deadline_due = sa.select(saga_instances.c.id).where(*_DEADLINE_DUE).limit(1)
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,7 @@ class _DialectStatements:
     upsert_timers: sa.Executable
     claim_outbox: sa.Executable
     claim_timers: sa.Executable
+    claim_deadlines: sa.Executable
 
 
 @functools.cache
@@ -119,20 +140,14 @@ def _statements(dialect: str) -> _DialectStatements:
 
     until: sa.BindParameter[float] = sa.bindparam("until")
     limit: sa.BindParameter[int] = sa.bindparam("limit")
-    pending = (
-        sa.select(outbox.c.seq)
-        .where(*_PENDING)
-        .order_by(outbox.c.created_at, outbox.c.seq)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    due = (
-        sa.select(timers.c.id)
-        .where(*_DUE)
-        .order_by(timers.c.due_at, timers.c.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    def claimable(
+        column: sa.Column[Any], where: tuple[sa.ColumnElement[bool], ...], *order: sa.Column[Any]
+    ) -> sa.Select[Any]:
+        return sa.select(column).where(*where).order_by(*order).limit(limit).with_for_update(skip_locked=True)
+
+    pending = claimable(outbox.c.seq, _PENDING, outbox.c.created_at, outbox.c.seq)
+    due = claimable(timers.c.id, _DUE, timers.c.due_at, timers.c.id)
+    deadlines_due = claimable(saga_instances.c.id, _DEADLINE_DUE, saga_instances.c.step_deadline, saga_instances.c.id)
     return _DialectStatements(
         insert_definition=insert(definitions).on_conflict_do_nothing(),
         insert_dead_letters=insert(dead_letters).on_conflict_do_nothing(),
@@ -142,17 +157,34 @@ def _statements(dialect: str) -> _DialectStatements:
         .values(claimed_until=until)
         .returning(*outbox.c),
         claim_timers=sa.update(timers).where(picked(timers.c.id, due)).values(claimed_until=until).returning(*timers.c),
+        claim_deadlines=sa.update(saga_instances)
+        .where(picked(saga_instances.c.id, deadlines_due))
+        .values(deadline_claimed_until=until)
+        .returning(saga_instances.c.id, saga_instances.c.step_timeouts),
     )
 
 
 def apply(connection: Connection, *, work: UnitOfWork, now: float, lease: float) -> None:
     """Write `work`. `now` stamps the `sent` messages; outbox rows of a `publishing` unit are claimed until
-    `now + lease`."""
+    `now + lease`. Step timeouts go on the instances' rows (`deadlines.py`), other timers to the timers table."""
+    written = {i.id: i for i in work.inserts}
+    written.update((u.id, u) for u in work.updates)  # successive versions of one saga: the last one
+    timeouts = deadlines.plan(work.timers, work.cancel_timers, written)
+    postgres = connection.dialect.name == "postgresql"
+    if work.updates and postgres:
+        # asyncpg reports no rowcount for executemany: read the versions under row locks first.
+        stale = stale_updates(connection, work.updates, lock=True)
+        if stale:
+            raise ConcurrencyConflict(stale)
+    stored = _timeouts_stored(connection, timeouts.needs_stored({i.id for i in work.inserts}), lock=postgres)
+    values = timeouts.values(stored)
     if work.inserts:
-        inserted = [rows.instance_values(i, version=1) for i in work.inserts]
+        inserted = [
+            rows.instance_values(i, version=1, timeouts=values.get(i.id, rows.NO_TIMEOUTS)) for i in work.inserts
+        ]
         _executemany(connection, _insert_instances, rows.INSTANCE_COLUMNS, inserted)
     if work.updates:
-        _update_instances(connection, work.updates)
+        _update_instances(connection, work.updates, values)
     if work.history:
         _executemany(connection, _insert_events, rows.HISTORY_COLUMNS, list(map(rows.history_values, work.history)))
     if work.outbox:
@@ -168,36 +200,76 @@ def apply(connection: Connection, *, work: UnitOfWork, now: float, lease: float)
         _executemany(connection, statements.insert_dead_letters, rows.DEAD_LETTER_COLUMNS, letters)
     # Cancels before sets: when one unit both cancels and sets an id, the timer stays (a stale timer is
     # ignored by `decide`; a lost one would leave a saga waiting forever).
-    for chunk in chunks(sorted(set(work.cancel_timers))):
+    row_timers, row_cancels = timeouts.rows, timeouts.row_cancels
+    if timeouts.elsewhere:
+        more_timers, more_cancels = _edit_elsewhere(connection, timeouts.elsewhere, lock=postgres)
+        row_timers, row_cancels = [*row_timers, *more_timers], [*row_cancels, *more_cancels]
+    for chunk in chunks(sorted(set(row_cancels))):
         connection.execute(_delete_timers, {"ids": chunk})
-    if work.timers:
-        latest = {spec.id: spec for spec in work.timers}  # a multi-row upsert may not touch a row twice
+    if row_timers:
+        latest = {spec.id: spec for spec in row_timers}  # a multi-row upsert may not touch a row twice
         timer_rows = list(map(rows.timer_values, latest.values()))
         _executemany(connection, statements.upsert_timers, rows.TIMER_COLUMNS, timer_rows)
     if work.sent:
         mark_sent(connection, ids=work.sent, at=now)
 
 
-def _update_instances(connection: Connection, updates: Sequence[SagaInstance]) -> None:
-    params = list(map(rows.update_values, updates))
-    if connection.dialect.name == "sqlite":
+def _timeouts_stored(connection: Connection, saga_ids: list[str], *, lock: bool) -> dict[str, str | None]:
+    """The stored `step_timeouts` of these sagas (PostgreSQL: rows locked by the caller already, or here)."""
+    found: dict[str, str | None] = {}
+    statement = _stored_timeouts_locked if lock else _stored_timeouts
+    for chunk in chunks(saga_ids):
+        found.update((row.id, row.step_timeouts) for row in connection.execute(statement, {"ids": chunk}))
+    return found
+
+
+def _edit_elsewhere(
+    connection: Connection, edits: dict[str, tuple[list[TimerSpec], set[str]]], *, lock: bool
+) -> tuple[list[TimerSpec], list[str]]:
+    """Step timeouts set or cancelled for sagas the unit does not write (a fired timeout that changed nothing is
+    consumed): read, edited and written back on the saga's row, the claim cleared. What is left for the timers
+    table: the timeouts of sagas that have no row (the store takes a timer for any saga id), and every cancelled
+    id (such a timer may be a row)."""
+    stored = _timeouts_stored(connection, sorted(edits), lock=lock)
+    params = [(*deadlines.edited(saga_id, stored[saga_id], *edits[saga_id]), saga_id) for saga_id in sorted(stored)]
+    if params:
+        _executemany(connection, _edit_timeouts, _EDIT_COLUMNS, params)
+    orphans = [spec for saga_id, (sets, _) in edits.items() if saga_id not in stored for spec in sets]
+    return orphans, [timer for _, cancels in edits.values() for timer in cancels]
+
+
+def _update_instances(
+    connection: Connection, updates: Sequence[SagaInstance], timeouts: dict[str, tuple[float | None, str | None]]
+) -> None:
+    """The guarded updates; a saga in `timeouts` has its step timeout columns set too (one statement shape per
+    group; all the versions of one saga fall in one group, in order). On PostgreSQL the caller checked the versions
+    under row locks."""
+    groups = (
+        (_update_instance, rows.UPDATE_COLUMNS, [rows.update_values(u) for u in updates if u.id not in timeouts]),
+        (
+            _update_instance_timeouts,
+            rows.UPDATE_TIMEOUT_COLUMNS,
+            [rows.update_values(u, timeouts[u.id]) for u in updates if u.id in timeouts],
+        ),
+    )
+    sqlite = connection.dialect.name == "sqlite"
+    for statement, columns, params in groups:
+        if not params:
+            continue
+        if not sqlite:
+            _executemany(connection, statement, columns, params)
+            continue
         # BEGIN IMMEDIATE excludes other writers and the rowcount is exact, so the guarded updates alone tell
         # whether every version matched; which ones did not is worked out after rollback.
         if _UPDATE_FROM and len({row[-2] for row in params}) == len(params):
-            changed = _update_rows(connection, params)
+            changed = _update_rows(connection, params, columns)
         else:  # successive versions of one saga: one statement each, in order
-            changed = _executemany(connection, _update_instance, rows.UPDATE_COLUMNS, params)
+            changed = _executemany(connection, statement, columns, params)
         if changed != len(params):
             raise VersionMismatch
-        return
-    # PostgreSQL (asyncpg reports no rowcount for executemany): read the versions under row locks first.
-    stale = stale_updates(connection, updates, lock=True)
-    if stale:
-        raise ConcurrencyConflict(stale)
-    _executemany(connection, _update_instance, rows.UPDATE_COLUMNS, params)
 
 
-def _update_rows(connection: Connection, params: list[tuple[Any, ...]]) -> int:
+def _update_rows(connection: Connection, params: list[tuple[Any, ...]], columns: tuple[str, ...]) -> int:
     """SQLite: update instances (distinct ids) with ``UPDATE ... FROM (VALUES ...)``, in the groups `_insert_rows`
     inserts in; the number of rows changed. One statement step per group instead of one per row: each step gives
     the GIL back and waits for it again (see `_insert_rows`)."""
@@ -205,7 +277,7 @@ def _update_rows(connection: Connection, params: list[tuple[Any, ...]]) -> int:
     changed, start, sql = 0, 0, ""
     try:
         for size in _group_sizes(len(params)):
-            sql = _update_sql(size)
+            sql = _update_sql(size, columns)
             cursor.execute(sql, tuple(itertools.chain.from_iterable(params[start : start + size])))
             changed += cursor.rowcount
             start += size
@@ -228,14 +300,14 @@ def _group_sizes(count: int) -> Iterator[int]:
         size //= 2
 
 
-@functools.lru_cache(maxsize=16)
-def _update_sql(count: int) -> str:
-    """The update of `count` instances in one statement: parameters in the order of `rows.UPDATE_COLUMNS`, row
-    after row. It starts with UPDATE (no WITH clause), or Python's sqlite3 does not count the rows it changed; the
-    VALUES columns are SQLite's ``column1``, ``column2``..."""
-    position = {name: f"v.column{i}" for i, name in enumerate(rows.UPDATE_COLUMNS, start=1)}
+@functools.lru_cache(maxsize=32)
+def _update_sql(count: int, columns: tuple[str, ...] = rows.UPDATE_COLUMNS) -> str:
+    """The update of `count` instances in one statement: parameters in the order of `columns` (the columns set,
+    then ``b_id`` and ``b_expected``), row after row. It starts with UPDATE (no WITH clause), or Python's sqlite3
+    does not count the rows it changed; the VALUES columns are SQLite's ``column1``, ``column2``..."""
+    position = {name: f"v.column{i}" for i, name in enumerate(columns, start=1)}
     group = "(" + ", ".join(["?"] * len(position)) + ")"
-    sets = ", ".join(f"{name} = {position[name]}" for name in rows.UPDATED_COLUMNS)
+    sets = ", ".join(f"{name} = {position[name]}" for name in columns[:-2])
     return (
         f"UPDATE saga_instances SET {sets} FROM (VALUES {', '.join([group] * count)}) AS v "
         f"WHERE saga_instances.id = {position['b_id']} AND saga_instances.version = {position['b_expected']}"
@@ -383,8 +455,12 @@ def any_pending_outbox(connection: Connection, *, before: float | None, now: flo
 
 
 def any_due_timer(connection: Connection, *, due: float, now: float) -> bool:
-    """Whether `claim_timers` would claim a row (a read, as `any_pending_outbox`)."""
-    return connection.execute(_any_due, {"now": now, "due": due}).first() is not None
+    """Whether `claim_timers` would claim a row or a step deadline (a read, as `any_pending_outbox`)."""
+    params = {"now": now, "due": due}
+    return (
+        connection.execute(_any_due, params).first() is not None
+        or connection.execute(_any_deadline_due, params).first() is not None
+    )
 
 
 def claim_outbox(
@@ -401,9 +477,17 @@ def claim_outbox(
 
 
 def claim_timers(connection: Connection, *, due: float, limit: int, now: float, lease: float) -> list[TimerSpec]:
+    """Claim up to `limit` due timers: rows of the timers table, then sagas whose step deadline is due (each
+    saga's row is claimed as a whole; its timeouts due by `due` are returned), soonest first."""
     params = {"due": due, "now": now, "until": now + lease, "limit": limit}
-    claimed = connection.execute(_statements(connection.dialect.name).claim_timers, params).all()
-    return [rows.timer(row) for row in sorted(claimed, key=lambda r: (r.due_at, r.id))]
+    statements = _statements(connection.dialect.name)
+    claimed = connection.execute(statements.claim_timers, params).all()
+    found = [rows.timer(row) for row in claimed]
+    if len(claimed) < limit:
+        params["limit"] = limit - len(claimed)
+        for row in connection.execute(statements.claim_deadlines, params):
+            found.extend(spec for spec in deadlines.decode(row.id, row.step_timeouts) if spec.due_at <= due)
+    return sorted(found, key=lambda t: (t.due_at, t.id))
 
 
 _INFINITY = float("inf")
