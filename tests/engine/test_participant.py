@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 from sagas.adapters.memory import MemoryBroker
+from sagas.adapters.sql.participant_tables import dedup_table
+from sagas.definitions.limits import REPLY_TYPE_CHARS
 from sagas.engine.ports import BrokerMessage, Consumer
 from sagas.engine.state import MessageKind, Outcome, OutgoingCommand, ReplyReceived, message_id
 from sagas.engine.wire import CommandMessage, decode_reply, encode_command
 from sagas.errors import BrokerError
-from sagas.participant import BusinessFailure, Participant, ParticipantWorker
+from sagas.participant import BusinessFailure, Participant, ParticipantWorker, participant_database
 from tests.engine.support import ledger, ledger_metadata
 
 TOPIC = "payment.commands"
@@ -240,3 +243,57 @@ async def test_a_business_failure_that_could_not_be_recorded_is_not_recorded_as_
     assert (got["s-nul"].outcome, got["s-nul"].reason) == (Outcome.FAILURE, "holder 'A\ufffdB' rejected")
     assert got["s-long"].outcome == Outcome.RETRY
     assert participant.stats["retryable"] == 1
+
+
+async def _failure_types_at_the_bound(broker: MemoryBroker, database: Any) -> None:
+    participant = Participant("payment")
+
+    @participant.command("Charge")
+    async def charge(message: CommandMessage, tx: AsyncConnection) -> dict[str, Any]:
+        raise BusinessFailure("declined", type=str(message.data["type"]))
+
+    longest = "Charge.declined." + "x" * (REPLY_TYPE_CHARS - len("Charge.declined."))
+    assert len(longest) == REPLY_TYPE_CHARS
+    engine = await broker.subscribe(["replies"], "engine")
+    worker = ParticipantWorker(participant, broker, database, batch_max=10)
+    await worker.start()
+    try:
+        await broker.publish([command("s-fits", type=longest), command("s-over", type=longest + "x")])
+        got = {r.causation_id.split("/")[0]: r for r in await replies(engine, 2)}
+        assert (got["s-fits"].outcome, got["s-fits"].type) == (Outcome.FAILURE, longest)
+        assert got["s-over"].outcome == Outcome.RETRY
+        await broker.publish([command("s-fits", attempt=2, type=longest)])  # answered from its dedup record
+        again = (await replies(engine, 1))[0]
+        assert (again.outcome, again.type) == (Outcome.FAILURE, longest)
+        assert participant.stats["deduplicated"] == 1
+        async with worker.db.connect() as conn:
+            stored = (await conn.execute(sa.select(dedup_table.c.type))).scalars().all()
+        assert stored == [longest]
+    finally:
+        await worker.stop()
+
+
+async def test_a_failure_reply_type_of_the_limit_is_recorded_and_one_more_character_is_retryable(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    """A business failure's reply type of exactly REPLY_TYPE_CHARS is recorded and answered from the record; one
+    character more is answered retryable and not recorded."""
+    await _failure_types_at_the_bound(broker, participant_database(str(tmp_path / "p.db")))
+
+
+@pytest.mark.postgres
+async def test_a_failure_reply_type_of_the_limit_fits_the_dedup_column_on_postgres(
+    broker: MemoryBroker, pg_url: str
+) -> None:
+    """On PostgreSQL, which enforces the column's width: a reply type of REPLY_TYPE_CHARS is stored."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(pg_url)
+    async with admin.begin() as conn:
+        await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        await _failure_types_at_the_bound(broker, create_async_engine(
+            pg_url, connect_args={"server_settings": {"search_path": schema}}))
+    finally:
+        async with admin.begin() as conn:
+            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await admin.dispose()
