@@ -158,7 +158,9 @@ def encode_reply(
     source: str,
     at: float,
     reason: str | None = None,
+    body: bytes | None = None,
 ) -> BrokerMessage:
+    """A participant's reply to `command`. `body`: `data` as `encode_body` wrote it, when the caller has it."""
     headers = [
         _SPECVERSION,
         ("ce_id", f"{command.id}/reply".encode()),
@@ -177,7 +179,8 @@ def encode_reply(
         headers.append(("ce_sagareason", reason[:MAX_REASON_CHARS].encode()))
     headers.append(_CONTENT_TYPE_HEADER)
     return BrokerMessage(
-        topic=command.reply_topic, key=command.saga_id, headers=tuple(headers), value=encode_body(data)
+        topic=command.reply_topic, key=command.saga_id, headers=tuple(headers),
+        value=encode_body(data) if body is None else body,
     )
 
 
