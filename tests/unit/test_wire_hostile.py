@@ -126,7 +126,8 @@ def test_a_valid_reply_decodes_with_every_field_and_is_a_validated_value() -> No
     assert reply == ReplyReceived(message_id="s-1/ship/command/1/reply", causation_id="s-1/ship/command/1",
                                   step="ship", attempt=1, kind=MessageKind.COMMAND, outcome=Outcome.SUCCESS,
                                   type="Ship.ok", data={"n": 1})
-    assert type(reply.kind) is MessageKind and type(reply.outcome) is Outcome
+    assert type(reply.kind) is MessageKind
+    assert type(reply.outcome) is Outcome
 
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 5_000, 200_000])
