@@ -269,11 +269,12 @@ class ParticipantWorker:
                 if answer is not None:
                     self.participant.stats["deduplicated"] += 1
                 else:
+                    alone = len(commands) == 1 and not letters
                     if spans and self.tracing is not None:
                         with self.tracing.current(spans[len(answers)]):
-                            answer = await self._run(command, ledger, recorded)
+                            answer = await self._run(command, ledger, recorded, alone=alone)
                     else:
-                        answer = await self._run(command, ledger, recorded)
+                        answer = await self._run(command, ledger, recorded, alone=alone)
                     if answer.outcome == Outcome.SUCCESS or (
                         answer.outcome == Outcome.FAILURE and command.kind == MessageKind.COMMAND
                     ):
@@ -296,7 +297,9 @@ class ParticipantWorker:
                        for span, reply, (_, a) in zip(spans, replies, answers, strict=True)]
         return replies
 
-    async def _run(self, command: CommandMessage, ledger: Ledger, recorded: dict[str, Answer]) -> Answer:
+    async def _run(
+        self, command: CommandMessage, ledger: Ledger, recorded: dict[str, Answer], *, alone: bool = False
+    ) -> Answer:
         registration = self.participant.handlers.get(command.type)
         if registration is None:
             self.participant.stats["failed"] += 1
@@ -304,7 +307,7 @@ class ParticipantWorker:
         if command.kind == MessageKind.COMMAND and _compensation_key(command) in recorded:
             # The compensation overtook the command: the saga has given up on this step, so it must not take effect.
             return Answer(Outcome.FAILURE, f"{command.type}.failed", {}, "already compensated")
-        savepoint = await ledger.savepoint()
+        savepoint = await ledger.savepoint(alone=alone)
         try:
             data = await registration.handler(command, ledger.tx) or {}
             body = encode_body(data)  # a reply that cannot be sent must roll the effect back, not fail after commit

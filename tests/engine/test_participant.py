@@ -297,3 +297,23 @@ async def test_a_failure_reply_type_of_the_limit_fits_the_dedup_column_on_postgr
         async with admin.begin() as conn:
             await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         await admin.dispose()
+
+
+async def test_a_command_handled_alone_that_fails_leaves_no_effect_and_its_failure_is_recorded(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    """A batch of one command runs without a savepoint on SQLite: when its handler wrote an effect and then failed,
+    the effect is still undone (retryable: nothing recorded; business failure: the failure alone recorded)."""
+    engine = await broker.subscribe(["replies"], "engine")
+    async with payment().serve(broker=broker, database_url=str(tmp_path / "p.db")) as worker:
+        await broker.publish([command("s-bad", bad=True)])
+        (bad,) = await replies(engine, 1)
+        await broker.publish([command("s-declined", decline=True)])
+        (declined,) = await replies(engine, 1)
+        await broker.publish([command("s-ok")])
+        (ok,) = await replies(engine, 1)
+        assert (bad.outcome, declined.outcome, ok.outcome) == (Outcome.RETRY, Outcome.FAILURE, Outcome.SUCCESS)
+        assert await effects(worker) == ["s-ok"]
+        async with worker.db.connect() as conn:
+            keys = (await conn.execute(sa.select(dedup_table.c.key).order_by(dedup_table.c.key))).scalars().all()
+        assert keys == ["s-declined/charge/command", "s-ok/charge/command"]
