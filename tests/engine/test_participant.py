@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sagas.adapters.memory import MemoryBroker
 from sagas.adapters.sql.participant_tables import dedup_table
@@ -22,7 +21,7 @@ from sagas.engine.state import MessageKind, Outcome, OutgoingCommand, ReplyRecei
 from sagas.engine.wire import CommandMessage, decode_reply, encode_command
 from sagas.errors import BrokerError
 from sagas.participant import BusinessFailure, Participant, ParticipantWorker, participant_database
-from tests.engine.support import ledger, ledger_metadata
+from tests.engine.support import ledger, ledger_metadata, postgres_schema
 
 TOPIC = "payment.commands"
 
@@ -286,17 +285,8 @@ async def test_a_failure_reply_type_of_the_limit_fits_the_dedup_column_on_postgr
     broker: MemoryBroker, pg_url: str
 ) -> None:
     """On PostgreSQL, which enforces the column's width: a reply type of REPLY_TYPE_CHARS is stored."""
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(pg_url)
-    async with admin.begin() as conn:
-        await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        await _failure_types_at_the_bound(broker, create_async_engine(
-            pg_url, connect_args={"server_settings": {"search_path": schema}}))
-    finally:
-        async with admin.begin() as conn:
-            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        await admin.dispose()
+    async with postgres_schema(pg_url) as database:
+        await _failure_types_at_the_bound(broker, database())
 
 
 async def test_a_command_handled_alone_that_fails_leaves_no_effect_and_its_failure_is_recorded(
