@@ -28,12 +28,14 @@ _COLUMNS = ("key", "command_id", "outcome", "type", "data", "at", "reason")
 _SELECT = "SELECT key, outcome, type, data, reason FROM participant_dedup WHERE key IN ({})"
 _INSERT = f"INSERT INTO participant_dedup ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SAVEPOINT = "participant_command"
-# The data bound as JSON text and cast by the database: stored as the wire wrote it, whatever JSON serializer the
-# engine given to the worker has.
+# The data bound as JSON text, stored as the wire wrote it whatever JSON serializer the engine handed to the worker
+# has: cast by the database where JSON is a type (PostgreSQL); on SQLite JSON is text, and a CAST to it would be a
+# cast to NUMERIC (SQLite's affinity for an unknown type name), so the text is bound as it is.
+_VALUES: dict[str, Any] = {name: sa.bindparam(name) for name in _COLUMNS if name != "data"}
 _insert = dedup_table.insert().values(
-    {name: sa.bindparam(name) for name in _COLUMNS if name != "data"}
-    | {"data": sa.cast(sa.bindparam("data", type_=sa.Text), dedup_table.c.data.type)}
+    _VALUES | {"data": sa.cast(sa.bindparam("data", type_=sa.Text), dedup_table.c.data.type)}
 )
+_insert_sqlite = dedup_table.insert().values(_VALUES | {"data": sa.bindparam("data", type_=sa.Text)})
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,14 @@ class Ledger:
 
     @classmethod
     async def of(cls, tx: AsyncConnection) -> Ledger:
-        driver = None
+        driver: Any = None
         if tx.dialect.name == "sqlite" and tx.dialect.driver == "aiosqlite":
             driver = (await tx.get_raw_connection()).driver_connection
+            # Only inside an explicit transaction, as sagas opens them (`participant_database`: the driver in
+            # autocommit mode, BEGIN IMMEDIATE issued on begin): under the sqlite3 module's implicit transactions a
+            # RELEASE of the outermost savepoint would commit.
+            if driver.isolation_level is not None or not driver.in_transaction:
+                driver = None
         return cls(tx, driver)
 
     async def recorded(self, keys: list[str]) -> dict[str, Answer]:
@@ -133,7 +140,7 @@ class Ledger:
                 (r.key, r.command_id, r.outcome, r.type, r.body.decode(), r.at, r.reason) for r in records
             ])
             return
-        await self.tx.execute(_insert, [
+        await self.tx.execute(_insert_sqlite if self.tx.dialect.name == "sqlite" else _insert, [
             {"key": r.key, "command_id": r.command_id, "outcome": r.outcome, "type": r.type,
              "data": r.body.decode(), "at": r.at, "reason": r.reason}
             for r in records

@@ -307,3 +307,27 @@ async def test_a_command_handled_alone_that_fails_leaves_no_effect_and_its_failu
         async with worker.db.connect() as conn:
             keys = (await conn.execute(sa.select(dedup_table.c.key).order_by(dedup_table.c.key))).scalars().all()
         assert keys == ["s-declined/charge/command", "s-ok/charge/command"]
+
+
+async def test_a_worker_on_an_sqlite_engine_the_application_made_answers_and_records_as_on_its_own(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    """An engine made without sagas' SQLite settings (the sqlite3 module's implicit transactions): commands are
+    answered, a failure's effect undone, and repeats answered from the records, as with `participant_database`."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = await broker.subscribe(["replies"], "engine")
+    worker = ParticipantWorker(payment(), broker, create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}"),
+                               batch_max=10)
+    await worker.start()
+    try:
+        await broker.publish([command("s-ok"), command("s-declined", decline=True)])
+        first = {r.causation_id.split("/")[0]: r.outcome for r in await replies(engine, 2)}
+        await broker.publish([command("s-ok", attempt=2)])
+        (again,) = await replies(engine, 1)
+        assert first == {"s-ok": Outcome.SUCCESS, "s-declined": Outcome.FAILURE}
+        assert (again.outcome, again.data) == (Outcome.SUCCESS, {"charged": True})  # the record's data, read back
+        assert worker.participant.stats["deduplicated"] == 1
+        assert await effects(worker) == ["s-ok"]
+    finally:
+        await worker.stop()
