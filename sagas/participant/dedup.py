@@ -3,8 +3,10 @@
 On SQLite (``sqlite+aiosqlite``) these statements go to the driver's connection, one hop each to aiosqlite's
 thread: through SQLAlchemy's adapter every statement costs three or four (cursor, execute, fetch, close), and a
 batch of one command took eighteen hops between the event loop and that thread, most of a participant's CPU when
-sagas run one at a time. It is the same connection, so the same transaction (the handler's ``tx``). Elsewhere
-(PostgreSQL) SQLAlchemy Core does it. Either way a record's ``data`` is the reply's JSON as the wire encoded it
+sagas run one at a time. It is the same connection, so the same transaction (the handler's ``tx``); only inside an
+explicit transaction, as `participant_database` opens them. A batch of one command needs no savepoint at all
+(`Ledger.savepoint(alone=True)`). Elsewhere (PostgreSQL, or an engine with the sqlite3 module's implicit
+transactions) SQLAlchemy Core does it. Either way a record's ``data`` is the reply's JSON as the wire encoded it
 (orjson), stored as is.
 """
 
