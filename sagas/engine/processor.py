@@ -345,12 +345,17 @@ class Processor:
                 instances[saga_id] = instance
         remembered = set(instances)
         missing = sorted(saga_ids.difference(instances))
-        # Both reads queue on the store's reader at once: one wake-up of its thread instead of two in a row.
-        seen, loaded = await asyncio.gather(
-            self.store.seen([r.message_id for r, _ in decoded.values()]) if decoded else _nothing(set[str]()),
-            self.store.load(missing) if missing else _nothing(dict[str, SagaInstance]()),
-        )
-        instances.update(loaded)
+        seen: set[str] = set()
+        if decoded and missing:
+            # Both reads queue on the store's reader at once: one wake-up of its thread instead of two in a row.
+            seen, loaded = await asyncio.gather(
+                self.store.seen([r.message_id for r, _ in decoded.values()]), self.store.load(missing)
+            )
+            instances.update(loaded)
+        elif decoded:  # one read (the common case: replies to remembered sagas) needs no tasks to gather
+            seen = await self.store.seen([r.message_id for r, _ in decoded.values()])
+        elif missing:
+            instances.update(await self.store.load(missing))
         read_version = {saga_id: inst.version for saga_id, inst in instances.items()}
         created: dict[str, SagaInstance] = {}
         timers: dict[str, TimerSpec] = {}
@@ -658,10 +663,6 @@ def _same_input(stored: dict[str, Any], given: dict[str, Any]) -> bool:
     as JSON: `true` is not `1`, whatever Python's `True == 1` says; the order of keys does not matter."""
     canonical = functools.partial(json.dumps, sort_keys=True, separators=(",", ":"))
     return bool(canonical(stored) == canonical(pydantic_core.from_json(pydantic_core.to_json(given))))
-
-
-async def _nothing(value: T) -> T:
-    return value
 
 
 async def _once(call: Callable[[], Awaitable[T]]) -> T:

@@ -418,10 +418,13 @@ class Engine:
     async def _writer_loop(self) -> None:
         while True:
             try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as
-                # the queue hands over an item, and stop() would then wait for this task for ever.
-                async with asyncio.timeout(0.1):
-                    first = await self._queue.get()
+                if self._queue.empty():
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that
+                    # arrives as the queue hands over an item, and stop() would then wait for this task for ever.
+                    async with asyncio.timeout(0.1):
+                        first = await self._queue.get()
+                else:  # queued already (while the last batch committed): no timer to arm and cancel
+                    first = self._queue.get_nowait()
             except TimeoutError:
                 if self._sent:
                     try:
@@ -638,18 +641,25 @@ class Engine:
         delay = 0.05
         outage_since: float | None = None
         began = time.monotonic()
+        after = self.settings.outage_log_after
+
+        def unacknowledged() -> None:
+            nonlocal outage_since
+            if outage_since is None:
+                outage_since = time.monotonic() - after
+                log.error("broker unavailable; retrying publish", messages=len(messages),
+                          error=f"not acknowledged within {after:g}s")
+                self._tell(self.observer.outage, "broker", True)
+
+        loop = asyncio.get_running_loop()
         while True:
             # A broker client may wait out a lost connection inside publish() (aiokafka does, for up to its
-            # request timeout) instead of raising: an unacknowledged publish is an outage too.
-            publishing = asyncio.ensure_future(self.broker.publish([m.message for m in messages]))
+            # request timeout) instead of raising: an unacknowledged publish is an outage too. A timer says so
+            # while the publish goes on; awaited directly, a publish costs no task of its own and no extra turns of
+            # the event loop (a batch of one saga publishes on every commit).
+            late = loop.call_later(after, unacknowledged)
             try:
-                done, _ = await asyncio.wait({publishing}, timeout=self.settings.outage_log_after)
-                if not done and outage_since is None:
-                    outage_since = time.monotonic() - self.settings.outage_log_after
-                    log.error("broker unavailable; retrying publish", messages=len(messages),
-                              error=f"not acknowledged within {self.settings.outage_log_after:g}s")
-                    self._tell(self.observer.outage, "broker", True)
-                await publishing
+                await self.broker.publish([m.message for m in messages])
                 break
             except SagaError as exc:
                 if getattr(exc, "retriable", False) is False:
@@ -661,8 +671,7 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.outage_backoff_max)
             finally:
-                if not publishing.done():
-                    publishing.cancel()
+                late.cancel()
         if outage_since is not None:
             log.warning("broker available again", outage_seconds=round(time.monotonic() - outage_since, 1))
             self._tell(self.observer.outage, "broker", False)

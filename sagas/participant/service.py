@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sagas.adapters import normalize_db_url
@@ -155,4 +156,11 @@ def participant_database(url: str) -> AsyncEngine:
     sagas database is (`sagas.adapters.sql.connection`): on SQLite WAL, ``synchronous=NORMAL``, the common busy
     timeout, and ``BEGIN IMMEDIATE`` so that processes sharing the file queue for the write lock instead of
     deadlocking."""
-    return open_async_engine(normalize_db_url(url))
+    url = normalize_db_url(url)
+    if make_url(url).get_backend_name() == "sqlite":
+        # No rollback when a connection goes back to the pool: every use ends its transaction itself (`begin()`
+        # commits or rolls back, `connect()` rolls back on close), and that rollback is one more hop to the
+        # driver's thread per batch. Elsewhere the pool's reset stays, a guard for a connection given back
+        # mid-transaction (a cancellation during a statement).
+        return open_async_engine(url, pool_reset_on_return=None)
+    return open_async_engine(url)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncTransaction
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sagas.adapters.sql.connection import is_retriable
 from sagas.adapters.sql.migrate import PARTICIPANT, ensure_current
@@ -29,6 +29,7 @@ from sagas.engine.wire import (
 )
 from sagas.errors import SagaError
 from sagas.participant import dead_letters
+from sagas.participant.dedup import Answer, Ledger, Record
 from sagas.participant.service import BusinessFailure
 
 if TYPE_CHECKING:
@@ -41,17 +42,8 @@ RETRY_BACKOFF_MIN = 0.1
 RETRY_BACKOFF_MAX = 5.0
 """Seconds between tries of a batch that failed (doubling from the first to the second)."""
 
-_insert_dedup = dedup_table.insert()
 _MAX_REPLY_TYPE: int = getattr(dedup_table.c.type.type, "length", None) or 0
 """A failure's reply type must fit the dedup record to be recorded."""
-
-
-@dataclass(frozen=True)
-class _Answer:
-    outcome: Outcome
-    type: str
-    data: dict[str, Any]
-    reason: str | None = None
 
 
 class ParticipantWorker:
@@ -264,39 +256,40 @@ class ParticipantWorker:
                 async with self.db.begin() as tx:
                     await dead_letters.record(tx, letters)
             return []
-        answers: list[tuple[CommandMessage, _Answer]] = []
+        answers: list[tuple[CommandMessage, Answer]] = []
         async with self.db.begin() as tx:
             await dead_letters.record(tx, letters)
+            ledger = await Ledger.of(tx)
             keys = sorted({c.idempotency_key for c in commands} | {_compensation_key(c) for c in commands})
-            recorded = await _recorded(tx, keys)
-            records: list[dict[str, Any]] = []
+            recorded = await ledger.recorded(keys)
+            records: list[Record] = []
             at = time.time()
             for command in commands:
                 answer = recorded.get(command.idempotency_key)
                 if answer is not None:
                     self.participant.stats["deduplicated"] += 1
-                elif spans and self.tracing is not None:
-                    with self.tracing.current(spans[len(answers)]):
-                        answer = await self._run(command, tx, recorded)
                 else:
-                    answer = await self._run(command, tx, recorded)
+                    alone = len(commands) == 1 and not letters
+                    if spans and self.tracing is not None:
+                        with self.tracing.current(spans[len(answers)]):
+                            answer = await self._run(command, ledger, recorded, alone=alone)
+                    else:
+                        answer = await self._run(command, ledger, recorded, alone=alone)
                     if answer.outcome == Outcome.SUCCESS or (
                         answer.outcome == Outcome.FAILURE and command.kind == MessageKind.COMMAND
                     ):
                         recorded[command.idempotency_key] = answer
-                        records.append({
-                            "key": command.idempotency_key, "command_id": command.id, "outcome": str(answer.outcome),
-                            "type": answer.type, "data": answer.data, "at": at, "reason": answer.reason,
-                        })
+                        body = answer.body if answer.body is not None else encode_body(answer.data)
+                        records.append(Record(command.idempotency_key, command.id, str(answer.outcome), answer.type,
+                                              body, at, answer.reason))
                 answers.append((command, answer))
-            if records:
-                # One statement for the batch, still in the transaction of the effects (and `recorded` already
-                # answers repeats within the batch).
-                await tx.execute(_insert_dedup, records)
+            # One statement for the batch, still in the transaction of the effects (and `recorded` already answers
+            # repeats within the batch).
+            await ledger.record(records)
         now = time.time()
         replies = [
             encode_reply(command, outcome=a.outcome, type=a.type, data=a.data, source=self.participant.name, at=now,
-                         reason=a.reason)
+                         reason=a.reason, body=a.body)
             for command, a in answers
         ]
         if spans and self.tracing is not None:
@@ -304,18 +297,20 @@ class ParticipantWorker:
                        for span, reply, (_, a) in zip(spans, replies, answers, strict=True)]
         return replies
 
-    async def _run(self, command: CommandMessage, tx: AsyncConnection, recorded: dict[str, _Answer]) -> _Answer:
+    async def _run(
+        self, command: CommandMessage, ledger: Ledger, recorded: dict[str, Answer], *, alone: bool = False
+    ) -> Answer:
         registration = self.participant.handlers.get(command.type)
         if registration is None:
             self.participant.stats["failed"] += 1
-            return _Answer(Outcome.FAILURE, f"{command.type}.failed", {}, f"no handler for {command.type!r}")
+            return Answer(Outcome.FAILURE, f"{command.type}.failed", {}, f"no handler for {command.type!r}")
         if command.kind == MessageKind.COMMAND and _compensation_key(command) in recorded:
             # The compensation overtook the command: the saga has given up on this step, so it must not take effect.
-            return _Answer(Outcome.FAILURE, f"{command.type}.failed", {}, "already compensated")
-        savepoint: AsyncTransaction = await tx.begin_nested()
+            return Answer(Outcome.FAILURE, f"{command.type}.failed", {}, "already compensated")
+        savepoint = await ledger.savepoint(alone=alone)
         try:
-            data = await registration.handler(command, tx) or {}
-            encode_body(data)  # a reply that cannot be sent must roll the effect back, not fail after the commit
+            data = await registration.handler(command, ledger.tx) or {}
+            body = encode_body(data)  # a reply that cannot be sent must roll the effect back, not fail after commit
         except registration.business_errors as exc:
             await savepoint.rollback()
             reason = exc.reason if isinstance(exc, BusinessFailure) else str(exc)
@@ -324,33 +319,20 @@ class ParticipantWorker:
             if len(reply_type) > _MAX_REPLY_TYPE or "\x00" in reply_type or has_nul(extra):
                 # Recorded, it could not be stored (PostgreSQL): a bug of the handler, not a business answer.
                 self.participant.stats["retryable"] += 1
-                return _Answer(Outcome.RETRY, f"{command.type}.retry", {},
-                               f"the handler's failure cannot be recorded (reply type {reply_type[:50]!r}...)")
+                return Answer(Outcome.RETRY, f"{command.type}.retry", {},
+                              f"the handler's failure cannot be recorded (reply type {reply_type[:50]!r}...)")
             self.participant.stats["failed"] += 1
-            return _Answer(Outcome.FAILURE, reply_type, extra, reason.replace("\x00", "\ufffd")[:MAX_REASON_CHARS])
+            return Answer(Outcome.FAILURE, reply_type, extra, reason.replace("\x00", "\ufffd")[:MAX_REASON_CHARS])
         except Exception as exc:
             await savepoint.rollback()
             self.participant.stats["retryable"] += 1
             log.warning("handler raised; replying retryable", participant=self.participant.name,
                         saga_id=command.saga_id, step=command.step, attempt=command.attempt,
                         message_id=command.id, error=repr(exc))
-            return _Answer(Outcome.RETRY, f"{command.type}.retry", {}, repr(exc)[:300])
+            return Answer(Outcome.RETRY, f"{command.type}.retry", {}, repr(exc)[:300])
         await savepoint.commit()
         self.participant.stats["handled"] += 1
-        return _Answer(Outcome.SUCCESS, f"{command.type}.succeeded", data)
-
-
-_KEYS_PER_SELECT = 500  # bound parameters per statement stay well under every database's limit
-
-
-async def _recorded(tx: AsyncConnection, keys: list[str]) -> dict[str, _Answer]:
-    recorded: dict[str, _Answer] = {}
-    for start in range(0, len(keys), _KEYS_PER_SELECT):
-        chunk = keys[start : start + _KEYS_PER_SELECT]
-        rows = (await tx.execute(sa.select(dedup_table).where(dedup_table.c.key.in_(chunk)))).mappings().all()
-        for row in rows:
-            recorded[row["key"]] = _Answer(Outcome(row["outcome"]), row["type"], row["data"], row["reason"])
-    return recorded
+        return Answer(Outcome.SUCCESS, f"{command.type}.succeeded", data, body=body)
 
 
 def _unreadable(message: BrokerMessage) -> str | None:

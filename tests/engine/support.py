@@ -3,11 +3,13 @@ count how many times each step's effect and compensation really ran."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from sagas.definitions.model import SagaDefinition
 from sagas.engine.wire import CommandMessage
@@ -83,3 +85,18 @@ def three_steps(*, version: int = 1, timeout: float = 30.0, deadline: float | No
                   step("charge", "payment", "Charge", "UndoCharge"),
                   step("ship", "shipping", "Ship", "UndoShip")],
     })
+
+
+@contextlib.asynccontextmanager
+async def postgres_schema(pg_url: str) -> AsyncIterator[Callable[[], AsyncEngine]]:
+    """A schema of its own on the shared PostgreSQL (dropped afterwards); yields a maker of engines that use it."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(pg_url)
+    async with admin.begin() as conn:
+        await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield lambda: create_async_engine(pg_url, connect_args={"server_settings": {"search_path": schema}})
+    finally:
+        async with admin.begin() as conn:
+            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        await admin.dispose()

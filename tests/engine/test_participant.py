@@ -14,12 +14,14 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sagas.adapters.memory import MemoryBroker
+from sagas.adapters.sql.participant_tables import dedup_table
+from sagas.definitions.limits import REPLY_TYPE_CHARS
 from sagas.engine.ports import BrokerMessage, Consumer
 from sagas.engine.state import MessageKind, Outcome, OutgoingCommand, ReplyReceived, message_id
 from sagas.engine.wire import CommandMessage, decode_reply, encode_command
 from sagas.errors import BrokerError
-from sagas.participant import BusinessFailure, Participant, ParticipantWorker
-from tests.engine.support import ledger, ledger_metadata
+from sagas.participant import BusinessFailure, Participant, ParticipantWorker, participant_database
+from tests.engine.support import ledger, ledger_metadata, postgres_schema
 
 TOPIC = "payment.commands"
 
@@ -240,3 +242,92 @@ async def test_a_business_failure_that_could_not_be_recorded_is_not_recorded_as_
     assert (got["s-nul"].outcome, got["s-nul"].reason) == (Outcome.FAILURE, "holder 'A\ufffdB' rejected")
     assert got["s-long"].outcome == Outcome.RETRY
     assert participant.stats["retryable"] == 1
+
+
+async def _failure_types_at_the_bound(broker: MemoryBroker, database: Any) -> None:
+    participant = Participant("payment")
+
+    @participant.command("Charge")
+    async def charge(message: CommandMessage, tx: AsyncConnection) -> dict[str, Any]:
+        raise BusinessFailure("declined", type=str(message.data["type"]))
+
+    longest = "Charge.declined." + "x" * (REPLY_TYPE_CHARS - len("Charge.declined."))
+    assert len(longest) == REPLY_TYPE_CHARS
+    engine = await broker.subscribe(["replies"], "engine")
+    worker = ParticipantWorker(participant, broker, database, batch_max=10)
+    await worker.start()
+    try:
+        await broker.publish([command("s-fits", type=longest), command("s-over", type=longest + "x")])
+        got = {r.causation_id.split("/")[0]: r for r in await replies(engine, 2)}
+        assert (got["s-fits"].outcome, got["s-fits"].type) == (Outcome.FAILURE, longest)
+        assert got["s-over"].outcome == Outcome.RETRY
+        await broker.publish([command("s-fits", attempt=2, type=longest)])  # answered from its dedup record
+        again = (await replies(engine, 1))[0]
+        assert (again.outcome, again.type) == (Outcome.FAILURE, longest)
+        assert participant.stats["deduplicated"] == 1
+        async with worker.db.connect() as conn:
+            stored = (await conn.execute(sa.select(dedup_table.c.type))).scalars().all()
+        assert stored == [longest]
+    finally:
+        await worker.stop()
+
+
+async def test_a_failure_reply_type_of_the_limit_is_recorded_and_one_more_character_is_retryable(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    """A business failure's reply type of exactly REPLY_TYPE_CHARS is recorded and answered from the record; one
+    character more is answered retryable and not recorded."""
+    await _failure_types_at_the_bound(broker, participant_database(str(tmp_path / "p.db")))
+
+
+@pytest.mark.postgres
+async def test_a_failure_reply_type_of_the_limit_fits_the_dedup_column_on_postgres(
+    broker: MemoryBroker, pg_url: str
+) -> None:
+    """On PostgreSQL, which enforces the column's width: a reply type of REPLY_TYPE_CHARS is stored."""
+    async with postgres_schema(pg_url) as database:
+        await _failure_types_at_the_bound(broker, database())
+
+
+async def test_a_command_handled_alone_that_fails_leaves_no_effect_and_its_failure_is_recorded(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    """A batch of one command runs without a savepoint on SQLite: when its handler wrote an effect and then failed,
+    the effect is still undone (retryable: nothing recorded; business failure: the failure alone recorded)."""
+    engine = await broker.subscribe(["replies"], "engine")
+    async with payment().serve(broker=broker, database_url=str(tmp_path / "p.db")) as worker:
+        await broker.publish([command("s-bad", bad=True)])
+        (bad,) = await replies(engine, 1)
+        await broker.publish([command("s-declined", decline=True)])
+        (declined,) = await replies(engine, 1)
+        await broker.publish([command("s-ok")])
+        (ok,) = await replies(engine, 1)
+        assert (bad.outcome, declined.outcome, ok.outcome) == (Outcome.RETRY, Outcome.FAILURE, Outcome.SUCCESS)
+        assert await effects(worker) == ["s-ok"]
+        async with worker.db.connect() as conn:
+            keys = (await conn.execute(sa.select(dedup_table.c.key).order_by(dedup_table.c.key))).scalars().all()
+        assert keys == ["s-declined/charge/command", "s-ok/charge/command"]
+
+
+async def test_a_worker_on_an_sqlite_engine_the_application_made_answers_and_records_as_on_its_own(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    """An engine made without sagas' SQLite settings (the sqlite3 module's implicit transactions): commands are
+    answered, a failure's effect undone, and repeats answered from the records, as with `participant_database`."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = await broker.subscribe(["replies"], "engine")
+    worker = ParticipantWorker(payment(), broker, create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'p.db'}"),
+                               batch_max=10)
+    await worker.start()
+    try:
+        await broker.publish([command("s-ok"), command("s-declined", decline=True)])
+        first = {r.causation_id.split("/")[0]: r.outcome for r in await replies(engine, 2)}
+        await broker.publish([command("s-ok", attempt=2)])
+        (again,) = await replies(engine, 1)
+        assert first == {"s-ok": Outcome.SUCCESS, "s-declined": Outcome.FAILURE}
+        assert (again.outcome, again.data) == (Outcome.SUCCESS, {"charged": True})  # the record's data, read back
+        assert worker.participant.stats["deduplicated"] == 1
+        assert await effects(worker) == ["s-ok"]
+    finally:
+        await worker.stop()

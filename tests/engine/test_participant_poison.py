@@ -10,14 +10,13 @@ import json
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.testing import capture_logs
 
 from sagas.adapters.memory import MemoryBroker
@@ -26,6 +25,7 @@ from sagas.adapters.sqlqueue import SqlQueueBroker
 from sagas.engine.ports import BrokerMessage, Consumer
 from sagas.engine.state import Outcome
 from sagas.participant import ParticipantDeadLetters, ParticipantWorker, dead_letters
+from tests.engine.support import postgres_schema
 from tests.engine.test_participant import TOPIC, broker, command, effects, payment, replies
 
 __all__ = ["broker"]  # the in-memory broker fixture, shared with test_participant.py
@@ -278,14 +278,5 @@ async def test_retention_purges_dedup_records_and_dead_letters_after_their_horiz
     broker: MemoryBroker, pg_url: str
 ) -> None:
     """On PostgreSQL: the same horizons, the same rows purged and kept."""
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(pg_url)
-    async with admin.begin() as conn:
-        await conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        await _purged_after_the_horizon(broker, lambda: create_async_engine(
-            pg_url, connect_args={"server_settings": {"search_path": schema}}))
-    finally:
-        async with admin.begin() as conn:
-            await conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        await admin.dispose()
+    async with postgres_schema(pg_url) as database:
+        await _purged_after_the_horizon(broker, database)

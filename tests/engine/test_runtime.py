@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from typing import Any
 
@@ -262,6 +263,40 @@ async def test_a_refused_publish_does_not_stop_the_engine_and_its_messages_go_ou
         h.clock.advance(h.engine.settings.relay_grace + 1)
         assert await h.engine.relay_once() == 0  # nothing was left behind
         assert await h.store.dead_letters() == []
+
+
+async def test_a_publish_left_unacknowledged_is_logged_as_an_outage_and_its_end_when_it_goes_through() -> None:
+    """A broker that holds a publish without answering (a client waiting out a lost connection) is reported
+    unavailable after `outage_log_after`, and available again once the publish goes through, published once."""
+    from structlog.testing import capture_logs
+
+    async with SagaHarness([three_steps()], [inventory(), payment(), shipping()]) as h:
+        h.engine.settings = dataclasses.replace(h.engine.settings, outage_log_after=0.05)
+        real_publish = h.broker.publish
+        release = asyncio.Event()
+        calls: list[int] = []
+
+        async def held_publish(messages: Any) -> None:
+            calls.append(len(messages))
+            if len(calls) == 1:
+                await release.wait()
+            await real_publish(messages)
+
+        h.broker.publish = held_publish  # type: ignore[method-assign]
+        with capture_logs() as logs:
+            saga_id = await h.engine.start_saga("order", ORDER)
+            async with asyncio.timeout(10):
+                # A log line is the condition: no event stands for it.
+                while not any(e["event"] == "broker unavailable; retrying publish" for e in logs):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            release.set()
+            await h.settle()
+            assert (await h.instance(saga_id)).status == SagaStatus.COMPLETED
+        outage = next(e for e in logs if e["event"] == "broker unavailable; retrying publish")
+        assert outage["error"] == "not acknowledged within 0.05s"
+        assert [e["event"] for e in logs].count("broker available again") == 1
+        assert calls[0] == 1  # the held message went out once, then the rest one by one as they were committed
+        assert calls.count(1) == len(calls)
 
 
 async def test_wait_notices_a_saga_settled_by_someone_else() -> None:

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sagas.engine.ports import BrokerMessage
+from sagas.engine.state import MessageKind, Outcome, ReplyReceived
 from sagas.engine.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, MalformedMessage, decode_command, decode_reply
 
 SAGA = "s-1"
@@ -99,6 +100,34 @@ def test_parsing_raises_nothing_but_malformed_message_whatever_the_message(
             reason = str(exc)
         if reason is not None:  # a reason that a dead letter can show
             assert 0 < len(reason) < 2000
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(value=bodies(), headers=headers(), reason=st.one_of(st.none(), st.text(max_size=30)))
+def test_a_decoded_reply_is_exactly_what_validating_its_fields_gives(value: bytes, headers: Any,
+                                                                     reason: str | None) -> None:
+    """The decoder builds replies without pydantic's validation: each one it returns equals, field by field and
+    type by type, the reply that validating the same fields builds."""
+    if reason is not None and isinstance(headers, tuple):
+        headers = (*headers, ("ce_sagareason", reason.encode("utf-8", "replace")))
+    try:
+        reply = decode_reply(BrokerMessage(topic="t", value=value, headers=headers))
+    except MalformedMessage:
+        return
+    validated = ReplyReceived.model_validate(dict(reply.__dict__))
+    assert reply == validated
+    assert [type(v) for v in reply.__dict__.values()] == [type(v) for v in validated.__dict__.values()]
+    assert reply.model_dump_json() == validated.model_dump_json()
+
+
+def test_a_valid_reply_decodes_with_every_field_and_is_a_validated_value() -> None:
+    """The reply of the valid headers: its fields as sent, enum members for kind and outcome."""
+    reply = decode_reply(BrokerMessage(topic="t", value=b'{"n": 1}', headers=tuple(VALID_REPLY.items())))
+    assert reply == ReplyReceived(message_id="s-1/ship/command/1/reply", causation_id="s-1/ship/command/1",
+                                  step="ship", attempt=1, kind=MessageKind.COMMAND, outcome=Outcome.SUCCESS,
+                                  type="Ship.ok", data={"n": 1})
+    assert type(reply.kind) is MessageKind
+    assert type(reply.outcome) is Outcome
 
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 5_000, 200_000])

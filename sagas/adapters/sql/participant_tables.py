@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from sagas.definitions.limits import REPLY_TYPE_CHARS
+
 metadata = sa.MetaData()
 
 Time = sa.Float()
@@ -20,7 +22,8 @@ dedup_table = sa.Table(
     sa.Column("key", sa.String(300), primary_key=True),
     sa.Column("command_id", sa.String(300), nullable=False),
     sa.Column("outcome", sa.String(20), nullable=False),
-    sa.Column("type", sa.String(200), nullable=False),
+    # A reply type as a definition may name it (a step's `success`/`failure` lists): the limit is the one bound.
+    sa.Column("type", sa.String(REPLY_TYPE_CHARS), nullable=False),
     sa.Column("data", sa.JSON, nullable=False),
     sa.Column("at", Time, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
