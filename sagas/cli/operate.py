@@ -25,6 +25,7 @@ from sagas.cli import render
 from sagas.cli.app import app
 from sagas.cli.remote import Remote, RemoteError
 from sagas.errors import SagaError
+from sagas.formatting import LIST_PREVIEW_BYTES, SHOW_PREVIEW_BYTES, dead_letter_json
 
 if TYPE_CHECKING:
     from sagas.engine.admin import SagaAdmin
@@ -481,26 +482,6 @@ def skip(saga_id: str, step: str, reason: Annotated[str, typer.Option("--reason"
 # ---- dead letters -----------------------------------------------------------------------------------
 
 
-LIST_PREVIEW_BYTES = 512
-SHOW_PREVIEW_BYTES = 4096
-_HEADER_PREVIEW_CHARS = 300
-
-
-def _dead_json(dead: DeadLetter, preview: int) -> dict[str, Any]:
-    """A dead letter for print: at most `preview` bytes of its body and a bounded part of each header, so that
-    neither `list --json` nor `show` prints more than a screenful per letter, whatever the message was."""
-    value = dead.message.value
-    return {
-        "id": dead.id, "reason": dead.reason, "saga_id": dead.saga_id, "at": dead.at, "replayed_at": dead.replayed_at,
-        "topic": dead.message.topic, "key": dead.message.key,
-        "headers": {k: v[:_HEADER_PREVIEW_CHARS * 4].decode("utf-8", "replace")[:_HEADER_PREVIEW_CHARS]
-                    for k, v in dead.message.headers},
-        "value": value[:preview].decode("utf-8", "replace"),
-        "size": dead.size, "sha256": dead.sha256, "kept_bytes": len(value), "truncated": dead.truncated,
-        "preview_bytes": min(len(value), preview),
-    }
-
-
 def _dead_from_json(data: dict[str, Any]) -> DeadLetter:
     from sagas.engine.ports import BrokerMessage, DeadLetter
 
@@ -525,7 +506,7 @@ def dlq_list(all_: Annotated[bool, typer.Option("--all", help="Include replayed 
     else:
         found = _admin_call(db_url, lambda admin: admin.dead_letters(limit=limit, include_replayed=all_))
     if as_json:
-        out.print_json(data=[_dead_json(d, LIST_PREVIEW_BYTES) for d in found])
+        out.print_json(data=[dead_letter_json(d, LIST_PREVIEW_BYTES) for d in found])
         return
     render.dead_letter_list(out, found, total=None, limit=limit)
 
@@ -557,7 +538,7 @@ def dlq_show(
             raise fail(f"cannot write {full}: {exc.strerror or exc}") from None
         out.print(f"wrote {kept} bytes to {_e(str(full))}: {whole}", highlight=False, soft_wrap=True)
         return
-    out.print_json(data=_dead_json(dead, SHOW_PREVIEW_BYTES))
+    out.print_json(data=dead_letter_json(dead, SHOW_PREVIEW_BYTES))
     notes = []
     if kept > SHOW_PREVIEW_BYTES:
         notes.append(f"value: preview of the first {SHOW_PREVIEW_BYTES} of {kept} stored bytes")

@@ -5,10 +5,16 @@ The model (docs/operations.md, "HTTP API and console"):
   the operator. Tokens come from `SAGAS_HTTP_TOKENS` ("name=token,name2=token2") or a file of `name token` lines
   (`SAGAS_HTTP_TOKENS_FILE`, the better place: not in the environment of every child process). They are compared
   with `hmac.compare_digest`, against every known token, so the time taken says nothing about which one matched.
-- Reads need a token too, unless `open_reads` is set and the caller is on the loopback interface.
+- Reads need a token too, unless `open_reads` is set and the caller is on the loopback interface. That is decided
+  by the TCP peer, which a reverse proxy on the same host turns into loopback for everyone: a request that carries
+  proxy headers (Forwarded, X-Forwarded-For, X-Real-IP) never counts as loopback, and a server bound to another
+  address than loopback refuses to start with open reads (`check_listen`).
 - The console signs the operator in with a token once: it sets an HttpOnly, SameSite=Strict cookie holding the
   token's name and an HMAC of it under a key of this process (never the token). Every console form carries a CSRF
-  field derived from the session (HMAC again); a form without it is refused.
+  field derived from the session (HMAC again); a form without it is refused. The sign-in form itself, before any
+  session, carries one derived from a random pre-session cookie (so another site cannot sign a browser in); after
+  signing in the browser goes only to a path of this site (`safe_next`).
+- Every response carries nosniff, frame-denying and a strict Content-Security-Policy (`SecurityHeaders`).
 - Request bodies are capped (`max_body`, 1 MiB by default), whatever Content-Length says.
 """
 
@@ -19,13 +25,17 @@ import hmac
 import ipaddress
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SESSION_COOKIE = "sagas_session"
+LOGIN_COOKIE = "sagas_login"
+"""A random pre-session value the sign-in form's CSRF field is derived from."""
+PROXY_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
 DEFAULT_MAX_BODY = 1 << 20
 
 
@@ -76,6 +86,31 @@ def is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
+def proxied(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a request says it came through a proxy (then its TCP peer is the proxy, not the caller)."""
+    return any(name.lower() in PROXY_HEADERS for name, _ in headers)
+
+
+def safe_next(target: str | None) -> str:
+    """`target` if it is a path of this site, else "/": never a redirect to another site after signing in.
+
+    Browsers read `/\\evil.example` as `//evil.example` and drop tabs and new lines from a URL, so a backslash or
+    a control character anywhere (also percent-encoded) refuses the target, as does a scheme or a host.
+    """
+    if not target:
+        return "/"
+    decoded = unquote(target)
+    if any(c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in target + decoded) or any(
+            c.isspace() for c in target):
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return "/"
+    if decoded.startswith("//"):
+        return "/"
+    return target
+
+
 @dataclass
 class Security:
     """The server's credentials and rules."""
@@ -94,6 +129,18 @@ class Security:
         open_reads = env.get("SAGAS_HTTP_OPEN_READS", "").strip().lower() in ("1", "true", "yes", "on")
         max_body = int(env.get("SAGAS_HTTP_MAX_BODY", DEFAULT_MAX_BODY))
         return cls(tokens=tokens, open_reads=open_reads, max_body=max_body)
+
+    def check_listen(self, host: str) -> None:
+        """Refuse (ValueError) to serve open reads on an address other machines reach: behind it, "loopback"
+        would not mean the operator's own machine."""
+        if self.open_reads and not is_loopback(host):
+            raise ValueError(
+                f"SAGAS_HTTP_OPEN_READS lets loopback callers read without a token, but the server would listen on "
+                f"{host}: listen on 127.0.0.1 (behind a proxy, keep reads authenticated), or turn open reads off")
+
+    def reads_open_to(self, client: str | None, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Whether this caller may read without a token: open reads, a loopback peer, and no proxy between."""
+        return self.open_reads and is_loopback(client) and not proxied(headers)
 
     def operator(self, token: str | None) -> str | None:
         """The name of the token, or None. Every token is compared, each in constant time."""
@@ -126,6 +173,47 @@ class Security:
 
     def csrf_ok(self, session: str | None, given: str | None) -> bool:
         return bool(session and given) and hmac.compare_digest(self.csrf(session or ""), given or "")
+
+    def login_csrf(self, nonce: str) -> str:
+        return self._sign("login", nonce)
+
+    def login_csrf_ok(self, nonce: str | None, given: str | None) -> bool:
+        return bool(nonce and given) and hmac.compare_digest(self.login_csrf(nonce or ""), given or "")
+
+
+CONSOLE_POLICY = ("default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+                  "frame-ancestors 'none'; base-uri 'none'")
+_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+    (b"content-security-policy", CONSOLE_POLICY.encode()),
+]
+
+
+class SecurityHeaders:
+    """ASGI middleware: every response says nosniff, may not be framed, loads nothing from elsewhere and runs no
+    script (the console has none); responses other than static files are not cached (they hold saga data)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = str(scope.get("path", "")).startswith("/static/")
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                added = [(n, v) for n, v in _HEADERS if n not in present]
+                if not static and b"cache-control" not in present:
+                    added.append((b"cache-control", b"no-store"))
+                message = {**message, "headers": [*message.get("headers", []), *added]}
+            await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 class BodyLimit:
