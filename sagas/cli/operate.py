@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from sagas.engine.ports import DeadLetter, Store
     from sagas.engine.state import OperatorCommand, SagaInstance
     from sagas.participant import ParticipantDeadLetters
+    from sagas.web.security import Security
 
 T = TypeVar("T")
 out = Console()
@@ -220,6 +221,29 @@ def db_upgrade(
     out.print(f"schema up to date: {_e(_shown(db_url))}")
 
 
+def _operator_security(host: str) -> Security | None:
+    """The API's and console's credentials (SAGAS_HTTP_TOKENS...), checked against the address to listen on; None
+    without the web extra (then only /metrics, /healthz and /readyz are served)."""
+    try:
+        import fastapi  # noqa: F401 -- only asks whether the web extra is installed
+        import jinja2  # noqa: F401
+    except ImportError:
+        err.print("the API and console need the web extra (pip install 'sagas-engine[web]'): serving metrics and "
+                  "health only", highlight=False, soft_wrap=True)
+        return None
+    from sagas.web.security import Security, TokenError
+
+    try:
+        security = Security.from_env()
+        security.check_listen(host)
+    except (TokenError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if not security.tokens:
+        err.print("no tokens (SAGAS_HTTP_TOKENS or SAGAS_HTTP_TOKENS_FILE): the API refuses every change and the "
+                  "console signs nobody in", highlight=False, soft_wrap=True)
+    return security
+
+
 @app.command()
 def serve(
     definitions: Annotated[list[Path], typer.Option("--definitions", "-d", help="Definition files or folders.")],
@@ -231,7 +255,8 @@ def serve(
     config: Annotated[Path | None, typer.Option("--config", help="Settings file (TOML or YAML).")] = None,
     json_logs: Annotated[bool | None, typer.Option("--json-logs/--console-logs")] = None,
     http: Annotated[
-        str | None, typer.Option("--http", help="HOST:PORT for /metrics, /healthz, /readyz (env SAGAS_HTTP).")
+        str | None, typer.Option("--http", help="HOST:PORT for the API, the console, /metrics, /healthz, /readyz (env "
+                                     "SAGAS_HTTP; tokens from SAGAS_HTTP_TOKENS or SAGAS_HTTP_TOKENS_FILE).")
     ] = None,
 ) -> None:
     """Run the engine until SIGTERM or SIGINT, then shut down gracefully."""
@@ -250,15 +275,17 @@ def serve(
         settings = SagasSettings.load(config, db=db_url, broker=broker_url, http=http)
     except (ValidationError, OSError, ValueError) as exc:
         raise fail(f"settings: {exc}") from None
+    security = None
     if settings.http is not None:
         try:
             from sagas.web.server import parse_address
 
-            parse_address(settings.http)
+            host, _ = parse_address(settings.http)
         except ImportError:
             raise fail("--http needs the http extra: pip install 'sagas-engine[http]'") from None
         except ValueError as exc:
             raise fail(str(exc)) from None
+        security = _operator_security(host)
     try:
         loaded = discover(definitions)
     except SagaError as exc:
@@ -290,8 +317,19 @@ def serve(
                 from sagas.web.server import serving
 
                 metrics.bind(engine)
-                async with serving(create_app(target=engine, metrics=metrics), settings.http) as server:
-                    err.print(f"serving /metrics, /healthz, /readyz on {server.url}", highlight=False)
+                routes, middleware, served = [], [], "/metrics, /healthz, /readyz"
+                if security is not None:
+                    from sagas.engine.admin import SagaAdmin
+                    from sagas.web.operations import Operations
+                    from sagas.web.site import operator_middleware, operator_routes
+
+                    admin = SagaAdmin(store, reply_topic=engine.settings.reply_topic)
+                    routes = operator_routes(Operations(admin, engine), security)
+                    middleware = operator_middleware(security)
+                    served = "the API (/api), the console (/), " + served
+                app = create_app(target=engine, metrics=metrics, routes=routes, middleware=middleware)
+                async with serving(app, settings.http) as server:
+                    err.print(f"serving {served} on {server.url}", highlight=False, soft_wrap=True)
                     await stop.wait()
         finally:
             await store.close()
