@@ -132,7 +132,8 @@ def create_console(ops: Operations, security: Security) -> Starlette:
             return login_form(request, 401, next_url, failed=True)
         response = RedirectResponse(next_url, 303)
         response.set_cookie(SESSION_COOKIE, security.session(operator), httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", path="/")
+                            secure=request.url.scheme == "https", path="/",
+                            max_age=int(security.session_max_age))
         response.delete_cookie(LOGIN_COOKIE, path="/login")
         return response
 

@@ -10,7 +10,8 @@ The model (docs/operations.md, "HTTP API and console"):
   proxy headers (Forwarded, X-Forwarded-For, X-Real-IP) never counts as loopback, and a server bound to another
   address than loopback refuses to start with open reads (`check_listen`).
 - The console signs the operator in with a token once: it sets an HttpOnly, SameSite=Strict cookie holding the
-  token's name and an HMAC of it under a key of this process (never the token). Every console form carries a CSRF
+  token's name, the time of signing in and an HMAC of both under a key of this process (never the token); it
+  lasts `session_max_age` (12 h). Every console form carries a CSRF
   field derived from the session (HMAC again); a form without it is refused. The sign-in form itself, before any
   session, carries one derived from a random pre-session cookie (so another site cannot sign a browser in); after
   signing in the browser goes only to a path of this site (`safe_next`).
@@ -25,6 +26,7 @@ import hmac
 import ipaddress
 import os
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,7 @@ LOGIN_COOKIE = "sagas_login"
 """A random pre-session value the sign-in form's CSRF field is derived from."""
 PROXY_HEADERS = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
 DEFAULT_MAX_BODY = 1 << 20
+DEFAULT_SESSION_MAX_AGE = 12 * 3600.0
 
 
 class TokenError(ValueError):
@@ -91,6 +94,13 @@ def proxied(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(name.lower() in PROXY_HEADERS for name, _ in headers)
 
 
+def _host_name(host: str) -> str:
+    """The name of a Host header without its port: `127.0.0.1:9464` -> `127.0.0.1`, `[::1]:80` -> `::1`."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def safe_next(target: str | None) -> str:
     """`target` if it is a path of this site, else "/": never a redirect to another site after signing in.
 
@@ -119,6 +129,8 @@ class Security:
     open_reads: bool = False
     """Reads without a token from the loopback interface."""
     max_body: int = DEFAULT_MAX_BODY
+    session_max_age: float = DEFAULT_SESSION_MAX_AGE
+    """Seconds a console sign-in lasts (the cookie is signed with its time)."""
     key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
     """Signs console sessions and CSRF fields; a new one per process (a restart signs everyone out)."""
 
@@ -127,8 +139,12 @@ class Security:
         env = os.environ if environ is None else environ
         tokens = load_tokens(env.get("SAGAS_HTTP_TOKENS"), env.get("SAGAS_HTTP_TOKENS_FILE"))
         open_reads = env.get("SAGAS_HTTP_OPEN_READS", "").strip().lower() in ("1", "true", "yes", "on")
-        max_body = int(env.get("SAGAS_HTTP_MAX_BODY", DEFAULT_MAX_BODY))
-        return cls(tokens=tokens, open_reads=open_reads, max_body=max_body)
+        try:
+            max_body = int(env.get("SAGAS_HTTP_MAX_BODY", DEFAULT_MAX_BODY))
+            max_age = float(env.get("SAGAS_HTTP_SESSION_MAX_AGE", DEFAULT_SESSION_MAX_AGE))
+        except ValueError as exc:
+            raise ValueError(f"SAGAS_HTTP_MAX_BODY / SAGAS_HTTP_SESSION_MAX_AGE: {exc}") from None
+        return cls(tokens=tokens, open_reads=open_reads, max_body=max_body, session_max_age=max_age)
 
     def check_listen(self, host: str) -> None:
         """Refuse (ValueError) to serve open reads on an address other machines reach: behind it, "loopback"
@@ -139,8 +155,12 @@ class Security:
                 f"{host}: listen on 127.0.0.1 (behind a proxy, keep reads authenticated), or turn open reads off")
 
     def reads_open_to(self, client: str | None, headers: Sequence[tuple[bytes, bytes]]) -> bool:
-        """Whether this caller may read without a token: open reads, a loopback peer, and no proxy between."""
-        return self.open_reads and is_loopback(client) and not proxied(headers)
+        """Whether this caller may read without a token: open reads, a loopback peer, no proxy between, and a
+        loopback name in Host (a page of another site that rebinds its name to 127.0.0.1 sends its own name)."""
+        if not (self.open_reads and is_loopback(client)) or proxied(headers):
+            return False
+        host = next((value for name, value in headers if name.lower() == b"host"), b"").decode("latin-1")
+        return is_loopback(_host_name(host))
 
     def operator(self, token: str | None) -> str | None:
         """The name of the token, or None. Every token is compared, each in constant time."""
@@ -156,15 +176,21 @@ class Security:
     def _sign(self, purpose: str, value: str) -> str:
         return hmac.new(self.key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
 
-    def session(self, operator: str) -> str:
-        return f"{operator}.{self._sign('session', operator)}"
+    def session(self, operator: str, *, now: float | None = None) -> str:
+        issued = f"{operator}.{int(time.time() if now is None else now)}"
+        return f"{issued}.{self._sign('session', issued)}"
 
-    def session_operator(self, cookie: str | None) -> str | None:
-        """The operator a session cookie names, if this process signed it and the token still exists."""
-        if not cookie or "." not in cookie:
+    def session_operator(self, cookie: str | None, *, now: float | None = None) -> str | None:
+        """The operator a session cookie names, if this process signed it less than `session_max_age` ago and the
+        token still exists."""
+        if not cookie or cookie.count(".") < 2:
             return None
-        operator, signature = cookie.rsplit(".", 1)
-        if not hmac.compare_digest(signature, self._sign("session", operator)):
+        issued, signature = cookie.rsplit(".", 1)
+        if not hmac.compare_digest(signature, self._sign("session", issued)):
+            return None
+        operator, at = issued.rsplit(".", 1)
+        age = (time.time() if now is None else now) - int(at)
+        if not 0 <= age < self.session_max_age:
             return None
         return operator if operator in self.tokens else None
 

@@ -144,7 +144,7 @@ async def stack(db_url: str, tmp_path: Path, *, schema: str | None = None, open_
         admin = SagaAdmin(store, reply_topic=settings.reply_topic)
         app = operator_app(Operations(admin, engine), security)
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-        client = await stack_.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://testserver"))
+        client = await stack_.enter_async_context(httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1"))
         yield Stack(client, engine, admin, store, switch, security, app, broker, settings.reply_topic)
 
 
