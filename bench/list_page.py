@@ -169,7 +169,7 @@ async def measure(url: str, rows: int, rounds: int) -> list[tuple[str, list[floa
     items: dict[str, int] = {}
     headers = {"Authorization": f"Bearer {TOKEN}"}
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         for round_ in range(rounds + 1):
             for name, path, params in cases:
                 started = time.perf_counter()

@@ -287,6 +287,23 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class PathGuard:
+    """ASGI middleware: a path with a control character (a new line, a tab...) names nothing here: 404 problem+json
+    at once (the routers' patterns would pass it to the console instead of the API, or match part of it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and any(ord(c) < 0x20 or ord(c) == 0x7F for c in str(scope.get("path", ""))):
+            body = b'{"type":"about:blank","title":"Not found","status":404,"detail":"no such path"}'
+            headers = [(b"content-type", b"application/problem+json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 404, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 async def _too_large(send: Send, limit: int) -> None:
     body = (b'{"type":"about:blank","title":"Request body too large","status":413,"detail":"the body is larger '
             b'than ' + str(limit).encode() + b' bytes"}')

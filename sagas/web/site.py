@@ -16,7 +16,7 @@ from starlette.routing import BaseRoute, Mount
 from sagas.web.api import create_api
 from sagas.web.console import create_console
 from sagas.web.operations import Operations
-from sagas.web.security import BodyLimit, Security, SecurityHeaders
+from sagas.web.security import BodyLimit, PathGuard, Security, SecurityHeaders
 
 
 def operator_routes(ops: Operations, security: Security) -> list[BaseRoute]:
@@ -24,7 +24,7 @@ def operator_routes(ops: Operations, security: Security) -> list[BaseRoute]:
 
 
 def operator_middleware(security: Security) -> list[Middleware]:
-    return [Middleware(SecurityHeaders), Middleware(BodyLimit, limit=security.max_body)]
+    return [Middleware(SecurityHeaders), Middleware(PathGuard), Middleware(BodyLimit, limit=security.max_body)]
 
 
 def operator_app(ops: Operations, security: Security) -> Starlette:

@@ -57,6 +57,7 @@ saga_instances = sa.Table(
     sa.Index(None, "status", "created_at"),
     sa.Index(None, "definition", "created_at"),
     sa.Index(None, "status", "updated_at"),  # purge of finished sagas
+    sa.Index(None, "idempotency_key"),  # the list's key filter, which names no definition (0005)
 )
 
 saga_events = sa.Table(
