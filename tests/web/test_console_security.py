@@ -115,3 +115,11 @@ async def test_a_dead_letter_is_shown_bounded_and_its_body_fetched_whole(served:
     assert raw.headers["x-sagas-sha256"] == hashlib.sha256(body).hexdigest()
     assert (await served.client.get("/api/dead-letters/dl-big-1/body")).status_code == 401
     assert (await served.client.get("/api/dead-letters/nope/body", headers=alice())).status_code == 404
+
+
+async def test_a_path_with_a_control_character_is_a_problem_not_a_page(served: Stack) -> None:
+    """An API path with a new line or a tab in it is a 404 problem+json (it used to fall through to the console)."""
+    for path in ("/api/sagas/a%0Ab/abort", "/api/sagas/a%09b", "/sagas/a%0Ab"):
+        response = await served.client.post(path, headers=alice(), json={"reason": "x"})
+        assert response.status_code == 404, path
+        assert response.headers["content-type"] == "application/problem+json", path
