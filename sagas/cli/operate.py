@@ -107,9 +107,10 @@ def _admin_call(db_url: str, call: Callable[[SagaAdmin], Awaitable[T]]) -> T:
     return _run(go)
 
 
-def _remote_call(url: str, token: str | None, method: str, path: str, body: Any = None, **query: Any) -> Any:
+def _remote_call(url: str, token: str | None, method: str, path: str, body: Any = None, *, raw: bool = False,
+                 **query: Any) -> Any:
     try:
-        return Remote(url, token).call(method, path, body, **query)
+        return Remote(url, token).call(method, path, body, raw=raw, **query)
     except RemoteError as exc:
         raise fail(str(exc)) from None
 
@@ -561,8 +562,14 @@ def dlq_show(
     if participant_db is not None:
         dead = _participant_call(participant_db, lambda dlq: dlq.get(dead_letter_id))
     elif url:
-        if full is not None:
-            raise fail("--full reads the stored body from the database: give --db, not --url")
+        if full is not None:  # the stored bytes as they are, from the API's /body
+            body = _remote_call(url, token, "GET", f"/api/dead-letters/{dead_letter_id}/body", raw=True)
+            try:
+                full.write_bytes(body)
+            except OSError as exc:
+                raise fail(f"cannot write {full}: {exc.strerror or exc}") from None
+            out.print(f"wrote {len(body)} bytes to {_e(str(full))}: the stored body", highlight=False, soft_wrap=True)
+            return
         out.print_json(data=_remote_call(url, token, "GET", f"/api/dead-letters/{dead_letter_id}"))
         return
     else:

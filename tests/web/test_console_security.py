@@ -4,14 +4,20 @@ and sign-out, bounded dead letters, open reads behind a proxy, and the headers e
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from sagas.engine.ports import BrokerMessage, DeadLetter, UnitOfWork
 from sagas.web.security import Security, safe_next
+from tests.web.live import live_stack
 from tests.web.served import TOKENS, Stack, alice
 from tests.web.test_console import csrf_of, sign_in
 
+SAGAS = str(Path(sys.executable).parent / "sagas")
 HOSTILE_NEXT = ["/\\evil.example", "/%5Cevil.example", "/%5cevil.example", "\\\\evil.example", "//evil.example",
                 "/%2F/evil.example", "/\t/evil.example", "/\n/evil.example", "/%09/evil.example",
                 "http://evil.example/", "https:evil.example", "javascript:alert(1)", " /x", "evil.example/x"]
@@ -123,3 +129,28 @@ async def test_a_path_with_a_control_character_is_a_problem_not_a_page(served: S
         response = await served.client.post(path, headers=alice(), json={"reason": "x"})
         assert response.status_code == 404, path
         assert response.headers["content-type"] == "application/problem+json", path
+
+
+def test_dlq_show_full_through_the_api_writes_the_stored_bytes(tmp_path: Path) -> None:
+    """`sagas dlq show ID --url ... --full FILE` writes the dead letter's stored body byte for byte (the API's
+    JSON holds a preview only)."""
+    body = bytes(range(256)) * 40  # not UTF-8: a text round trip would change it
+    with live_stack(f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}", tmp_path) as live:
+        dead = DeadLetter(id="dl-raw-1", reason="undecodable", message=BrokerMessage(topic="replies", value=body),
+                          at=1.0)
+
+        async def store(served: Stack) -> None:
+            await served.store.commit(UnitOfWork(dead_letters=[dead]))
+
+        live.run(store)
+        target = tmp_path / "body.bin"
+        result = subprocess.run([SAGAS, "dlq", "show", "dl-raw-1", "--url", live.url, "--full", str(target)],
+                                env={**os.environ, "SAGAS_TOKEN": TOKENS["alice"]}, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert target.read_bytes() == body
+        refused = subprocess.run([SAGAS, "dlq", "show", "dl-raw-1", "--url", live.url, "--full", str(target)],
+                                 env={**os.environ, "SAGAS_TOKEN": "wrong-token-0000000000"}, capture_output=True,
+                                 text=True, timeout=60)
+        assert refused.returncode != 0
+        assert "bearer token" in refused.stderr
