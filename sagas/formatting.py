@@ -1,8 +1,19 @@
-"""Formatting for people, shared by the CLI and the web console: rounded durations and short saga ids."""
+"""Formatting for people, shared by the CLI, the HTTP API and the web console: rounded durations, short saga ids,
+dead letters in bounded form."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sagas.engine.ports import DeadLetter
+
+LIST_PREVIEW_BYTES = 512
+"""Body bytes a dead letter shows in a list."""
+SHOW_PREVIEW_BYTES = 4096
+"""Body bytes a dead letter shows on its own."""
+HEADER_PREVIEW_CHARS = 300
 
 SHORT_ID = 12
 """Characters of a saga id `sagas list` shows: its end. Saga ids are UUIDv7, which begin with the time (sagas of
@@ -48,3 +59,19 @@ def duration(seconds: float | None) -> str:
         return f"{hours}h{minutes:02d}m"
     days, hours = divmod(hours, 24)
     return f"{days}d{hours}h"
+
+
+def dead_letter_json(dead: DeadLetter, preview: int) -> dict[str, Any]:
+    """A dead letter in bounded form: at most `preview` bytes of its body and a bounded part of each header, with
+    the size and SHA-256 of what arrived, so that neither a list nor one letter is larger than a screenful, whatever
+    the message was (the whole stored body is asked for on its own: `dlq show --full`, the API's `/body`)."""
+    value = dead.message.value
+    return {
+        "id": dead.id, "reason": dead.reason, "saga_id": dead.saga_id, "at": dead.at, "replayed_at": dead.replayed_at,
+        "topic": dead.message.topic, "key": dead.message.key,
+        "headers": {k: v[:HEADER_PREVIEW_CHARS * 4].decode("utf-8", "replace")[:HEADER_PREVIEW_CHARS]
+                    for k, v in dead.message.headers},
+        "value": value[:preview].decode("utf-8", "replace"),
+        "size": dead.size, "sha256": dead.sha256, "kept_bytes": len(value), "truncated": dead.truncated,
+        "preview_bytes": min(len(value), preview),
+    }

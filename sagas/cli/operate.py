@@ -25,12 +25,14 @@ from sagas.cli import render
 from sagas.cli.app import app
 from sagas.cli.remote import Remote, RemoteError
 from sagas.errors import SagaError
+from sagas.formatting import LIST_PREVIEW_BYTES, SHOW_PREVIEW_BYTES, dead_letter_json
 
 if TYPE_CHECKING:
     from sagas.engine.admin import SagaAdmin
     from sagas.engine.ports import DeadLetter, Store
     from sagas.engine.state import OperatorCommand, SagaInstance
     from sagas.participant import ParticipantDeadLetters
+    from sagas.web.security import Security
 
 T = TypeVar("T")
 out = Console()
@@ -105,9 +107,10 @@ def _admin_call(db_url: str, call: Callable[[SagaAdmin], Awaitable[T]]) -> T:
     return _run(go)
 
 
-def _remote_call(url: str, token: str | None, method: str, path: str, body: Any = None, **query: Any) -> Any:
+def _remote_call(url: str, token: str | None, method: str, path: str, body: Any = None, *, raw: bool = False,
+                 **query: Any) -> Any:
     try:
-        return Remote(url, token).call(method, path, body, **query)
+        return Remote(url, token).call(method, path, body, raw=raw, **query)
     except RemoteError as exc:
         raise fail(str(exc)) from None
 
@@ -219,6 +222,29 @@ def db_upgrade(
     out.print(f"schema up to date: {_e(_shown(db_url))}")
 
 
+def _operator_security(host: str) -> Security | None:
+    """The API's and console's credentials (SAGAS_HTTP_TOKENS...), checked against the address to listen on; None
+    without the web extra (then only /metrics, /healthz and /readyz are served)."""
+    try:
+        import fastapi  # noqa: F401 -- only asks whether the web extra is installed
+        import jinja2  # noqa: F401
+    except ImportError:
+        err.print("the API and console need the web extra (pip install 'sagas-engine[web]'): serving metrics and "
+                  "health only", highlight=False, soft_wrap=True)
+        return None
+    from sagas.web.security import Security, TokenError
+
+    try:
+        security = Security.from_env()
+        security.check_listen(host)
+    except (TokenError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    if not security.tokens:
+        err.print("no tokens (SAGAS_HTTP_TOKENS or SAGAS_HTTP_TOKENS_FILE): the API refuses every change and the "
+                  "console signs nobody in", highlight=False, soft_wrap=True)
+    return security
+
+
 @app.command()
 def serve(
     definitions: Annotated[list[Path], typer.Option("--definitions", "-d", help="Definition files or folders.")],
@@ -230,7 +256,8 @@ def serve(
     config: Annotated[Path | None, typer.Option("--config", help="Settings file (TOML or YAML).")] = None,
     json_logs: Annotated[bool | None, typer.Option("--json-logs/--console-logs")] = None,
     http: Annotated[
-        str | None, typer.Option("--http", help="HOST:PORT for /metrics, /healthz, /readyz (env SAGAS_HTTP).")
+        str | None, typer.Option("--http", help="HOST:PORT for the API, the console, /metrics, /healthz, /readyz (env "
+                                     "SAGAS_HTTP; tokens from SAGAS_HTTP_TOKENS or SAGAS_HTTP_TOKENS_FILE).")
     ] = None,
     tracing: Annotated[
         bool | None,
@@ -261,15 +288,17 @@ def serve(
         traced = configure_tracing(settings.tracing, service_name="sagas-engine", set_global=True)
     except TracingUnavailable as exc:
         raise fail(str(exc)) from None
+    security = None
     if settings.http is not None:
         try:
             from sagas.web.server import parse_address
 
-            parse_address(settings.http)
+            host, _ = parse_address(settings.http)
         except ImportError:
             raise fail("--http needs the http extra: pip install 'sagas-engine[http]'") from None
         except ValueError as exc:
             raise fail(str(exc)) from None
+        security = _operator_security(host)
     try:
         loaded = discover(definitions)
     except SagaError as exc:
@@ -311,8 +340,19 @@ def serve(
                 from sagas.web.server import serving
 
                 metrics.bind(engine)
-                async with serving(create_app(target=engine, metrics=metrics), settings.http) as server:
-                    err.print(f"serving /metrics, /healthz, /readyz on {server.url}", highlight=False)
+                routes, middleware, served = [], [], "/metrics, /healthz, /readyz"
+                if security is not None:
+                    from sagas.engine.admin import SagaAdmin
+                    from sagas.web.operations import Operations
+                    from sagas.web.site import operator_middleware, operator_routes
+
+                    admin = SagaAdmin(store, reply_topic=engine.settings.reply_topic)
+                    routes = operator_routes(Operations(admin, engine), security)
+                    middleware = operator_middleware(security)
+                    served = "the API (/api), the console (/), " + served
+                app = create_app(target=engine, metrics=metrics, routes=routes, middleware=middleware)
+                async with serving(app, settings.http) as server:
+                    err.print(f"serving {served} on {server.url}", highlight=False, soft_wrap=True)
                     await stop.wait()
         finally:
             await store.close()
@@ -507,26 +547,6 @@ def skip(saga_id: str, step: str, reason: Annotated[str, typer.Option("--reason"
 # ---- dead letters -----------------------------------------------------------------------------------
 
 
-LIST_PREVIEW_BYTES = 512
-SHOW_PREVIEW_BYTES = 4096
-_HEADER_PREVIEW_CHARS = 300
-
-
-def _dead_json(dead: DeadLetter, preview: int) -> dict[str, Any]:
-    """A dead letter for print: at most `preview` bytes of its body and a bounded part of each header, so that
-    neither `list --json` nor `show` prints more than a screenful per letter, whatever the message was."""
-    value = dead.message.value
-    return {
-        "id": dead.id, "reason": dead.reason, "saga_id": dead.saga_id, "at": dead.at, "replayed_at": dead.replayed_at,
-        "topic": dead.message.topic, "key": dead.message.key,
-        "headers": {k: v[:_HEADER_PREVIEW_CHARS * 4].decode("utf-8", "replace")[:_HEADER_PREVIEW_CHARS]
-                    for k, v in dead.message.headers},
-        "value": value[:preview].decode("utf-8", "replace"),
-        "size": dead.size, "sha256": dead.sha256, "kept_bytes": len(value), "truncated": dead.truncated,
-        "preview_bytes": min(len(value), preview),
-    }
-
-
 def _dead_from_json(data: dict[str, Any]) -> DeadLetter:
     from sagas.engine.ports import BrokerMessage, DeadLetter
 
@@ -551,7 +571,7 @@ def dlq_list(all_: Annotated[bool, typer.Option("--all", help="Include replayed 
     else:
         found = _admin_call(db_url, lambda admin: admin.dead_letters(limit=limit, include_replayed=all_))
     if as_json:
-        out.print_json(data=[_dead_json(d, LIST_PREVIEW_BYTES) for d in found])
+        out.print_json(data=[dead_letter_json(d, LIST_PREVIEW_BYTES) for d in found])
         return
     render.dead_letter_list(out, found, total=None, limit=limit)
 
@@ -568,8 +588,14 @@ def dlq_show(
     if participant_db is not None:
         dead = _participant_call(participant_db, lambda dlq: dlq.get(dead_letter_id))
     elif url:
-        if full is not None:
-            raise fail("--full reads the stored body from the database: give --db, not --url")
+        if full is not None:  # the stored bytes as they are, from the API's /body
+            body = _remote_call(url, token, "GET", f"/api/dead-letters/{dead_letter_id}/body", raw=True)
+            try:
+                full.write_bytes(body)
+            except OSError as exc:
+                raise fail(f"cannot write {full}: {exc.strerror or exc}") from None
+            out.print(f"wrote {len(body)} bytes to {_e(str(full))}: the stored body", highlight=False, soft_wrap=True)
+            return
         out.print_json(data=_remote_call(url, token, "GET", f"/api/dead-letters/{dead_letter_id}"))
         return
     else:
@@ -583,7 +609,7 @@ def dlq_show(
             raise fail(f"cannot write {full}: {exc.strerror or exc}") from None
         out.print(f"wrote {kept} bytes to {_e(str(full))}: {whole}", highlight=False, soft_wrap=True)
         return
-    out.print_json(data=_dead_json(dead, SHOW_PREVIEW_BYTES))
+    out.print_json(data=dead_letter_json(dead, SHOW_PREVIEW_BYTES))
     notes = []
     if kept > SHOW_PREVIEW_BYTES:
         notes.append(f"value: preview of the first {SHOW_PREVIEW_BYTES} of {kept} stored bytes")

@@ -30,7 +30,8 @@ class Remote:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
+    def call(self, method: str, path: str, body: Any = None, *, raw: bool = False, **query: Any) -> Any:
+        """The answer's JSON, or with `raw` its bytes; a RemoteError with the problem's detail otherwise."""
         params = {k: str(v).lower() if isinstance(v, bool) else v for k, v in query.items() if v is not None}
         target = self.base + urllib.parse.quote(path, safe="/:@") + (
             "?" + urllib.parse.urlencode(params) if params else "")
@@ -43,7 +44,8 @@ class Remote:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read() or b"null")
+                content = response.read()
+                return content if raw else json.loads(content or b"null")
         except urllib.error.HTTPError as error:
             raise RemoteError(_problem(error), error.code) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as error:

@@ -39,9 +39,10 @@ from sagas.errors import (
     UnknownDefinition,
     UnknownSaga,
 )
+from sagas.formatting import LIST_PREVIEW_BYTES, SHOW_PREVIEW_BYTES, dead_letter_json
 from sagas.web import models as m
 from sagas.web.operations import HISTORY_PAGE, Operations
-from sagas.web.security import Security, is_loopback
+from sagas.web.security import Security
 from sagas.web.svg import render_svg
 
 log = structlog.get_logger("sagas.web")
@@ -96,13 +97,9 @@ def history_item(record: HistoryRecord) -> m.HistoryItem:
                          detail=entry.detail)
 
 
-def dead_letter_view(dead: DeadLetter) -> m.DeadLetterView:
-    return m.DeadLetterView(
-        id=dead.id, reason=dead.reason, saga_id=dead.saga_id, at=dead.at, replayed_at=dead.replayed_at,
-        topic=dead.message.topic, key=dead.message.key,
-        headers={k: v.decode("utf-8", "replace") for k, v in dead.message.headers},
-        value=dead.message.value.decode("utf-8", "replace"),
-    )
+def dead_letter_view(dead: DeadLetter, preview: int = SHOW_PREVIEW_BYTES) -> m.DeadLetterView:
+    """The letter in bounded form (a preview of its body, its size and SHA-256); `/body` gives the stored bytes."""
+    return m.DeadLetterView(**dead_letter_json(dead, preview))
 
 
 def step_views(definition: SagaDefinition | None, instance: SagaInstance) -> list[m.StepView]:
@@ -154,7 +151,7 @@ def create_api(ops: Operations, security: Security) -> FastAPI:
 
     def reader(request: Request, credentials: Credentials) -> str | None:
         client = request.client.host if request.client else None
-        if security.open_reads and is_loopback(client):
+        if security.reads_open_to(client, request.scope.get("headers", [])):
             return None
         return operator(request, credentials)
 
@@ -334,7 +331,7 @@ def create_api(ops: Operations, security: Security) -> FastAPI:
                            limit: Annotated[int, Query(ge=1, le=500)] = 100) -> m.DeadLetterPage:
         """Dead letters, newest first."""
         found = await ops.dead_letters(limit=limit, include_replayed=include_replayed)
-        return m.DeadLetterPage(items=[dead_letter_view(d) for d in found])
+        return m.DeadLetterPage(items=[dead_letter_view(d, LIST_PREVIEW_BYTES) for d in found])
 
     @api.post("/dead-letters/{dead_letter_id:path}/replay", response_model=m.ReplayResult, tags=["dead letters"],
               responses={404: PROBLEMS[404], 409: PROBLEMS[409]})
@@ -343,10 +340,25 @@ def create_api(ops: Operations, security: Security) -> FastAPI:
         outcome = await ops.admin.replay(dead_letter_id)
         return m.ReplayResult(id=dead_letter_id, outcome="applied" if outcome == "applied" else "ignored")
 
+    @api.get("/dead-letters/{dead_letter_id:path}/body", tags=["dead letters"], response_class=Response,
+             responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}},
+                              "description": "The stored body, byte for byte (X-Sagas-Truncated: whether only "
+                                             "a prefix of what arrived was kept)."},
+                        404: PROBLEMS[404]})
+    async def dead_letter_body(dead_letter_id: str, who: Reader) -> Response:
+        """The dead letter's stored body, byte for byte (its JSON view holds a preview only)."""
+        dead = await ops.admin.dead_letter(dead_letter_id)
+        headers = {"X-Sagas-Size": str(dead.size), "X-Sagas-Truncated": "true" if dead.truncated else "false",
+                   "Content-Disposition": "attachment"}
+        if dead.sha256:
+            headers["X-Sagas-Sha256"] = dead.sha256
+        return Response(dead.message.value, media_type="application/octet-stream", headers=headers)
+
     @api.get("/dead-letters/{dead_letter_id:path}", response_model=m.DeadLetterView, tags=["dead letters"],
              responses={404: PROBLEMS[404]})
     async def dead_letter(dead_letter_id: str, who: Reader) -> m.DeadLetterView:
-        """One dead letter with its message."""
+        """One dead letter: a preview of its body (4 KiB), its size and SHA-256; `/body` gives the stored bytes."""
         return dead_letter_view(await ops.admin.dead_letter(dead_letter_id))
 
     # ---- definitions and overview ---------------------------------------------------------------------

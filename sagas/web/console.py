@@ -9,6 +9,7 @@ an API token once and keeps only its name, signed, in an HttpOnly SameSite=Stric
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from sagas.errors import InvalidInput, SagaError
 from sagas.formatting import duration, short_ids
 from sagas.web.api import _status_of, step_views
 from sagas.web.operations import Operations
-from sagas.web.security import SESSION_COOKIE, Security, is_loopback
+from sagas.web.security import LOGIN_COOKIE, SESSION_COOKIE, Security, safe_next
 from sagas.web.svg import LEGEND, render_svg
 
 HISTORY_PAGE = 200
@@ -76,7 +77,7 @@ def create_console(ops: Operations, security: Security) -> Starlette:
     def may_read(request: Request) -> bool:
         operator, _ = session_of(request)
         client = request.client.host if request.client else None
-        return operator is not None or (security.open_reads and is_loopback(client))
+        return operator is not None or security.reads_open_to(client, request.scope.get("headers", []))
 
     def page(request: Request, template: str, status: int = 200, **context: Any) -> Response:
         operator, session = session_of(request)
@@ -109,23 +110,38 @@ def create_console(ops: Operations, security: Security) -> Starlette:
 
     # ---- sign in ---------------------------------------------------------------------------------------
 
+    def login_form(request: Request, status: int, next_url: str, failed: bool) -> Response:
+        """The sign-in page, with a CSRF field derived from a fresh random pre-session cookie."""
+        nonce = secrets.token_urlsafe(24)
+        response = page(request, "login.html", status, next=safe_next(next_url), failed=failed,
+                        login_csrf=security.login_csrf(nonce))
+        response.set_cookie(LOGIN_COOKIE, nonce, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/login")
+        return response
+
     async def login(request: Request) -> Response:
-        next_url = request.query_params.get("next", "/")
         if request.method == "GET":
-            return page(request, "login.html", next=next_url, failed=False)
+            return login_form(request, 200, request.query_params.get("next", "/"), failed=False)
         form = await request.form()
-        next_url = str(form.get("next") or "/")
+        next_url = safe_next(str(form.get("next") or "/"))  # never redirect off this site
+        if not security.login_csrf_ok(request.cookies.get(LOGIN_COOKIE), str(form.get("csrf", ""))):
+            return page(request, "error.html", 403,
+                        message="the sign-in form's CSRF field is missing or wrong: open the sign-in page again")
         operator = security.operator(str(form.get("token", "")))
         if operator is None:
-            return page(request, "login.html", 401, next=next_url, failed=True)
-        if not next_url.startswith("/") or next_url.startswith("//"):
-            next_url = "/"  # never redirect off this site
+            return login_form(request, 401, next_url, failed=True)
         response = RedirectResponse(next_url, 303)
         response.set_cookie(SESSION_COOKIE, security.session(operator), httponly=True, samesite="strict",
-                            secure=request.url.scheme == "https", path="/")
+                            secure=request.url.scheme == "https", path="/",
+                            max_age=int(security.session_max_age))
+        response.delete_cookie(LOGIN_COOKIE, path="/login")
         return response
 
     async def logout(request: Request) -> Response:
+        try:
+            await acting(request)
+        except _Refused as exc:
+            return page(request, "error.html", exc.status, message=exc.message)
         response = RedirectResponse("/login", 303)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response

@@ -140,8 +140,14 @@ class DeadLetterView(BaseModel):
     replayed_at: float | None
     topic: str
     key: str | None
-    headers: dict[str, str]
-    value: str = Field(description="The message body as text (undecodable bytes replaced).")
+    headers: dict[str, str] = Field(description="Each header's first 300 characters.")
+    value: str = Field(description="A preview of the body as text: its first `preview_bytes` bytes (undecodable "
+                                   "bytes replaced); GET .../body gives the stored body.")
+    size: int | None = Field(description="Bytes of the body as it arrived.")
+    sha256: str | None = Field(description="Hex SHA-256 of the body as it arrived; null if it was never read whole.")
+    kept_bytes: int = Field(description="Bytes of the body stored (less than `size` when truncated).")
+    truncated: bool = Field(description="Only a prefix of the body was stored.")
+    preview_bytes: int = Field(description="Bytes of the stored body `value` shows.")
 
 
 class DeadLetterPage(BaseModel):

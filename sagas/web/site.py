@@ -1,4 +1,5 @@
-"""The operators' part of the HTTP app: the API at /api and the console at /, behind the body limit.
+"""The operators' part of the HTTP app: the API at /api and the console at /, behind the body limit and the
+security headers.
 
     routes = operator_routes(Operations(admin, engine), security)
     app = create_app(target=engine, routes=routes, middleware=[Middleware(BodyLimit, limit=security.max_body)])
@@ -15,7 +16,7 @@ from starlette.routing import BaseRoute, Mount
 from sagas.web.api import create_api
 from sagas.web.console import create_console
 from sagas.web.operations import Operations
-from sagas.web.security import BodyLimit, Security
+from sagas.web.security import BodyLimit, PathGuard, Security, SecurityHeaders
 
 
 def operator_routes(ops: Operations, security: Security) -> list[BaseRoute]:
@@ -23,7 +24,7 @@ def operator_routes(ops: Operations, security: Security) -> list[BaseRoute]:
 
 
 def operator_middleware(security: Security) -> list[Middleware]:
-    return [Middleware(BodyLimit, limit=security.max_body)]
+    return [Middleware(SecurityHeaders), Middleware(PathGuard), Middleware(BodyLimit, limit=security.max_body)]
 
 
 def operator_app(ops: Operations, security: Security) -> Starlette:

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import re
 
+import httpx
+
 from sagas.engine.state import SagaStatus
 from tests.web.served import TOKENS, Stack, alice
 
 
-async def sign_in(served: Stack, token: str = TOKENS["alice"]) -> None:
-    response = await served.client.post("/login", data={"token": token, "next": "/"})
-    assert response.status_code == 303
+async def sign_in(served: Stack, token: str = TOKENS["alice"], next_url: str = "/") -> httpx.Response:
+    """Sign in as a browser does: open the sign-in page (its CSRF field and pre-session cookie), post the token."""
+    form = await served.client.get("/login")
+    response = await served.client.post("/login", data={"token": token, "next": next_url,
+                                                        "csrf": csrf_of(form.text)})
+    assert response.status_code == 303, response.text
+    return response
 
 
 def csrf_of(html: str) -> str:
@@ -24,7 +30,9 @@ async def test_pages_need_a_signed_in_operator_and_a_wrong_token_signs_nobody_in
     first = await served.client.get("/sagas")
     assert first.status_code == 303
     assert first.headers["location"].startswith("/login?next=")
-    wrong = await served.client.post("/login", data={"token": "nope-nope-nope-nope", "next": "/"})
+    form = await served.client.get("/login")
+    wrong = await served.client.post("/login", data={"token": "nope-nope-nope-nope", "next": "/",
+                                                     "csrf": csrf_of(form.text)})
     assert wrong.status_code == 401
     assert "not known" in wrong.text
     await sign_in(served)

@@ -43,7 +43,7 @@ def test_a_token_is_known_by_its_name_and_sessions_cannot_be_forged() -> None:
     assert security.operator(None) is None
     session = security.session("alice")
     assert security.session_operator(session) == "alice"
-    assert security.session_operator("bob." + session.split(".")[1]) is None
+    assert security.session_operator("bob." + session.split(".", 1)[1]) is None
     assert Security(tokens=security.tokens).session_operator(session) is None  # another process's key
     assert security.csrf_ok(session, security.csrf(session))
     assert not security.csrf_ok(session, security.csrf(Security().session("alice")))
@@ -56,3 +56,26 @@ def test_loopback_is_recognised() -> None:
     assert is_loopback("::1")
     assert not is_loopback("10.0.0.1")
     assert not is_loopback(None)
+
+
+def test_a_session_lasts_its_max_age() -> None:
+    """A console session signed longer ago than `session_max_age` names nobody, nor one from the future."""
+    security = Security(tokens={"alice": "alice-token-0123456789"}, session_max_age=3600)
+    session = security.session("alice", now=1000.0)
+    assert security.session_operator(session, now=1000.0 + 3599) == "alice"
+    assert security.session_operator(session, now=1000.0 + 3600) is None
+    assert security.session_operator(session, now=999.0) is None
+    issued = session.rsplit(".", 1)[0]
+    assert security.session_operator(f"{issued[:-1]}9.{session.rsplit('.', 1)[1]}", now=1000.0) is None  # resigned
+
+
+@pytest.mark.parametrize(("host", "open_"), [
+    (b"127.0.0.1:9464", True), (b"localhost:9464", True), (b"[::1]:9464", True), (b"127.0.0.1", True),
+    (b"evil.example:9464", False), (b"evil.example", False), (b"", False),
+])
+def test_open_reads_need_a_loopback_name_in_host(host: bytes, open_: bool) -> None:
+    """A page of another site whose name resolves to 127.0.0.1 (DNS rebinding) sends its own name in Host: it
+    never reads without a token."""
+    security = Security(open_reads=True)
+    assert security.reads_open_to("127.0.0.1", [(b"host", host)]) is open_
+    assert security.reads_open_to("10.0.0.1", [(b"host", host)]) is False

@@ -1,4 +1,5 @@
-"""`sagas serve --http` as a user runs it: a real subprocess serving /metrics, /healthz and /readyz."""
+"""`sagas serve --http` as a user runs it: a real subprocess serving /metrics, /healthz and /readyz (the API it
+serves is tested in test_api.py), refusing to start open or with bad tokens."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SAGAS = str(Path(sys.executable).parent / "sagas")
@@ -59,3 +61,19 @@ def test_serve_http_answers_on_loopback_until_sigterm(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == 0, stderr
     assert f"on http://127.0.0.1:{port}" in stderr
+
+
+@pytest.mark.parametrize(("env", "address", "message"), [
+    ({"SAGAS_HTTP_OPEN_READS": "true"}, "0.0.0.0:0", "listen on 127.0.0.1"),
+    ({"SAGAS_HTTP_TOKENS": "alice=short"}, "127.0.0.1:0", "shorter than 16"),
+])
+def test_serve_refuses_to_start_open_or_with_bad_tokens(tmp_path: Path, env: dict[str, str], address: str,
+                                                         message: str) -> None:
+    """Open reads on an address other machines reach, or a malformed token setting, stop `sagas serve --http`
+    before it listens, with the reason on one line."""
+    result = subprocess.run([SAGAS, "serve", "--definitions", str(SAMPLE), "--db", str(tmp_path / "s.db"),
+                             "--broker", "db://", "--http", address], cwd=ROOT, env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr.replace("\n", " ")
+    assert not (tmp_path / "s.db").exists()  # refused before anything was opened

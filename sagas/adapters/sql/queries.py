@@ -55,8 +55,11 @@ def instances(connection: Connection, query: SagaQuery) -> list[SagaInstance]:
     statement = _filtered(sa.select(_snapshot), query)
     if query.before is not None:
         at, saga_id = query.before
-        # Spelled out rather than a row-value comparison: SQLite's planner uses the index for this form.
-        statement = statement.where(sa.or_(_t.created_at < at, sa.and_(_t.created_at == at, _t.id < saga_id)))
+        # Spelled out rather than a row-value comparison, with the redundant `created_at <= at` as a range the
+        # index can seek to: without it SQLite scans the (status/definition, created_at) index from the newest
+        # entry and filters, so a page deep in a million sagas took ~0.4 s (bench/list_page.py), ~0.1 ms with it.
+        statement = statement.where(
+            _t.created_at <= at, sa.or_(_t.created_at < at, sa.and_(_t.created_at == at, _t.id < saga_id)))
     statement = statement.order_by(_t.created_at.desc(), _t.id.desc()).limit(max(0, query.limit))
     return [rows.instance(snapshot) for snapshot in connection.execute(statement).scalars()]
 

@@ -68,6 +68,7 @@ saga_instances = sa.Table(
         sqlite_where=sa.text("step_deadline IS NOT NULL"),
         postgresql_where=sa.text("step_deadline IS NOT NULL"),
     ),
+    sa.Index(None, "idempotency_key"),  # the list's key filter, which names no definition (0005)
 )
 
 saga_events = sa.Table(
