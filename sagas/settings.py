@@ -58,7 +58,11 @@ class SagasSettings(BaseSettings):
     batch_max: int = Field(512, ge=1, le=10_000)
     known_max: int = Field(DEFAULT_KNOWN_MAX, ge=0, description="Running sagas an engine remembers between events.")
     timer_interval: float = Field(0.05, gt=0)
-    relay_interval: float = Field(1.0, gt=0)
+    relay_interval: float = Field(1.0, gt=0, description="Seconds between polls of the outbox for rows nobody "
+                                  "published (written by `sagas start --db`, or left by a crash).")
+    relay_grace: float = Field(2.0, ge=0, description="Age in seconds before the relay publishes a row: a row "
+                               "younger may still be on its way out through the engine that wrote it (with several "
+                               "engines, a short grace publishes their fresh rows twice: harmless, deduplicated).")
     retention: float | None = Field(
         7 * 86400.0, description="Seconds to keep inbox ids, sent outbox rows and finished sagas; off keeps all."
     )
@@ -104,7 +108,7 @@ class SagasSettings(BaseSettings):
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(
             reply_topic=self.reply_topic, group=self.group, batch_max=self.batch_max, known_max=self.known_max,
-            timer_interval=self.timer_interval, relay_interval=self.relay_interval,
+            timer_interval=self.timer_interval, relay_interval=self.relay_interval, relay_grace=self.relay_grace,
             retention=self.retention, retention_interval=self.retention_interval,
             dead_letter_retention=self.dead_letter_retention, dead_letter_max_bytes=self.dead_letter_max_bytes,
         )

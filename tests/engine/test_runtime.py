@@ -409,3 +409,27 @@ async def test_a_timer_that_failed_fires_again_once_its_claim_runs_out(monkeypat
         assert await h.advance(60) == 1  # the lease ran out on the virtual clock
         assert (await h.instance(saga_id)).steps["charge"].attempt == 1
         assert (await h.instance(saga_id)).steps["charge"].status == StepStatus.BACKOFF
+
+
+async def test_the_relay_publishes_a_row_written_outside_the_engine_once_it_is_older_than_the_grace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A saga started through the store alone (what `sagas start --db` does) waits for the relay: its first
+    command goes out once the row is `relay_grace` old, at once with a grace of zero (SAGAS_RELAY_GRACE)."""
+    from sagas.engine.admin import SagaAdmin
+    from sagas.settings import SagasSettings
+
+    async with SagaHarness([three_steps()], [inventory(), payment(), shipping()]) as h:
+        import time
+        saga_id, created = await SagaAdmin(h.store).start("order", ORDER)
+        assert created
+        h.clock.advance(time.time() + 0.5 - h.clock.now())  # SagaAdmin stamps its rows with the wall clock
+        assert await h.engine.relay_once() == 0  # younger than the default grace of 2 s: left to its writer
+        h.engine.settings = dataclasses.replace(h.engine.settings, relay_grace=0.0)
+        assert await h.engine.relay_once() == 1
+        assert await h.engine.relay_once() == 0  # in flight already: not handed out twice
+        assert (await h.engine.wait(saga_id, timeout=10, poll=0.01)).status == SagaStatus.COMPLETED
+
+    settings = SagasSettings.load(None, db="x.db", broker="memory://")
+    assert settings.engine_settings().relay_grace == 2.0
+    monkeypatch.setenv("SAGAS_RELAY_GRACE", "0.25")
+    assert SagasSettings.load(None).engine_settings().relay_grace == 0.25
