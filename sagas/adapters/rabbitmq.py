@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -308,6 +308,65 @@ class RabbitBroker:
                 if not channel.is_closed:
                     await channel.close()
 
+    async def ensure_topics(self, names: Iterable[str]) -> None:
+        """Declare the topics' exchanges (the engine's `TopicCreator` capability, called when it starts): what is
+        published to a topic before any group subscribed is kept in its ``<topic>.unrouted`` queue, and the first
+        group to subscribe takes it over, so a participant may start after the engine."""
+        await self._ensure_topics(set(names), time.monotonic() + self.retry_for)
+
+    async def probe(self) -> None:
+        """Raise `BrokerError` unless the connection is up and RabbitMQ answers (a channel opened and closed)."""
+        connection = self._connection
+        if self._closing or connection is None:
+            raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
+        if not self._up.is_set() or connection.is_closed:
+            raise BrokerError(f"{self!r}: not connected (reconnecting)", retriable=True)
+        try:
+            async with asyncio.timeout(5.0):
+                channel = await connection.channel()
+                await channel.close()
+        except (*_LOST, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerError(f"{self!r}: {exc!r}", retriable=True) from exc
+
+    async def backlog(self, topics: Sequence[str], group: str) -> dict[tuple[str, int], int]:
+        """Per partition queue ``<topic>@<group>.<n>``: its messages ready (RabbitMQ's count, for the whole group)
+        plus those this process's consumers of the group fetched and have not acknowledged yet. AMQP tells no
+        client of the unacknowledged messages another member holds: with several engines, each reports what is
+        ready plus its own (the management API's ``messages`` is exact, when it is enabled). A group that has not
+        subscribed yet has nothing waiting (what its topic holds meanwhile is in ``<topic>.unrouted``)."""
+        held: dict[tuple[str, int], int] = {}
+        for consumer in self._consumers:
+            if consumer.group == group:
+                for partition, count in consumer._held().items():
+                    held[partition] = held.get(partition, 0) + count
+        names = {(topic, number): f"{topic}@{group}.{number}" for topic in dict.fromkeys(topics)
+                 for number in range(self.partitions)}
+        ready = await self._ready_counts(list(names.values()))
+        return {partition: ready.get(name, 0) + held.get(partition, 0) for partition, name in names.items()}
+
+    async def _ready_counts(self, queues: list[str]) -> dict[str, int]:
+        """Messages ready in each of `queues` that exists (passive declares; a missing queue closes the channel,
+        the next one is asked on a new channel)."""
+        connection, _ = await self._ready(time.monotonic() + 5.0)
+        counts: dict[str, int] = {}
+        channel: AbstractChannel | None = None
+        try:
+            for name in queues:
+                if channel is None or channel.is_closed:
+                    channel = await connection.channel()
+                try:
+                    declared = await channel.declare_queue(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    continue
+                counts[name] = int(declared.declaration_result.message_count or 0)
+        except (*_LOST, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerError(f"{self!r}: reading queue depths: {exc!r}", retriable=True) from exc
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
+                    await channel.close()
+        return counts
+
     async def delete_topics(self, topics: Sequence[str], groups: Sequence[str]) -> None:
         """Delete the topics' exchanges and queues, and those of these groups on them (what is missing is skipped:
         RabbitMQ's deletes are idempotent). For tests and benchmarks that name their topics per run."""
@@ -437,9 +496,10 @@ class RabbitConsumer:
         """The broker connection `_channel` was opened on."""
         self._epoch = 0
         """Bumped by every new channel: deliveries of an older one are abandoned."""
-        self._buffer: deque[tuple[int, str, AbstractIncomingMessage]] = deque()
-        self._unacked: dict[int, AbstractIncomingMessage] = {}
-        """Delivery tag -> message, fetched on the current channel and not acknowledged."""
+        self._buffer: deque[tuple[int, tuple[str, int], AbstractIncomingMessage]] = deque()
+        """(channel epoch, (topic, partition), message) received and not fetched yet; partition -1: the dead queue."""
+        self._unacked: dict[int, tuple[tuple[str, int], AbstractIncomingMessage]] = {}
+        """Delivery tag -> (topic, partition), message: fetched on the current channel and not acknowledged."""
         self._arrived = asyncio.Event()
         self._closed = False
         self._restoring: asyncio.Task[None] | None = None
@@ -488,17 +548,24 @@ class RabbitConsumer:
         await hashed.bind(topic)
         if new_group:
             await _take_unrouted(connection, topic, group_exchange)
-        for queue in [*queues, dead]:
-            await queue.consume(self._receiver(epoch, topic, channel), no_ack=False)
+        for number, queue in [*enumerate(queues), (-1, dead)]:
+            await queue.consume(self._receiver(epoch, (topic, number), channel), no_ack=False)
 
-    def _receiver(self, epoch: int, topic: str, channel: AbstractChannel) -> Any:
+    def _held(self) -> dict[tuple[str, int], int]:
+        """Messages received from each partition queue and not acknowledged yet (fetched or not)."""
+        held: dict[tuple[str, int], int] = {}
+        for partition in itertools.chain((p for _, p, _ in self._buffer), (p for p, _ in self._unacked.values())):
+            held[partition] = held.get(partition, 0) + 1
+        return held
+
+    def _receiver(self, epoch: int, partition: tuple[str, int], channel: AbstractChannel) -> Any:
         async def receive(message: AbstractIncomingMessage) -> None:
             if epoch != self._epoch or self._closed:
                 # A channel this consumer gave up on but the server still delivers to: as the single active
                 # consumer it would hold these messages for ever. Closing it hands them to the current channel.
                 _close_soon(channel)
                 return
-            self._buffer.append((epoch, topic, message))
+            self._buffer.append((epoch, partition, message))
             self._arrived.set()
 
         return receive
@@ -553,12 +620,12 @@ class RabbitConsumer:
                 await asyncio.wait_for(self._arrived.wait(), max(timeout, 0))
         deliveries: list[Delivery] = []
         while self._buffer and len(deliveries) < max_messages and not self._closed:
-            epoch, topic, incoming = self._buffer.popleft()
+            epoch, partition, incoming = self._buffer.popleft()
             if epoch != self._epoch or incoming.delivery_tag is None:
                 continue
             tag = incoming.delivery_tag
-            self._unacked[tag] = incoming
-            message = decode_message(topic, incoming)
+            self._unacked[tag] = (partition, incoming)
+            message = decode_message(partition[0], incoming)
             if incoming.headers.get("x-first-death-reason") is not None:
                 message = dataclasses.replace(message, malformed=_death_reason(incoming, self._broker.delivery_limit))
             deliveries.append(Delivery(message, _Token(self._id, epoch, tag)))
@@ -576,9 +643,9 @@ class RabbitConsumer:
             token = delivery.token
             if not isinstance(token, _Token) or token.consumer != self._id or token.epoch != self._epoch:
                 continue
-            incoming = self._unacked.pop(token.tag, None)
-            if incoming is not None:  # committing twice would be a channel error ("unknown delivery tag")
-                to_ack.append(incoming)
+            held = self._unacked.pop(token.tag, None)
+            if held is not None:  # committing twice would be a channel error ("unknown delivery tag")
+                to_ack.append(held[1])
         if not to_ack:
             return
         try:

@@ -1,15 +1,20 @@
 """RabbitMQ's management API for the process tests: queue depths, who is the active consumer of a queue, virtual
-hosts. Plain urllib in a thread: the management API is HTTP with basic auth."""
+hosts (plain urllib in a thread: the management API is HTTP with basic auth); and a raw publisher of properties
+that pamqp cannot read, for the poison and fuzz tests."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import re
+import struct
 import urllib.request
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
+
+from pamqp import commands as spec
 
 from tests.integration.crash_participants import COMMANDS
 from tests.integration.kafka_participants import command_topic
@@ -83,3 +88,52 @@ async def queue_report(url: str, prefix: str) -> str:
             lines.append(f"{queue['name']}: ready {queue.get('messages_ready')}, unacked "
                          f"{queue.get('messages_unacknowledged')}, consumers {mine}")
     return "\n".join(lines)
+
+
+class RawProperties(spec.Basic.Properties):
+    """Message properties sent as the given bytes: what another AMQP client may write and pamqp would not."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__()
+        self.raw = raw
+
+    def marshal(self) -> bytes:
+        return self.raw
+
+
+UNDECODABLE = ("table key", "timestamp header", "content type", "timestamp property", "nested tables")
+
+
+def undecodable_properties(kind: str) -> bytes:
+    """Encoded properties that RabbitMQ passes on as they are and pamqp cannot read (one of `UNDECODABLE`)."""
+    if kind == "table key":  # a table key that is not UTF-8
+        return spec.Basic.Properties(headers={"k\x01": "v"}).marshal().replace(b"k\x01", b"k\xff")
+    if kind == "timestamp header":  # a timestamp past the year 9999
+        encoded = spec.Basic.Properties(headers={"t": datetime.datetime(2000, 1, 1)}).marshal()
+        at = encoded.index(b"T") + 1
+        return encoded[:at] + b"\xff" * 8 + encoded[at + 8:]
+    if kind == "content type":
+        return spec.Basic.Properties(content_type="ZZ").marshal().replace(b"ZZ", b"\xff\xfe")
+    if kind == "timestamp property":
+        encoded = spec.Basic.Properties(timestamp=datetime.datetime(2000, 1, 1)).marshal()
+        return encoded[:2] + b"\xff" * 8
+    table = b""  # tables nested deeper than pamqp's recursive decoder (and encoder) reaches, encoded by hand
+    for _ in range(700):
+        table = b"\x01nF" + struct.pack(">I", len(table)) + table
+    return struct.pack(">HI", 0x2000, len(table)) + table  # property flags: headers only
+
+
+async def publish_raw(amqp_url: str, exchange: str, messages: list[tuple[bytes, str, spec.Basic.Properties]]) -> None:
+    """Publish (body, routing key, properties) through aio-pika's underlying channel, confirmed, nothing checked."""
+    import aio_pika
+
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        underlay = await channel.get_underlay_channel()
+        confirms = [underlay.basic_publish(body, exchange=exchange, routing_key=key, properties=properties)
+                    for body, key, properties in messages]
+        for confirm in await asyncio.gather(*confirms):
+            assert isinstance(confirm, spec.Basic.Ack), confirm
+    finally:
+        await connection.close()
