@@ -16,7 +16,7 @@ Semantics, as for the other brokers (see `sagas.adapters.memory`), and how they 
 * `commit` acknowledges, after the caller's own commit. A message delivered ``delivery_limit`` times without an
   ack (it keeps crashing its consumer) is dead-lettered by the queue into ``<topic>@<group>.dead``, which the
   group also consumes: it comes back once more, marked `BrokerMessage.malformed` with the reason, and the engine
-  stores it as a dead letter instead of processing it (a participant drops it with a log line).
+  stores it as a dead letter instead of processing it (a participant keeps it among its own dead letters).
 * **Reconnection** is this module's own (not aio-pika's robust connection): when the connection or a channel is
   lost, the deliveries fetched on it are abandoned (committing them later is skipped: their delivery tags mean
   other messages on a new channel, and the server redelivers them anyway), publishes wait for the new connection
@@ -728,8 +728,11 @@ async def _take_unrouted(connection: AbstractConnection, topic: str, group_excha
         underlay = await mover.get_underlay_channel()
         moved = 0
         while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            properties = spec.Basic.Properties(
-                content_type=message.content_type, delivery_mode=2, headers=dict(message.headers))
+            properties = spec.Basic.Properties(  # as published (not its expiration: its time is up or running)
+                content_type=message.content_type, content_encoding=message.content_encoding, delivery_mode=2,
+                headers=dict(message.headers), priority=message.priority, correlation_id=message.correlation_id,
+                reply_to=message.reply_to, message_id=message.message_id, timestamp=message.timestamp,
+                message_type=message.type, app_id=message.app_id)
             await underlay.basic_publish(message.body, exchange=group_exchange,
                                          routing_key=message.routing_key or "", properties=properties,
                                          mandatory=True)

@@ -11,7 +11,8 @@
   the list of ``[name, value]`` pairs, so every message arrives exactly as it was published.
 
 Reading accepts ``cloudEvents_`` as well as ``cloudEvents:`` (the binding allows both), and ignores the ``x-``
-entries RabbitMQ adds (``x-delivery-count``, ``x-death``...).
+entries RabbitMQ adds (``x-delivery-count``, ``x-death``...). A ``content_encoding`` other than ``identity``
+(gzip...) makes the message `malformed`: its body is not the data itself.
 
 **Undecodable deliveries.** RabbitMQ passes on what another client wrote without checking it: a table key or
 short string that is not UTF-8, a timestamp past the year 9999, tables nested deeper than Python recurses. pamqp
@@ -135,6 +136,10 @@ def decode_message(topic: str, incoming: AbstractIncomingMessage) -> BrokerMessa
     table = incoming.headers or {}
     if UNDECODABLE in table and len(table) == 1:
         return BrokerMessage(topic=topic, value=value, key=key, malformed=str(table[UNDECODABLE]))
+    encoding = incoming.content_encoding
+    if encoding and encoding.lower() != "identity":  # the body is not the data itself: reading it would misread it
+        return BrokerMessage(topic=topic, value=value, key=key, malformed=f"content encoding {encoding[:100]!r} "
+                             "is not supported: the body must be the JSON data itself")
     try:
         headers = decode_headers(dict(table), incoming.content_type)
     except Exception as exc:  # a table of a shape no check above foresaw: kept, not raised

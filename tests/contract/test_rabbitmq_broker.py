@@ -367,6 +367,7 @@ that never subscribed has none."""
     assert await total(other) == 40  # nobody consumed that group's copies
     never = unique("never")
     assert await broker.backlog([never], group) == {(never, 0): 0, (never, 1): 0, (never, 2): 0}
+    await broker.delete_topics([topic], [group, other])
 
 
 async def until_async(read: Any, expected: int, within: float = 15.0) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import decimal
 import json
 import re
 import struct
@@ -137,3 +138,34 @@ async def publish_raw(amqp_url: str, exchange: str, messages: list[tuple[bytes, 
             assert isinstance(confirm, spec.Basic.Ack), confirm
     finally:
         await connection.close()
+
+
+def hostile_properties(headers: tuple[tuple[str, bytes], ...], variant: int, index: int) -> spec.Basic.Properties:
+    """AMQP properties another client may write for a message with these headers (variant 0-7): attributes of
+    AMQP types the binding does not map; both of the binding's prefixes, disagreeing; nested tables and arrays;
+    a broken exact-headers entry; another content encoding and charset; no properties at all; properties pamqp
+    cannot read; hundreds of entries with a wrong order entry."""
+    attrs: dict[str, Any] = {("cloudEvents:" + name[3:] if name.startswith("ce_") else name):
+                             value.decode(errors="replace") for name, value in headers}
+    if variant == 0:
+        odd: list[Any] = [7, -1.5, True, None, decimal.Decimal("1.25"), datetime.datetime(2026, 1, 1),
+                          bytearray(b"\xff\x00"), [1, "x", None], {"a": {"b": 1}}, 2**40]
+        return spec.Basic.Properties(headers={key: odd[(i + index) % len(odd)] if i % 2 else value
+                                              for i, (key, value) in enumerate(attrs.items())})
+    if variant == 1:
+        twins = {"cloudEvents_" + key[len("cloudEvents:"):]: "other" for key in attrs if key.startswith("cloudEvents:")}
+        return spec.Basic.Properties(headers={**attrs, **twins}, content_type="application/json")
+    if variant == 2:
+        return spec.Basic.Properties(headers={key: {"v": value, "deep": [[[value]]]} for key, value in attrs.items()})
+    if variant == 3:
+        broken = [["cloudEvents:id", 5], "x", [bytearray(b"\xff"), bytearray(b"v")], [None, None], []]
+        return spec.Basic.Properties(headers={**attrs, "x-sagas-headers": broken, "x-sagas-order": [1, None]})
+    if variant == 4:
+        return spec.Basic.Properties(headers=attrs, content_encoding="gzip",
+                                     content_type="application/json; charset=utf-16")
+    if variant == 5:
+        return spec.Basic.Properties()
+    if variant == 6:
+        return RawProperties(undecodable_properties(UNDECODABLE[index % len(UNDECODABLE)]))
+    many: dict[str, Any] = {f"n{i}": i for i in range(400)}
+    return spec.Basic.Properties(headers={**many, **attrs, "x-sagas-order": sorted(many, reverse=True)})
