@@ -253,12 +253,21 @@ def main() -> None:
     broker = open_bench_broker(args.broker)
     try:
         run = asyncio.run(broker_floor(broker, sagas=args.sagas, concurrency=args.concurrency, prefix=prefix))
+        print(f"broker floor ({args.broker or 'in-memory'}): {run.describe()}")
     finally:
         if args.broker:
-            from bench.saga_throughput import delete_topics
+            asyncio.run(delete_floor_topics(args.broker, prefix))
 
-            asyncio.run(delete_topics(args.broker, floor_topics(prefix)))
-    print(f"broker floor ({args.broker or 'in-memory'}): {run.describe()}")
+
+async def delete_floor_topics(url: str, prefix: str) -> None:
+    """Delete a floor run's topics (Kafka), or its exchanges and queues (RabbitMQ)."""
+    from bench.saga_throughput import delete_rabbit, delete_topics
+
+    if url.startswith(("amqp://", "amqps://")):
+        await delete_rabbit(url, [(f"{prefix}{service}.commands", f"{prefix}{service}-floor") for _, service, _ in
+                                  STEPS] + [(f"{prefix}replies", f"{prefix}floor-engine")])
+    else:
+        await delete_topics(url, floor_topics(prefix))
 
 
 if __name__ == "__main__":

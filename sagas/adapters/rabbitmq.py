@@ -16,7 +16,7 @@ Semantics, as for the other brokers (see `sagas.adapters.memory`), and how they 
 * `commit` acknowledges, after the caller's own commit. A message delivered ``delivery_limit`` times without an
   ack (it keeps crashing its consumer) is dead-lettered by the queue into ``<topic>@<group>.dead``, which the
   group also consumes: it comes back once more, marked `BrokerMessage.malformed` with the reason, and the engine
-  stores it as a dead letter instead of processing it (a participant drops it with a log line).
+  stores it as a dead letter instead of processing it (a participant keeps it among its own dead letters).
 * **Reconnection** is this module's own (not aio-pika's robust connection): when the connection or a channel is
   lost, the deliveries fetched on it are abandoned (committing them later is skipped: their delivery tags mean
   other messages on a new channel, and the server redelivers them anyway), publishes wait for the new connection
@@ -29,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import os
 import time
+import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -42,7 +44,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aiormq.abc import ChannelFrame
 from pamqp import commands as spec
+from pamqp.header import ContentHeader
 
 from sagas.adapters.rabbitwire import decode_message, encode_message
 from sagas.engine.ports import BrokerMessage, Delivery
@@ -308,6 +312,65 @@ class RabbitBroker:
                 if not channel.is_closed:
                     await channel.close()
 
+    async def ensure_topics(self, names: Iterable[str]) -> None:
+        """Declare the topics' exchanges (the engine's `TopicCreator` capability, called when it starts): what is
+        published to a topic before any group subscribed is kept in its ``<topic>.unrouted`` queue, and the first
+        group to subscribe takes it over, so a participant may start after the engine."""
+        await self._ensure_topics(set(names), time.monotonic() + self.retry_for)
+
+    async def probe(self) -> None:
+        """Raise `BrokerError` unless the connection is up and RabbitMQ answers (a channel opened and closed)."""
+        connection = self._connection
+        if self._closing or connection is None:
+            raise BrokerError(f"{self!r} is not started (or closed)", retriable=False)
+        if not self._up.is_set() or connection.is_closed:
+            raise BrokerError(f"{self!r}: not connected (reconnecting)", retriable=True)
+        try:
+            async with asyncio.timeout(5.0):
+                channel = await connection.channel()
+                await channel.close()
+        except (*_LOST, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerError(f"{self!r}: {exc!r}", retriable=True) from exc
+
+    async def backlog(self, topics: Sequence[str], group: str) -> dict[tuple[str, int], int]:
+        """Per partition queue ``<topic>@<group>.<n>``: its messages ready (RabbitMQ's count, for the whole group)
+        plus those this process's consumers of the group fetched and have not acknowledged yet. AMQP tells no
+        client of the unacknowledged messages another member holds: with several engines, each reports what is
+        ready plus its own (the management API's ``messages`` is exact, when it is enabled). A group that has not
+        subscribed yet has nothing waiting (what its topic holds meanwhile is in ``<topic>.unrouted``)."""
+        held: dict[tuple[str, int], int] = {}
+        for consumer in self._consumers:
+            if consumer.group == group:
+                for partition, count in consumer._held().items():
+                    held[partition] = held.get(partition, 0) + count
+        names = {(topic, number): f"{topic}@{group}.{number}" for topic in dict.fromkeys(topics)
+                 for number in range(self.partitions)}
+        ready = await self._ready_counts(list(names.values()))
+        return {partition: ready.get(name, 0) + held.get(partition, 0) for partition, name in names.items()}
+
+    async def _ready_counts(self, queues: list[str]) -> dict[str, int]:
+        """Messages ready in each of `queues` that exists (passive declares; a missing queue closes the channel,
+        the next one is asked on a new channel)."""
+        connection, _ = await self._ready(time.monotonic() + 5.0)
+        counts: dict[str, int] = {}
+        channel: AbstractChannel | None = None
+        try:
+            for name in queues:
+                if channel is None or channel.is_closed:
+                    channel = await connection.channel()
+                try:
+                    declared = await channel.declare_queue(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    continue
+                counts[name] = int(declared.declaration_result.message_count or 0)
+        except (*_LOST, aiormq.exceptions.AMQPError) as exc:
+            raise BrokerError(f"{self!r}: reading queue depths: {exc!r}", retriable=True) from exc
+        finally:
+            if channel is not None and not channel.is_closed:
+                with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
+                    await channel.close()
+        return counts
+
     async def delete_topics(self, topics: Sequence[str], groups: Sequence[str]) -> None:
         """Delete the topics' exchanges and queues, and those of these groups on them (what is missing is skipped:
         RabbitMQ's deletes are idempotent). For tests and benchmarks that name their topics per run."""
@@ -351,15 +414,10 @@ class RabbitBroker:
                         publisher_confirms=True, on_return_raises=True)
                 channel = await publisher.get_underlay_channel()
                 timeout = max(deadline - time.monotonic(), 1.0)
-                # Started in order: each takes the channel's lock before its first suspension, so the frames go
-                # out in this order, while all confirmations are awaited together.
-                confirms = [
-                    asyncio.ensure_future(channel.basic_publish(
-                        body, exchange=message.topic, routing_key=routing_key, properties=properties,
-                        mandatory=True, timeout=timeout))
+                results = await _publish_together(channel, [
+                    (message.topic, body, routing_key, properties)
                     for message, (body, routing_key, properties) in zip(messages, encoded, strict=True)
-                ]
-                results = await asyncio.gather(*confirms, return_exceptions=True)
+                ], timeout)
                 self._check(results)
                 return
             except aiormq.exceptions.PublishError as exc:
@@ -380,6 +438,8 @@ class RabbitBroker:
     @staticmethod
     def _check(results: list[Any]) -> None:
         for result in results:  # the first failure, in publishing order, is the one that counts
+            if isinstance(result, asyncio.CancelledError):  # a confirmation given up with its channel, not us
+                raise aiormq.exceptions.ChannelInvalidStateError("the channel closed before confirming")
             if isinstance(result, BaseException):
                 raise result
             if not isinstance(result, spec.Basic.Ack):
@@ -437,9 +497,10 @@ class RabbitConsumer:
         """The broker connection `_channel` was opened on."""
         self._epoch = 0
         """Bumped by every new channel: deliveries of an older one are abandoned."""
-        self._buffer: deque[tuple[int, str, AbstractIncomingMessage]] = deque()
-        self._unacked: dict[int, AbstractIncomingMessage] = {}
-        """Delivery tag -> message, fetched on the current channel and not acknowledged."""
+        self._buffer: deque[tuple[int, tuple[str, int], AbstractIncomingMessage]] = deque()
+        """(channel epoch, (topic, partition), message) received and not fetched yet; partition -1: the dead queue."""
+        self._unacked: dict[int, tuple[tuple[str, int], AbstractIncomingMessage]] = {}
+        """Delivery tag -> (topic, partition), message: fetched on the current channel and not acknowledged."""
         self._arrived = asyncio.Event()
         self._closed = False
         self._restoring: asyncio.Task[None] | None = None
@@ -488,17 +549,24 @@ class RabbitConsumer:
         await hashed.bind(topic)
         if new_group:
             await _take_unrouted(connection, topic, group_exchange)
-        for queue in [*queues, dead]:
-            await queue.consume(self._receiver(epoch, topic, channel), no_ack=False)
+        for number, queue in [*enumerate(queues), (-1, dead)]:
+            await queue.consume(self._receiver(epoch, (topic, number), channel), no_ack=False)
 
-    def _receiver(self, epoch: int, topic: str, channel: AbstractChannel) -> Any:
+    def _held(self) -> dict[tuple[str, int], int]:
+        """Messages received from each partition queue and not acknowledged yet (fetched or not)."""
+        held: dict[tuple[str, int], int] = {}
+        for partition in itertools.chain((p for _, p, _ in self._buffer), (p for p, _ in self._unacked.values())):
+            held[partition] = held.get(partition, 0) + 1
+        return held
+
+    def _receiver(self, epoch: int, partition: tuple[str, int], channel: AbstractChannel) -> Any:
         async def receive(message: AbstractIncomingMessage) -> None:
             if epoch != self._epoch or self._closed:
                 # A channel this consumer gave up on but the server still delivers to: as the single active
                 # consumer it would hold these messages for ever. Closing it hands them to the current channel.
                 _close_soon(channel)
                 return
-            self._buffer.append((epoch, topic, message))
+            self._buffer.append((epoch, partition, message))
             self._arrived.set()
 
         return receive
@@ -553,12 +621,12 @@ class RabbitConsumer:
                 await asyncio.wait_for(self._arrived.wait(), max(timeout, 0))
         deliveries: list[Delivery] = []
         while self._buffer and len(deliveries) < max_messages and not self._closed:
-            epoch, topic, incoming = self._buffer.popleft()
+            epoch, partition, incoming = self._buffer.popleft()
             if epoch != self._epoch or incoming.delivery_tag is None:
                 continue
             tag = incoming.delivery_tag
-            self._unacked[tag] = incoming
-            message = decode_message(topic, incoming)
+            self._unacked[tag] = (partition, incoming)
+            message = decode_message(partition[0], incoming)
             if incoming.headers.get("x-first-death-reason") is not None:
                 message = dataclasses.replace(message, malformed=_death_reason(incoming, self._broker.delivery_limit))
             deliveries.append(Delivery(message, _Token(self._id, epoch, tag)))
@@ -576,22 +644,35 @@ class RabbitConsumer:
             token = delivery.token
             if not isinstance(token, _Token) or token.consumer != self._id or token.epoch != self._epoch:
                 continue
-            incoming = self._unacked.pop(token.tag, None)
-            if incoming is not None:  # committing twice would be a channel error ("unknown delivery tag")
-                to_ack.append(incoming)
+            held = self._unacked.pop(token.tag, None)
+            if held is not None:  # committing twice would be a channel error ("unknown delivery tag")
+                to_ack.append(held[1])
         if not to_ack:
             return
         try:
             # basic.ack has no answer; a write on a dead socket must not hang the caller (aio-pika#501).
             async with asyncio.timeout(5.0):
-                for incoming in to_ack:
-                    await incoming.ack()
+                if self._acks_all_up_to(to_ack):
+                    await to_ack[-1].ack(multiple=True)  # one frame (and one drain) for the whole batch
+                else:
+                    for incoming in to_ack:
+                        await incoming.ack()
         except (*_LOST, aiormq.exceptions.AMQPError) as exc:
             log.info("%r: acknowledgement skipped, the channel is gone: %r", self, exc)
             # Gone, or about to be: were it still open, the messages not acknowledged would stay with this single
             # active consumer for ever. Closed, they go back to their queues and come again on a new channel.
             self._abandon()
             self._reconnected()
+
+    def _acks_all_up_to(self, to_ack: list[AbstractIncomingMessage]) -> bool:
+        """Sort `to_ack` by delivery tag; whether they are every delivery of the channel up to the highest of them
+        (none left unacknowledged or unfetched below it), so that one ``multiple`` ack acknowledges exactly them.
+        Deliveries arrive, are buffered and are fetched in tag order, so the lowest left is the first of each."""
+        to_ack.sort(key=lambda incoming: incoming.delivery_tag or 0)
+        highest = to_ack[-1].delivery_tag or 0
+        lowest_fetched = next(iter(self._unacked), None)
+        lowest_buffered = next((m.delivery_tag for epoch, _, m in self._buffer if epoch == self._epoch), None)
+        return all(tag is None or tag > highest for tag in (lowest_fetched, lowest_buffered))
 
     async def close(self) -> None:
         """Leave the group: what was fetched and not acknowledged goes back to the queues, for other members."""
@@ -610,6 +691,48 @@ class RabbitConsumer:
         if channel is not None and not channel.is_closed:
             with contextlib.suppress(*_LOST, aiormq.exceptions.AMQPError):
                 await channel.close()
+
+
+async def _publish_together(
+    channel: aiormq.abc.AbstractChannel, sends: list[tuple[str, bytes, str, spec.Basic.Properties]], timeout: float
+) -> list[Any]:
+    """Publish (exchange, body, routing key, properties) in order, ``mandatory``, as ONE write to the socket, and
+    wait for all their confirmations (or failures, returned in order).
+
+    aiormq's `basic_publish` writes each message on its own (a send to the socket per message, which on a busy
+    machine cost more than everything else the client does); this does what it does for each message (a delivery
+    tag and a confirmation future per message, its id mapped to its tag so that a ``basic.return`` fails the
+    right one), under the channel's lock, and hands the writer all the frames at once."""
+    assert isinstance(channel, aiormq.Channel)
+    frames: list[Any] = []
+    confirmations: list[asyncio.Future[Any]] = []
+    async with channel.lock:
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        for exchange, body, routing_key, properties in sends:
+            channel.delivery_tag += 1
+            tag = channel.delivery_tag
+            message_id = properties.message_id = properties.message_id or uuid.uuid4().hex
+            confirmation = channel.create_future()  # failed by aiormq when the channel closes
+            channel.confirmations[tag] = confirmation
+            channel.message_id_delivery_tag[message_id] = tag
+            confirmation.add_done_callback(functools.partial(_forget, channel, message_id, tag))
+            confirmations.append(confirmation)
+            frames += [spec.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=True),
+                       ContentHeader(properties=properties, body_size=len(body)), *channel._split_body(body)]
+        await channel.write_queue.put(ChannelFrame.marshall(frames=frames, channel_number=channel.number))
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.gather(*confirmations, return_exceptions=True)
+    finally:
+        for confirmation in confirmations:
+            confirmation.cancel()  # those not done (a timeout): their callbacks forget them
+
+
+def _forget(channel: aiormq.Channel, message_id: str, tag: int, _: asyncio.Future[Any]) -> None:
+    channel.confirmations.pop(tag, None)
+    if channel.message_id_delivery_tag.get(message_id) == tag:
+        channel.message_id_delivery_tag.pop(message_id)
 
 
 _closing: set[asyncio.Future[Any]] = set()
@@ -661,8 +784,11 @@ async def _take_unrouted(connection: AbstractConnection, topic: str, group_excha
         underlay = await mover.get_underlay_channel()
         moved = 0
         while (message := await queue.get(no_ack=False, fail=False)) is not None:
-            properties = spec.Basic.Properties(
-                content_type=message.content_type, delivery_mode=2, headers=dict(message.headers))
+            properties = spec.Basic.Properties(  # as published (not its expiration: its time is up or running)
+                content_type=message.content_type, content_encoding=message.content_encoding, delivery_mode=2,
+                headers=dict(message.headers), priority=message.priority, correlation_id=message.correlation_id,
+                reply_to=message.reply_to, message_id=message.message_id, timestamp=message.timestamp,
+                message_type=message.type, app_id=message.app_id)
             await underlay.basic_publish(message.body, exchange=group_exchange,
                                          routing_key=message.routing_key or "", properties=properties,
                                          mandatory=True)

@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pamqp import commands as spec
 
 from sagas.adapters.rabbitmq import RabbitBroker, RabbitConsumer
 from sagas.engine.ports import Broker, Delivery
 from sagas.errors import BrokerError
 from tests.contract.test_broker_contract import OpenBroker, brokers, collect, message, unique, values
+from tests.integration.rabbitmq_support import UNDECODABLE, RawProperties, publish_raw, undecodable_properties
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -294,3 +296,117 @@ async def test_deliveries_committed_while_the_consumer_is_still_being_restored_a
     await consumer.close()
     successor = await broker.subscribe([first_topic, second_topic], group)
     assert await successor.fetch(10, timeout=1.0) == []
+
+
+# ---- the engine's optional capabilities: TopicCreator, Probe, Backlog -----------------------------------
+
+
+async def test_ensure_topics_lets_any_client_publish_before_a_group_subscribes(
+    amqp_url: str, open_broker: OpenBroker, topic: str, group: str
+) -> None:
+    """Before `ensure_topics` a raw client's publish to the topic is refused (no exchange); after it, it is
+    accepted and kept, and the first group that subscribes gets it."""
+    import aio_pika
+
+    broker = await open_broker()
+    assert isinstance(broker, RabbitBroker)
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+            await channel.get_exchange(topic, ensure=True)
+        await broker.ensure_topics([topic])
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        exchange = await channel.get_exchange(topic, ensure=True)
+        await exchange.publish(aio_pika.Message(b"early"), routing_key="saga-1", mandatory=True)
+    finally:
+        await connection.close()
+    consumer = await (await open_broker()).subscribe([topic], group)
+    assert values(await collect(consumer, 1, commit=True)) == ["early"]
+
+
+async def test_probe_answers_while_connected_and_refuses_when_closed(amqp_url: str) -> None:
+    """`probe` returns on a live connection and raises a non-retriable BrokerError before start and after close."""
+    broker = RabbitBroker.from_url(amqp_url, retry_for=5.0)
+    with pytest.raises(BrokerError, match="not started"):
+        await broker.probe()
+    await broker.start()
+    await broker.probe()
+    await broker.close()
+    with pytest.raises(BrokerError) as caught:
+        await broker.probe()
+    assert caught.value.retriable is False
+
+
+async def test_backlog_counts_what_is_ready_and_what_is_held_unacknowledged(
+    open_broker: OpenBroker, topic: str, group: str
+) -> None:
+    """Per partition queue, the backlog is ready + fetched-and-not-acknowledged: 40 published → 40 in all (spread
+    over the 3 partitions), 15 committed → 25, all committed → 0; another group's backlog is its own, and a group
+that never subscribed has none."""
+    broker = await open_broker()
+    assert isinstance(broker, RabbitBroker)
+    consumer = await broker.subscribe([topic], group)
+    other = unique("other")
+    await broker.subscribe([topic], other)
+    await broker.publish([message(topic, str(i), key=f"saga-{i}") for i in range(40)])
+
+    async def total(of: str) -> int:
+        return sum((await broker.backlog([topic], of)).values())
+
+    backlog = await broker.backlog([topic], group)
+    assert set(backlog) == {(topic, 0), (topic, 1), (topic, 2)}
+    await until_async(lambda: total(group), 40)
+    assert sum(1 for count in backlog.values() if count) >= 2, backlog  # keys spread over the partitions
+    got = await collect(consumer, 40)
+    assert await total(group) == 40  # fetched, not acknowledged: still behind
+    await consumer.commit(got[:15])
+    await until_async(lambda: total(group), 25)
+    await consumer.commit(got[15:])
+    await until_async(lambda: total(group), 0)
+    assert await total(other) == 40  # nobody consumed that group's copies
+    never = unique("never")
+    assert await broker.backlog([never], group) == {(never, 0): 0, (never, 1): 0, (never, 2): 0}
+    await broker.delete_topics([topic], [group, other])
+
+
+async def until_async(read: Any, expected: int, within: float = 15.0) -> None:
+    """Until `await read()` is `expected` (RabbitMQ's counts follow acknowledgements a moment later)."""
+    deadline = time.monotonic() + within
+    while (value := await read()) != expected:
+        assert time.monotonic() < deadline, f"stayed at {value}, expected {expected}"
+        await asyncio.sleep(0.1)
+
+
+@pytest.mark.parametrize("kind", UNDECODABLE)
+async def test_a_delivery_pamqp_cannot_read_is_a_malformed_message_not_a_lost_connection(
+    amqp_url: str, open_broker: OpenBroker, topic: str, group: str, kind: str
+) -> None:
+    """Properties another client wrote that pamqp cannot decode (here: the `kind`) arrive as one message marked
+    malformed with the reason, in order with the next one, on the same connection; nothing comes again."""
+    broker = await open_broker()
+    assert isinstance(broker, RabbitBroker)
+    consumer = await broker.subscribe([topic], group)
+    await publish_raw(amqp_url, topic, [(b"poison", "saga-1", RawProperties(undecodable_properties(kind))),
+                                        (b"after", "saga-1", spec.Basic.Properties())])
+    epoch = broker._epoch
+    got = await collect(consumer, 2, commit=True)
+    assert [(d.message.value, d.message.key) for d in got] == [(b"poison", "saga-1"), (b"after", "saga-1")]
+    assert "AMQP properties undecodable" in (got[0].message.malformed or "")
+    assert got[1].message.malformed is None
+    assert broker._epoch == epoch, "the connection was lost"
+    assert await consumer.fetch(10, timeout=0.5) == []
+
+
+def test_a_deliver_frame_with_a_routing_key_that_is_not_utf8_is_read_with_replacement_characters() -> None:
+    """A basic.deliver whose exchange and routing key are not UTF-8 (RabbitMQ does not check them) is read, the bad
+    bytes as U+FFFD, instead of failing the connection; a frame pamqp reads is unchanged."""
+    import pamqp.frame
+
+    good = pamqp.frame.marshal(spec.Basic.Deliver("ctag", 7, True, "ex.1", "key\x01"), 3)
+    assert pamqp.frame.unmarshal(good)[2].routing_key == "key\x01"
+    used, channel, frame = pamqp.frame.unmarshal(good.replace(b"ex.1", b"ex\xff1").replace(b"key\x01", b"key\xfe"))
+    assert (used, channel) == (len(good), 3)
+    assert isinstance(frame, spec.Basic.Deliver)
+    assert (frame.consumer_tag, frame.delivery_tag, frame.redelivered, frame.exchange, frame.routing_key) == (
+        "ctag", 7, True, "ex\ufffd1", "key\ufffd")

@@ -88,9 +88,9 @@ def valid_headers(
 def expand(pool: list[Shape], seed: int, count: int, *, saga_ids: list[str], steps: list[str], transport: str,
            huge_every: int = 250, max_huge: int = MAX_MESSAGE_BYTES + 50_000, duplicates: float = 0.02,
            topic: str) -> list[Hostile]:
-    """`count` hostile messages from `pool`, plus exact copies of earlier ones (a fraction `duplicates`), for
-    the transport "memory", "sqlite", "postgres" or "kafka". Huge values are rare (one in `huge_every`) and at most
-    `max_huge` bytes (Kafka refuses records over its limit, so there they stay under it)."""
+    """`count` hostile messages from `pool`, plus exact copies of earlier ones (a fraction `duplicates`), for the
+    transport "memory", "sqlite", "postgres", "kafka" or "rabbitmq". Huge values are rare (one in `huge_every`) and
+    at most `max_huge` bytes (Kafka refuses records over its limit, so there they stay under it)."""
     rng = random.Random(seed)
     out: list[Hostile] = []
     originals = 0
@@ -198,6 +198,8 @@ def _transport(
         elif transport == "sqlite" and variant == 7:
             value_raw = "stored as text" if shape.size % 2 else 12345
         return headers, b"", {"headers": headers_raw, "value": value_raw}
+    if transport == "rabbitmq":  # AMQP properties written raw, as another client may (see `amqp_properties`)
+        return headers, rng.randbytes(shape.size % 64) if variant == 4 else b"{}", {"amqp": variant}
     # kafka: headers without a value, records without a value, too many headers, names that are not ASCII
     if variant % 4 == 0:
         return [(name, None if name in shape.drop else v) for name, v in headers], b"{}", {"null_value": False}

@@ -275,3 +275,68 @@ def test_kafka_survives_a_hostile_flood(pool: list[Shape], seed: int, kafka_url:
             await store.close()
 
     run(go())
+
+
+@pytest.mark.rabbitmq
+@FUZZ
+@given(pool=pools(), seed=seeds)
+def test_rabbitmq_survives_a_hostile_flood(pool: list[Shape], seed: int, amqp_url: str,
+                                           tmp_path_factory: Any) -> None:
+    """RabbitMQ: every message published raw through aio-pika; the transport's own ones with tables of AMQP types
+    the binding does not map, both CloudEvents prefixes, broken exact-header entries, other encodings, no
+    properties, and properties pamqp cannot read (the connection must survive them)."""
+    import aio_pika
+
+    from sagas.adapters.rabbitmq import RabbitBroker
+    from sagas.adapters.rabbitwire import encode_message
+    from tests.integration.rabbitmq_support import hostile_properties
+
+    path = tmp_path_factory.mktemp("fuzz") / "engine.db"
+
+    async def go() -> None:
+        broker = RabbitBroker.from_url(amqp_url, retry_for=30.0)
+        store = SqlStore(f"sqlite+aiosqlite:///{path}")
+        connection = await aio_pika.connect(amqp_url)
+        underlay = await (await connection.channel(publisher_confirms=True)).get_underlay_channel()
+        topics: set[str] = set()
+
+        async def inject(batch: list[Hostile]) -> None:
+            sends = []
+            for h in batch:
+                topics.add(h.message.topic)
+                if "amqp" in h.raw:
+                    properties = hostile_properties(h.message.headers, h.raw["amqp"], h.index)
+                else:
+                    properties = encode_message(h.message)[2]
+                sends.append(underlay.basic_publish(h.message.value, exchange=h.message.topic, routing_key=h.key,
+                                                    properties=properties, mandatory=True))
+            await asyncio.gather(*sends)
+
+        try:
+            await scenario(broker, store, inject, pool, seed, "rabbitmq")
+            letters = await store.dead_letters(limit=3 * HOSTILE, include_replayed=True)
+            assert any("AMQP properties undecodable" in d.reason for d in letters)
+            assert broker._epoch == 1, "the engine's connection was lost and made again"
+        finally:
+            await connection.close()
+            await store.close()
+            await _delete_rabbitmq_run(amqp_url, topics)
+
+    run(go())
+
+
+async def _delete_rabbitmq_run(amqp_url: str, reply_topics: set[str]) -> None:
+    """Delete this run's exchanges and queues from the shared server (the reply topic and the participants')."""
+    from sagas.adapters.rabbitmq import RabbitBroker
+
+    broker = RabbitBroker.from_url(amqp_url)
+    await broker.start()
+    try:
+        for reply_topic in reply_topics:
+            suffix = reply_topic.rsplit(".", 1)[1]
+            commands = [step.command_topic for step in definition(suffix).iter_steps()]
+            groups = [f"fuzz-{suffix}", *(f"{name}_{suffix}-participant" for name in ("inventory", "payment",
+                                                                                      "shipping"))]
+            await broker.delete_topics([reply_topic, *commands], groups)
+    finally:
+        await broker.close()

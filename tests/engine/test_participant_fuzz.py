@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from sagas.adapters.memory import MemoryBroker
+from sagas.adapters.rabbitmq import RabbitBroker
+from sagas.adapters.rabbitwire import encode_message
 from sagas.adapters.sql import SqlStore
 from sagas.adapters.sql.participant_tables import dead_letters_table
 from sagas.adapters.sqlqueue import SqlQueueBroker, messages_table
@@ -32,6 +34,7 @@ from sagas.engine.runtime import Engine, EngineSettings
 from sagas.engine.state import MessageKind, OutgoingCommand, SagaStatus, message_id
 from sagas.engine.wire import MAX_DEPTH, MAX_MESSAGE_BYTES, encode_command
 from sagas.participant import BusinessFailure, Participant
+from tests.integration.rabbitmq_support import hostile_properties
 
 SAGAS = 200
 HOSTILE = 10_000
@@ -190,7 +193,7 @@ def _one(key: str, shape: Shape, rng: random.Random, topic: str, replies: str, t
 
 def _transport(key: str, shape: Shape, headers: list[Any], topic: str, transport: str) -> Hostile:
     """What only one transport can carry: anything in-process; rows written behind the db:// queue's back; on Kafka,
-    headers without a value and records without a value."""
+    headers without a value and records without a value; on RabbitMQ, properties written raw."""
     variant = shape.variant
     if transport == "memory":
         odd: list[Any] = [[*headers, ("ce_sagaattempt", 2)], [(5, b"x"), *headers], [("ce_id",), None], 7, "ce_id",
@@ -204,9 +207,41 @@ def _transport(key: str, shape: Shape, headers: list[Any], topic: str, transport
             value = "stored as text, not bytes"
         return Hostile(key, BrokerMessage(topic=topic, key=key, value=b""), raw={"headers": rows[variant],
                                                                                   "value": value})
+    if transport == "rabbitmq":  # AMQP properties written raw (tests.integration.rabbitmq_support), every variant
+        return Hostile(key, BrokerMessage(topic=topic, key=key, headers=tuple(headers), value=b"{}"),
+                       raw={"amqp": (variant + int(key[1:])) % 8})
     if variant % 2:
         return Hostile(key, BrokerMessage(topic=topic, key=key, headers=tuple(headers), value=b""))
     return Hostile(key, BrokerMessage(topic=topic, key=key, value=b"{}", headers=(("ce_id", b""), ("x-empty", b""))))
+
+
+class RawRabbit(RabbitBroker):
+    """The RabbitMQ broker of the engine and participant, plus what writes the hostile commands: raw through
+    aio-pika, with the properties another client may write (`hostile_properties`) for the transport's own kind."""
+
+    raw: Any = None
+
+    async def connect_raw(self) -> None:
+        import aio_pika
+
+        self.raw_connection = await aio_pika.connect(self.url)
+        self.raw = await (await self.raw_connection.channel(publisher_confirms=True)).get_underlay_channel()
+
+    async def publish_raw(self, batch: list[Hostile]) -> None:
+        sends = []
+        for h in batch:
+            properties = (hostile_properties(h.message.headers, h.raw["amqp"], int(h.key[1:])) if h.raw
+                          else encode_message(h.message)[2])
+            sends.append(self.raw.basic_publish(h.message.value, exchange=h.message.topic, routing_key=h.key,
+                                                properties=properties, mandatory=True))
+        await asyncio.gather(*sends)
+
+    async def cleanup(self, topics: list[str], groups: list[str]) -> None:
+        """Close the raw connection; delete the run's exchanges and queues from the shared server."""
+        await self.raw_connection.close()
+        await self.start()
+        await self.delete_topics(topics, groups)
+        await self.close()
 
 
 def _rss() -> int:
@@ -215,6 +250,9 @@ def _rss() -> int:
 
 
 async def _write(broker: Broker, batch: list[Hostile], transport: str) -> None:
+    if isinstance(broker, RawRabbit):
+        await broker.publish_raw(batch)
+        return
     messages = [h.message for h in batch if h.raw is None]
     if messages:
         await broker.publish(messages)
@@ -248,6 +286,9 @@ async def scenario(pool: list[Shape], seed: int, transport: str, make_broker: Ca
     participant = payment(topic, f"fuzz-{run}-payment")
     await engine.start()
     watcher = await broker.subscribe([replies], f"fuzz-{run}-watcher")  # sees every reply the participant sends
+    if isinstance(broker, RawRabbit):
+        await broker.ensure_topics([topic])
+        await broker.connect_raw()
     answered: set[str] = set()
     try:
         await _write(broker, hostile[:CHUNK], transport)  # the topic exists before the participant subscribes
@@ -279,16 +320,22 @@ async def scenario(pool: list[Shape], seed: int, transport: str, make_broker: Ca
             grown = _rss() - baseline
             health = {name: h.restarts for name, h in served.health().items()}
             engine_health = {name: h.restarts for name, h in engine.health().items()}
+            connections = getattr(broker, "_epoch", 1)  # RabbitMQ: connections made (1: it was never lost)
     finally:
         await watcher.close()
         await engine.stop()
         await store.close()
+        if isinstance(broker, RawRabbit):
+            await broker.cleanup([topic, replies], [f"fuzz-{run}-engine", f"fuzz-{run}-payment", f"fuzz-{run}-watcher"])
     assert statuses == {saga_id: expected(amount) for saga_id, amount in sagas.items()}
     assert set(letters) == {h.key for h in hostile if h.answered_as is None}
     assert all(reason for reason in letters.values())
     assert health == {"consumer": 0, "retention": 0}
     assert set(engine_health.values()) == {0}
     assert grown < 150 * 2**20, f"the process grew by {grown / 2**20:.0f} MiB"
+    if isinstance(broker, RawRabbit):  # properties pamqp cannot read became dead letters; the connection held
+        assert any("AMQP properties undecodable" in reason for reason in letters.values())
+        assert connections == 1, "the connection was lost and made again"
 
 
 def _distinct_letters(hostile: list[Hostile]) -> int:
@@ -318,6 +365,9 @@ def _setup(transport: str, request: pytest.FixtureRequest, directory: Path) -> t
     if transport == "postgres":
         pg_url = request.getfixturevalue("pg_url")
         return lambda: SqlQueueBroker(pg_url), store  # topics named for this run in the shared database
+    if transport == "rabbitmq":
+        amqp_url = request.getfixturevalue("amqp_url")
+        return lambda: RawRabbit(amqp_url), store
     from sagas.adapters.kafka import KafkaBroker
 
     kafka_url = request.getfixturevalue("kafka_url")
@@ -327,7 +377,7 @@ def _setup(transport: str, request: pytest.FixtureRequest, directory: Path) -> t
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("transport", [
     "memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-    pytest.param("kafka", marks=pytest.mark.kafka),
+    pytest.param("kafka", marks=pytest.mark.kafka), pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
 ])
 @fuzz
 @given(pool=pools, seed=st.integers(0, 2**32))
