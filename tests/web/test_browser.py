@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
-from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.wait import WebDriverWait
 
 from sagas.engine.ports import HistoryRecord, UnitOfWork
@@ -67,7 +67,17 @@ def shot(browser: WebDriver, tmp_path: Path, name: str) -> Path:
 def click_through(browser: WebDriver, element: WebElement) -> None:
     """Click a link or submit button and wait until the page it leads to has replaced this one."""
     element.click()
-    WebDriverWait(browser, 20).until(expected_conditions.staleness_of(element))
+
+    def gone(_: WebDriver) -> bool:
+        try:
+            element.is_enabled()
+        except WebDriverException:
+            # StaleElementReference, or, mid-navigation, chromedriver's "Node with given id does not belong to the
+            # document": either way the old page is gone.
+            return True
+        return False
+
+    WebDriverWait(browser, 20).until(gone)
 
 
 def sign_in(browser: WebDriver, live: Live) -> None:
