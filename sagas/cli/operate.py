@@ -23,9 +23,9 @@ from rich.markup import escape as _e
 
 from sagas.cli import render
 from sagas.cli.app import app
-from sagas.cli.remote import Remote, RemoteError
 from sagas.errors import SagaError
 from sagas.formatting import LIST_PREVIEW_BYTES, SHOW_PREVIEW_BYTES, dead_letter_json
+from sagas.remote import Remote, RemoteError
 
 if TYPE_CHECKING:
     from sagas.engine.admin import SagaAdmin
