@@ -96,8 +96,8 @@ def insert_sql(dialect: str) -> str:
         snapshot_sql = f"CAST({snapshot_sql} AS json)"
     return (
         "INSERT INTO saga_instances (id, definition, definition_version, status, stage, idempotency_key, version, "
-        "created_at, updated_at, snapshot) "
-        f"SELECT sid, def, 1, st, 0, 'key-' || i, 1, {created}, {created} + 1, {snapshot_sql} FROM ("
+        "created_at, updated_at, snapshot, has_reason) "
+        f"SELECT sid, def, 1, st, 0, 'key-' || i, 1, {created}, {created} + 1, {snapshot_sql}, fail <> 'null' FROM ("
         f"SELECT i, {saga_id} AS sid, {_status_sql('i')} AS st, {_failure_sql('i')} AS fail, {definition} AS def "
         f"FROM ({source}) AS numbers) AS r"
     )

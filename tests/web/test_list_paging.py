@@ -75,3 +75,53 @@ async def test_a_deep_page_seeks_the_index_and_pages_cover_every_saga(tmp_path: 
         assert not any(s.startswith("SCAN") for s in steps), steps
     finally:
         await store.close()
+
+
+async def test_the_reason_filter_reads_only_the_sagas_that_have_a_reason(tmp_path: Path) -> None:
+    """A reason filter with no other filter searches the (has_reason, created_at) index instead of scanning every
+    snapshot, and finds exactly the sagas whose stored reason holds the word."""
+    import json
+    import sqlite3
+
+    db = tmp_path / "sagas.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    await upgrade(url)
+    await fill(url, ROWS, chunk=ROWS)
+    steps = plan(db, SagaQuery(limit=50, reason="gateway"))
+    assert any(s.startswith("SEARCH") and "has_reason" in s for s in steps), steps
+    assert not any(s.startswith("SCAN") for s in steps), steps
+    with sqlite3.connect(db) as conn:
+        snapshots = [json.loads(s) for (s,) in conn.execute("SELECT snapshot FROM saga_instances")]
+        flagged = conn.execute("SELECT count(*) FROM saga_instances WHERE has_reason").fetchone()[0]
+    assert flagged == sum(1 for s in snapshots if s.get("failure") is not None) > 0
+    expected = {s["id"] for s in snapshots if "gateway" in (s.get("failure") or "").lower()}
+    store = SqlStore(url)
+    try:
+        found = await store.query_instances(SagaQuery(limit=ROWS, reason="GATEWAY"))
+        assert {i.id for i in found} == expected
+        assert len(expected) == ROWS // 1000
+    finally:
+        await store.close()
+
+
+async def test_migration_0006_flags_the_stored_sagas_that_have_a_reason(tmp_path: Path) -> None:
+    """A database at 0005 with sagas with and without a reason: after the upgrade only the first are flagged, and
+    the reason filter finds them."""
+    import json
+    import sqlite3
+
+    db = tmp_path / "old.db"
+    url = f"sqlite+aiosqlite:///{db}"
+    await upgrade(url, revision="0005_key_index")
+    reasons = {"s-1": "step ship: SHIP declined", "s-2": None, "s-3": "refund gateway down", "s-4": None}
+    with sqlite3.connect(db) as conn:
+        assert "has_reason" not in [c[1] for c in conn.execute("PRAGMA table_info(saga_instances)")]
+        conn.executemany(
+            "INSERT INTO saga_instances (id, definition, definition_version, status, stage, version, created_at, "
+            "updated_at, snapshot) VALUES (?, 'order', 1, 'failed', 0, 1, 1.0, 1.0, ?)",
+            [(i, json.dumps({"id": i, "failure": r})) for i, r in reasons.items()])
+    await upgrade(url)
+    with sqlite3.connect(db) as conn:
+        flagged = {i for (i,) in conn.execute("SELECT id FROM saga_instances WHERE has_reason")}
+    assert flagged == {i for i, r in reasons.items() if r is not None}
+    assert 0 < len(flagged) < len(reasons)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD = "0005_key_index"
+HEAD = "0006_reason_index"
 """The newest migration's revision: a test checks it against the scripts in `migrations/versions/`."""
 _UPGRADE_LOCK = 0x5A6A5_0001  # arbitrary constant key of pg_advisory_xact_lock, shared by the chains
 

@@ -47,7 +47,10 @@ def _filtered(statement: sa.Select[Any], query: SagaQuery) -> sa.Select[Any]:
         statement = statement.where(_t.id.like(f"%{_like_escaped(query.id_suffix)}", escape="\\"))
     if query.reason:
         failure = _t.snapshot["failure"].as_string()
-        statement = statement.where(failure.ilike(f"%{_like_escaped(query.reason)}%", escape="\\"))
+        # Only sagas with a reason, newest first through (has_reason, created_at): a rare word no longer reads
+        # every snapshot of a million sagas (bench/list_page.py).
+        statement = statement.where(
+            _t.has_reason == sa.true(), failure.ilike(f"%{_like_escaped(query.reason)}%", escape="\\"))
     return statement
 
 

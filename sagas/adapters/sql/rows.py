@@ -33,7 +33,7 @@ def _json(value: Any) -> Encoded:
 
 INSTANCE_COLUMNS = (
     "id", "definition", "definition_version", "status", "stage", "idempotency_key", "version", "created_at",
-    "updated_at", "snapshot", "step_deadline", "step_timeouts",
+    "updated_at", "snapshot", "has_reason", "step_deadline", "step_timeouts",
 )
 NO_TIMEOUTS: tuple[float | None, str | None] = (None, None)
 
@@ -48,11 +48,11 @@ def instance_values(
     return (
         instance.id, instance.definition, instance.definition_version, str(instance.status), instance.stage,
         instance.idempotency_key, version, instance.created_at, instance.updated_at,
-        Encoded(_instance_json(instance).decode()), *timeouts,
+        Encoded(_instance_json(instance).decode()), instance.failure is not None, *timeouts,
     )
 
 
-UPDATED_COLUMNS = ("status", "stage", "version", "updated_at", "snapshot")
+UPDATED_COLUMNS = ("status", "stage", "version", "updated_at", "snapshot", "has_reason")
 """What an update sets: a saga's id, definition, definition version, idempotency key and start time are fixed when
 it starts (`machine.start`). Setting only these keeps SQLite from rewriting the entries of the indexes on the fixed
 columns on every update (it rewrites an index whenever the SET names one of its columns, changed or not)."""
@@ -73,11 +73,15 @@ def update_values(
     version = instance.version
     stored = evolve(instance, {"version": version + 1})
     snapshot = Encoded(_instance_json(stored).decode())
+    has_reason = instance.failure is not None
     if timeouts is None:
-        return (str(instance.status), instance.stage, version + 1, instance.updated_at, snapshot, instance.id, version)
+        return (
+            str(instance.status), instance.stage, version + 1, instance.updated_at, snapshot, has_reason, instance.id,
+            version,
+        )
     return (
-        str(instance.status), instance.stage, version + 1, instance.updated_at, snapshot, *timeouts, None,
-        instance.id, version,
+        str(instance.status), instance.stage, version + 1, instance.updated_at, snapshot, has_reason, *timeouts,
+        None, instance.id, version,
     )
 
 

@@ -1,7 +1,7 @@
 """An index on `saga_instances.idempotency_key`: the list's key filter without a definition.
 
 Revision ID: 0005_key_index
-Revises: 0003_order (0004_step_deadlines once that lands: then this revises it)
+Revises: 0004_step_deadlines
 Create Date: 2026-12-02
 
 The unique (definition, idempotency_key) constraint serves a start's lookup, which names the definition. `GET
