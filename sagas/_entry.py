@@ -41,8 +41,11 @@ def _parse_start(argv: list[str]) -> dict[str, Any] | None:
             found["names"].append(arg)
     if len(found["names"]) != 1:
         return None
-    found["url"] = found["url"] or os.environ.get("SAGAS_URL")
-    found["token"] = found["token"] or os.environ.get("SAGAS_TOKEN")
+    # As click does: an option given, even empty, wins over its environment variable.
+    if found["url"] is None:
+        found["url"] = os.environ.get("SAGAS_URL")
+    if found["token"] is None:
+        found["token"] = os.environ.get("SAGAS_TOKEN")
     if not found["url"]:
         return None
     try:

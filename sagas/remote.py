@@ -41,7 +41,7 @@ class Remote:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+            request.add_unredirected_header("Authorization", f"Bearer {self.token}")  # never to a redirect's host
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 content = response.read()

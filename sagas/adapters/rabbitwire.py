@@ -165,6 +165,8 @@ def _salvage(data_in: bytes, error: BaseException) -> tuple[int, int, Any] | Non
     if size is None or len(data_in) < constants.FRAME_HEADER_SIZE + size + 1:
         return None
     used = constants.FRAME_HEADER_SIZE + size + 1
+    if data_in[used - 1] != constants.FRAME_END:
+        return None  # a broken or misaligned stream, not a frame with odd contents: the connection is lost
     payload = data_in[constants.FRAME_HEADER_SIZE:used - 1]
     if frame_type == constants.FRAME_HEADER and len(payload) >= _HEAD.size:
         _, weight, body_size = _HEAD.unpack_from(payload)

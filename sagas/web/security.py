@@ -144,6 +144,8 @@ class Security:
             max_age = float(env.get("SAGAS_HTTP_SESSION_MAX_AGE", DEFAULT_SESSION_MAX_AGE))
         except ValueError as exc:
             raise ValueError(f"SAGAS_HTTP_MAX_BODY / SAGAS_HTTP_SESSION_MAX_AGE: {exc}") from None
+        if not 1 <= max_age < 10 * 365 * 86400:  # NaN fails too
+            raise ValueError(f"SAGAS_HTTP_SESSION_MAX_AGE: {max_age} is not a number of seconds from 1 to ten years")
         return cls(tokens=tokens, open_reads=open_reads, max_body=max_body, session_max_age=max_age)
 
     def check_listen(self, host: str) -> None:

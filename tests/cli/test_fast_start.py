@@ -125,3 +125,60 @@ def test_the_installed_command_takes_the_fast_path(api: Api) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "started 0190-saga"
     assert len(api.requests) == 1
+
+
+def test_an_empty_url_or_token_option_wins_over_the_environment(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in the full CLI, `--url ""` means no URL (the database path, the full CLI's) and `--token ""` no token,
+    whatever SAGAS_URL and SAGAS_TOKEN say."""
+    monkeypatch.setenv("SAGAS_URL", api.url)
+    monkeypatch.setenv("SAGAS_TOKEN", "from-env")
+    assert _parse_start(["start", "order", "--url", ""]) is None
+    parsed = _parse_start(["start", "order", "--token="])
+    assert parsed is not None
+    assert (parsed["url"], parsed["token"]) == (api.url, "")
+
+
+def test_the_token_is_not_sent_to_where_a_redirect_points(api: Api) -> None:
+    """A server that redirects the start elsewhere (303: urllib follows it with a GET) does not get the bearer
+    token passed on to the other host."""
+    from sagas.remote import Remote, RemoteError
+
+    seen: list[str | None] = []
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            seen.append(self.headers.get("Authorization"))
+            data = b'{"id": "x", "created": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(303)
+            self.send_header("Location", f"http://localhost:{other.server_address[1]}/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    api.server.RequestHandlerClass = Redirect
+    try:
+        try:
+            Remote(api.url, "secret").call("POST", "/api/sagas", {"definition": "order", "input": {}})
+        except RemoteError:
+            pass
+        assert seen == [None]  # the redirect was followed, without the token
+    finally:
+        other.shutdown()
+        other.server_close()

@@ -410,3 +410,16 @@ def test_a_deliver_frame_with_a_routing_key_that_is_not_utf8_is_read_with_replac
     assert isinstance(frame, spec.Basic.Deliver)
     assert (frame.consumer_tag, frame.delivery_tag, frame.redelivered, frame.exchange, frame.routing_key) == (
         "ctag", 7, True, "ex\ufffd1", "key\ufffd")
+
+
+def test_a_frame_with_a_wrong_end_byte_is_still_a_broken_stream() -> None:
+    """Salvage is for frames whose contents pamqp cannot read, not for a misaligned stream: a frame whose last
+    byte is not FRAME_END still fails as pamqp fails it, so the connection is dropped and made again."""
+    import pamqp.exceptions
+    import pamqp.frame
+
+    bad_key = pamqp.frame.marshal(spec.Basic.Deliver("ctag", 7, True, "ex.1", "key\x01"), 3).replace(
+        b"key\x01", b"key\xfe")
+    broken_end = bad_key[:-1] + b"\x00"
+    with pytest.raises(pamqp.exceptions.UnmarshalingException):
+        pamqp.frame.unmarshal(broken_end)

@@ -118,7 +118,7 @@ async def test_the_writer_has_automatic_checkpoints_off_and_other_connections_ke
         on_reader = await runner.read(lambda c: c.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar())
     finally:
         await store.close()
-    assert on_writer == (0, connection.WAL_CHECKPOINT_BYTES)
+    assert on_writer == (0, connection.WAL_CHECKPOINT_BYTES // 2)  # a reset leaves the WAL under the threshold
     assert on_reader == 1000
 
 
@@ -167,3 +167,38 @@ async def test_an_engine_checkpoints_and_readers_and_the_cli_see_committed_sagas
     assert completed == 150
     assert {s["status"] for s in json.loads(listed.stdout)} == {"completed"}
     assert len(json.loads(listed.stdout)) == 150
+
+
+async def test_after_a_wal_reset_small_commits_do_not_trigger_a_checkpoint_each(tmp_path: Path,
+                                                                                small_wal: None) -> None:
+    """Once a checkpoint has copied a large WAL and the writer has started it over, a few small commits leave it
+    under the threshold: the checkpoint loop's next looks do nothing (it checkpointed on every tick when a reset
+    left the file exactly at the threshold)."""
+    db = tmp_path / "reset.db"
+    store = SqlStore(f"sqlite+aiosqlite:///{db}")
+    await store.initialize()
+    try:
+        runner = store._runner
+        assert isinstance(runner, connection.SqliteRunner)
+        checkpointer = runner._checkpointer
+        assert checkpointer is not None
+        serial = 0
+
+        async def commit_one() -> None:
+            nonlocal serial
+            work = UnitOfWork()
+            work.inserts.append(_instance(serial))
+            serial += 1
+            await store.commit(work)
+
+        while _size(Path(f"{db}-wal")) < PASSIVE_AT:
+            await commit_one()
+        assert await runner.checkpoint() == "PASSIVE"
+        before = dict(checkpointer.stats)
+        for _ in range(3):
+            await commit_one()  # the WAL starts over from its beginning: a few small commits stay under the bound
+            assert _size(Path(f"{db}-wal")) < PASSIVE_AT
+            assert await runner.checkpoint() is None
+        assert checkpointer.stats == before
+    finally:
+        await store.close()

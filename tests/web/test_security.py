@@ -79,3 +79,13 @@ def test_open_reads_need_a_loopback_name_in_host(host: bytes, open_: bool) -> No
     security = Security(open_reads=True)
     assert security.reads_open_to("127.0.0.1", [(b"host", host)]) is open_
     assert security.reads_open_to("10.0.0.1", [(b"host", host)]) is False
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "0", "0.5", "-5", "1e12"])
+def test_a_session_lifetime_that_is_not_a_sane_number_of_seconds_is_refused(value: str) -> None:
+    """SAGAS_HTTP_SESSION_MAX_AGE must be from 1 s to ten years: infinity failed every sign-in with a 500, NaN or
+    zero signed nobody in for long, and a fraction made the cookie expire at once."""
+    with pytest.raises(ValueError, match="SAGAS_HTTP_SESSION_MAX_AGE"):
+        Security.from_env({"SAGAS_HTTP_TOKENS": "alice=" + "a" * 32, "SAGAS_HTTP_SESSION_MAX_AGE": value})
+    assert Security.from_env({"SAGAS_HTTP_TOKENS": "alice=" + "a" * 32,
+                              "SAGAS_HTTP_SESSION_MAX_AGE": "3600"}).session_max_age == 3600

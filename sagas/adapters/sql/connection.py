@@ -25,9 +25,9 @@ SQLite settings, and why:
   back into the database inside the COMMIT that crosses 1,000 pages, on the engine's commit path. The store's
   `checkpoint()` does it instead, on a connection and thread of its own (the engine calls it from a supervised
   loop): PASSIVE once the WAL passes `WAL_CHECKPOINT_BYTES`, TRUNCATE once it passes `WAL_MAX_BYTES` (it waits
-  for readers, blocking new writers for at most `_CHECKPOINT_BUSY_TIMEOUT`). ``journal_size_limit`` shrinks the
-  WAL file back when the writer restarts it. A process that writes without the loop (the CLI) writes little, and
-  SQLite checkpoints when its last connection closes.
+  for readers, blocking new writers for at most `_CHECKPOINT_BUSY_TIMEOUT`). ``journal_size_limit`` (half the
+  PASSIVE threshold) shrinks the WAL file back when the writer restarts it. A process that writes without the
+  loop (the CLI) writes little, and SQLite checkpoints when its last connection closes.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ WRITE = "sagas_write"
 
 WAL_CHECKPOINT_BYTES = 4 * 1024 * 1024
 """WAL size from which `SqliteRunner.checkpoint` runs a PASSIVE checkpoint (about SQLite's own automatic
-checkpoint, 1,000 pages of 4 KiB); also the writer's ``journal_size_limit``."""
+checkpoint, 1,000 pages of 4 KiB); half of it is the writer's ``journal_size_limit``."""
 WAL_MAX_BYTES = 64 * 1024 * 1024
 """WAL size from which `SqliteRunner.checkpoint` runs a TRUNCATE checkpoint, which waits for readers to move on."""
 _CHECKPOINT_BUSY_TIMEOUT = 1.0
@@ -173,7 +173,9 @@ def _sqlite_engine(url: URL, *, begin: str, writer: bool = False) -> Engine:
         @event.listens_for(engine, "connect")
         def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
             dbapi_connection.execute("PRAGMA wal_autocheckpoint = 0")
-            dbapi_connection.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES}")
+            # Under the checkpoint threshold: a WAL reset truncates the file to this size, and at the threshold itself
+            # the file would stay there and look due for a checkpoint on every tick.
+            dbapi_connection.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_BYTES // 2}")
 
     return engine
 
