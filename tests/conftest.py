@@ -9,7 +9,11 @@ without the real services.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import pytest
 
@@ -19,14 +23,34 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
+def missing(message: str) -> NoReturn:
+    """Something a test needs is not here: a failure under CI, a skip on a developer's machine."""
+    if in_ci():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def service_url(variable: str) -> str:
     url = os.environ.get(variable)
     if not url:
-        message = f"{variable} is not set: run `eval \"$(scripts/services.sh env)\"` after `scripts/services.sh start`"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{variable} is not set: run `eval \"$(scripts/services.sh env)\"` after `scripts/services.sh start`")
     return url
+
+
+@contextlib.asynccontextmanager
+async def pg_database(pg_url: str, prefix: str = "test") -> AsyncIterator[str]:
+    """The URL of a new PostgreSQL database (a subprocess or the CLI takes a URL, not a schema), dropped after."""
+    import asyncpg
+    import sqlalchemy as sa
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield sa.make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
 
 
 @pytest.fixture(scope="session")

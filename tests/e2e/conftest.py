@@ -3,12 +3,12 @@ schema, so a test of its own database cannot meet another test's rows)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
+
+from tests.conftest import pg_database
 
 STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -19,14 +19,6 @@ async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterato
     if request.param == "sqlite":
         yield f"sqlite+aiosqlite:///{tmp_path / 'sagas.db'}"
         return
-    import asyncpg
-
     pg_url: str = request.getfixturevalue("pg_url")
-    database = f"test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
-    try:
-        await admin.execute(f'CREATE DATABASE "{database}"')
-        yield sa.make_url(pg_url).set(database=database).render_as_string(hide_password=False)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
+    async with pg_database(pg_url) as url:
+        yield url

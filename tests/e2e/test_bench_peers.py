@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from bench.peers.compare import Figures, spread, summary
-from tests.conftest import in_ci
+from tests.conftest import missing
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "bench" / "saga_throughput.py"
@@ -60,10 +58,7 @@ def test_participants_in_their_own_process_on_db_queue(tmp_path: Path) -> None:
 def test_peers_run_side_by_side_interleaved(tmp_path: Path) -> None:
     """--peers runs sagas and DBOS Transact alternately on SQLite and prints both rows and their ratio."""
     if importlib.util.find_spec("dbos") is None:
-        message = "DBOS Transact is the 'bench' extra (also in dev): pip install -e '.[dev]'"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+        missing("DBOS Transact is the 'bench' extra (also in dev): pip install -e '.[dev]'")
     out = bench("--sagas", "20", "--concurrency", "10", "--peers", "--repeat", "2", "--floor-sagas", "20",
                 "--raw-seconds", "0.1", "--db", str(tmp_path))
     order = re.findall(r"---- (sagas|DBOS)\S*.*repetition (\d) of 2", out)

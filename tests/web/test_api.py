@@ -3,39 +3,21 @@ process, and through TCP to a real `sagas serve --http` subprocess."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from sagas.engine.ports import BrokerMessage
 from sagas.engine.runtime import EngineSettings
 from sagas.engine.state import SagaStatus
-from tests.conftest import service_url
+from tests.conftest import pg_database, service_url
 from tests.web.served import ORDER, TOKENS, Stack, alice, pg_schema, served_process, stack
 
 VARIANTS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "serve-sqlite",
             pytest.param("serve-postgres", marks=pytest.mark.postgres)]
-
-
-@contextlib.asynccontextmanager
-async def pg_database(pg_url: str) -> AsyncIterator[str]:
-    """A new PostgreSQL database (a subprocess takes a URL, not a schema), dropped after."""
-    import asyncpg
-
-    name = f"test_web_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_url.replace("+asyncpg", ""))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        yield sa.make_url(pg_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 @pytest.fixture(params=VARIANTS)

@@ -37,6 +37,7 @@ import contextlib
 import json
 import os
 import sqlite3
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -201,15 +202,16 @@ def open_async_engine(url: str | URL, *, begin: str | None = "BEGIN IMMEDIATE", 
     return engine
 
 
-class _OwnThread:
+class _OwnThread(ABC):
     """A connection used by one thread only: its `_close` runs there, once."""
 
     def __init__(self, name: str) -> None:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.closed = False
 
+    @abstractmethod
     def _close(self) -> None:
-        raise NotImplementedError
+        """Close the connection (on the owning thread)."""
 
     async def close(self) -> None:
         if self.closed:
