@@ -12,12 +12,14 @@
 #
 # Environment:
 #   SAGAS_SERVICES_DIR    state dir (default <repo>/.services): data, logs, pid files, markers
-#   SAGAS_PG_PORT         PostgreSQL port (default 55432)
+#   (Every default port is below Linux's ephemeral range, 32768-60999: the outage tests restart servers, and a
+#   client socket that happened to take a listener's port made the restart fail with EADDRINUSE.)
+#   SAGAS_PG_PORT         PostgreSQL port (default 25432)
 #   SAGAS_KAFKA_PORT / SAGAS_KAFKA_CONTROLLER_PORT   (default 19092 / 19093)
 #   SAGAS_RABBITMQ_PORT / SAGAS_RABBITMQ_MANAGEMENT_PORT / SAGAS_RABBITMQ_DIST_PORT / SAGAS_RABBITMQ_EPMD_PORT
-#                         (default 45672 / 45674 / 45673 / 45675: none of them RabbitMQ's or Erlang's defaults;
+#                         (default 21672 / 21674 / 21673 / 21675: none of them RabbitMQ's or Erlang's defaults;
 #                         rabbitmqctl's own distribution ports are 45680-45690, not RabbitMQ's 35672-35682)
-#   SAGAS_PROMETHEUS_PORT   Prometheus's port (default 49090; it scrapes the targets tests write into
+#   SAGAS_PROMETHEUS_PORT   Prometheus's port (default 29090; it scrapes the targets tests write into
 #                         $SAGAS_TEST_PROMETHEUS_TARGETS, every second, and loads docs/prometheus/alerts.yml)
 #   SAGAS_TEST_PG_URL / SAGAS_TEST_KAFKA_URL / SAGAS_TEST_AMQP_URL   if set to something other than the default
 #                         URL, that server is external: this script neither starts nor stops it.
@@ -32,18 +34,18 @@ REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE_DIR="${SAGAS_SERVICES_DIR:-$REPO_DIR/.services}"
 KAFKA_HOME="$REPO_DIR/services/kafka"
 
-PG_PORT="${SAGAS_PG_PORT:-55432}"
+PG_PORT="${SAGAS_PG_PORT:-25432}"
 KAFKA_PORT="${SAGAS_KAFKA_PORT:-19092}"
 KAFKA_CONTROLLER_PORT="${SAGAS_KAFKA_CONTROLLER_PORT:-19093}"
 PG_START_TIMEOUT="${SAGAS_PG_START_TIMEOUT:-60}"
 KAFKA_START_TIMEOUT="${SAGAS_KAFKA_START_TIMEOUT:-120}"
 KAFKA_STOP_TIMEOUT="${SAGAS_KAFKA_STOP_TIMEOUT:-20}"
-RABBITMQ_PORT="${SAGAS_RABBITMQ_PORT:-45672}"
-RABBITMQ_MANAGEMENT_PORT="${SAGAS_RABBITMQ_MANAGEMENT_PORT:-45674}"
-RABBITMQ_DIST_PORT_="${SAGAS_RABBITMQ_DIST_PORT:-45673}"
-RABBITMQ_EPMD_PORT="${SAGAS_RABBITMQ_EPMD_PORT:-45675}"
+RABBITMQ_PORT="${SAGAS_RABBITMQ_PORT:-21672}"
+RABBITMQ_MANAGEMENT_PORT="${SAGAS_RABBITMQ_MANAGEMENT_PORT:-21674}"
+RABBITMQ_DIST_PORT_="${SAGAS_RABBITMQ_DIST_PORT:-21673}"
+RABBITMQ_EPMD_PORT="${SAGAS_RABBITMQ_EPMD_PORT:-21675}"
 RABBITMQ_START_TIMEOUT="${SAGAS_RABBITMQ_START_TIMEOUT:-120}"
-PROMETHEUS_PORT="${SAGAS_PROMETHEUS_PORT:-49090}"
+PROMETHEUS_PORT="${SAGAS_PROMETHEUS_PORT:-29090}"
 
 DEFAULT_PG_URL="postgresql+asyncpg://sagas:sagas@127.0.0.1:${PG_PORT}/sagas"
 DEFAULT_KAFKA_URL="kafka://127.0.0.1:${KAFKA_PORT}"
