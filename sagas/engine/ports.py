@@ -120,6 +120,11 @@ class Checkpoints(Protocol):
     """Optional capability of a store: housekeeping kept off the commit path (SQLite's WAL checkpoints), which the
     engine calls from a supervised loop of its own every `CHECKPOINT_INTERVAL` seconds."""
 
+    def needs_checkpoints(self) -> bool:
+        """Whether this store has such housekeeping at all: when it has none (PostgreSQL), the engine runs no loop
+        for it."""
+        ...
+
     async def checkpoint(self) -> None:
         """Do what is due, if anything (cheap when nothing is); raise StoreError when the database fails."""
         ...

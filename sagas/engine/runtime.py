@@ -226,7 +226,7 @@ class Engine:
         timer_interval, retention = self.settings.timer_interval, self.settings.retention
         if timer_interval is not None:
             self._loops.spawn("timers", lambda: self._timer_loop(timer_interval))
-        if isinstance(self.store, Checkpoints):
+        if isinstance(self.store, Checkpoints) and self.store.needs_checkpoints():
             self._loops.spawn("checkpoint", self._checkpoint_loop)
         if retention is not None or self.settings.dead_letter_retention is not None:
             self._loops.spawn("retention", lambda: self._retention_loop(retention, self.settings.dead_letter_retention))

@@ -19,6 +19,7 @@ from sagas.adapters.sql import SqlStore, connection
 from sagas.engine.ports import HistoryRecord, UnitOfWork
 from sagas.engine.runtime import Engine, EngineSettings
 from sagas.engine.state import HistoryEntry, SagaInstance, SagaStatus, StepState
+from tests.conftest import pg_database
 from tests.engine.support import ledger_participant, three_steps
 
 SAGAS = str(Path(sys.executable).parent / "sagas")
@@ -202,3 +203,17 @@ async def test_after_a_wal_reset_small_commits_do_not_trigger_a_checkpoint_each(
         assert checkpointer.stats == before
     finally:
         await store.close()
+
+
+async def test_the_checkpoint_loop_runs_only_where_the_store_needs_it(tmp_path: Path, pg_url: str) -> None:
+    """SQLite's WAL needs the checkpoint loop; PostgreSQL has nothing for it to do, so the engine starts none (it
+    woke ten times a second there for nothing)."""
+    async with pg_database(pg_url, "ckpt") as url:
+        for store, expected in ((SqlStore(f"sqlite+aiosqlite:///{tmp_path / 'engine.db'}"), True),
+                                (SqlStore(url), False)):
+            assert store.needs_checkpoints() is expected
+            engine = Engine(store=store, broker=MemoryBroker(), definitions=[three_steps()])
+            async with engine:
+                assert ("checkpoint" in engine.health()) is expected
+                assert "writer" in engine.health()
+            await store.close()

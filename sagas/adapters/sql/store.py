@@ -89,6 +89,10 @@ class SqlStore:
     async def close(self) -> None:
         await self._runner.close()
 
+    def needs_checkpoints(self) -> bool:
+        """Only SQLite's WAL needs the engine's checkpoint loop."""
+        return isinstance(self._runner, SqliteRunner)
+
     async def checkpoint(self) -> None:
         """SQLite: checkpoint the WAL when it has grown (see `connection.SqliteRunner.checkpoint`); the engine calls
         this from a loop of its own. Nothing to do on PostgreSQL."""
